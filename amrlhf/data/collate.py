@@ -1,0 +1,41 @@
+"""Right-padding collation with masks aligned to `input_ids[:, 1:]` (CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from amrlhf.data.tokenize import Encoded
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """rows of (prompt_ids, response_ids) -> input_ids [N, T], attention_mask [N, T],
+    response_mask [N, T-1] (1 exactly where the predicted token is a response token)."""
+    lengths = [len(p) + len(r) for p, r in rows]
+    T = max(lengths)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), T), dtype=torch.long)
+    response = torch.zeros((len(rows), T - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(rows):
+        input_ids[i, : lengths[i]] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, : lengths[i]] = 1
+        response[i, len(p) - 1 : lengths[i] - 1] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
+
+
+class Collator:
+    """Batches `Encoded` items. Each item's k-th response goes to block k of the batch:
+    [chosen_1..chosen_B, rejected_1..rejected_B] for preferences (one forward pass), with
+    labels +1 / -1; SFT batches are [completion_1..completion_B] with labels +1."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        n_resp = len(items[0].responses)
+        rows = [(it.prompt_ids, it.responses[k]) for k in range(n_resp) for it in items]
+        batch = pad_rows(rows, self.pad_id)
+        sign = torch.tensor([1 if k == 0 else -1 for k in range(n_resp) for _ in items], dtype=torch.long)
+        batch["labels"] = sign
+        batch["index"] = torch.tensor([it.index for it in items], dtype=torch.long)
+        batch["response_lengths"] = batch["response_mask"].sum(-1).long()
+        return batch

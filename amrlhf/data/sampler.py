@@ -1,0 +1,35 @@
+"""A seeded, resumable sampler: the permutation of epoch e depends only on (seed, e), and a
+resumed run skips exactly the batches it had already trained on."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skip = 0  # samples (of this rank) to skip once, after a resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.n // self.world_size  # equal shares: DDP ranks step together
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        order = self._order()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.n // self.world_size

@@ -1,0 +1,17 @@
+"""User-facing errors: an expected mistake is reported as one clear message, never a traceback."""
+
+from __future__ import annotations
+
+
+class AmrlhfError(Exception):
+    """An expected mistake (bad path, bad config, missing asset, malformed data)."""
+
+
+class DataError(AmrlhfError):
+    """A malformed data row: names the file, the line (or row) and the field."""
+
+    def __init__(self, source: str, line: int | None, field: str | None, problem: str):
+        self.source, self.line, self.field, self.problem = source, line, field, problem
+        where = source if line is None else f"{source}:{line}"
+        what = f" field '{field}'" if field else ""
+        super().__init__(f"{where}:{what} {problem}")

@@ -1,0 +1,78 @@
+"""LightningCLI for `amrlhf fit|validate|test --config RECIPE.yaml`.
+
+Adds to plain LightningCLI: runs write to `<runs_root>/<run_name>/` (default run name: the
+recipe's file name, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
+resume), last/best checkpoints, the resolved recipe saved with the run, and `data.tokenizer`
+defaulting to the policy's tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from amrlhf.callbacks import TrackRun
+from amrlhf.modules import AlignmentModule
+from amrlhf.tracking import Tracking, make_logger
+
+log = logging.getLogger(__name__)
+
+
+class AmrlhfCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            model_class=AlignmentModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,  # TrackRun saves the config (works with any MLflow URI)
+            auto_configure_optimizers=False,
+            trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="run folder under runs_root (default: the recipe's file name)")
+        parser.add_argument("--runs_root", type=str, default="runs", help="parent folder of all runs")
+        parser.add_argument("--checkpoint_every", type=int, default=50, help="save last.ckpt every N steps")
+        parser.add_class_arguments(Tracking, "tracking")
+
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        policy = cfg.model.init_args.policy
+        if "tokenizer" in cfg.data.init_args and not cfg.data.init_args.tokenizer:
+            cfg.data.init_args.tokenizer = policy.tokenizer or policy.name
+        if not cfg.run_name:
+            configs = cfg.get("config") or []
+            cfg.run_name = Path(str(configs[0])).stem if configs else cfg.model.class_path.rsplit(".", 1)[-1]
+        self.run_dir = Path(cfg.runs_root) / cfg.run_name
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self._cfg()
+        resume = self.subcommand == "fit" and cfg.get("ckpt_path") is not None
+        if cfg.trainer.get("logger") in (None, True):
+            kwargs["logger"] = make_logger(cfg.tracking, self.run_dir, cfg.run_name, resume)
+        kwargs.setdefault("default_root_dir", str(self.run_dir))
+        ckpt_dir = self.run_dir / "checkpoints"
+        ours = [
+            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                            every_n_train_steps=cfg.checkpoint_every),
+            TrackRun(self.run_dir, self.parser.dump(cfg, skip_none=False) if not self.subcommand
+                     else self._parser(self.subcommand).dump(cfg, skip_none=False),
+                     cfg.as_dict(), log_checkpoint=cfg.tracking.log_checkpoint and self.subcommand == "fit"),
+        ]
+        if cfg.data.init_args.get("val"):
+            ours.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor="eval/loss", mode="min",
+                                        save_top_k=1))
+        extra = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        kwargs["callbacks"] = list(extra) + ours
+        return super().instantiate_trainer(**kwargs)

@@ -1,0 +1,153 @@
+"""Model and tokenizer loading.
+
+A model name is a hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`), a local HF folder, a `.gguf`
+file (dequantised on load), or a prepared asset id (`local:smollm2-135m-instruct`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from amrlhf.errors import AmrlhfError
+from amrlhf.paths import is_local_id, resolve_local
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters via peft. With LoRA, the DPO reference can be the base with adapters disabled."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    """Which model to load and how.
+
+    name: hub id, local HF folder, `.gguf` file, or `local:ID`.
+    dtype: `auto` = float32 on CPU, bfloat16 on CUDA; or `float32` / `bfloat16` / `float16`.
+    """
+
+    name: str
+    dtype: str = "auto"
+    lora: LoraSpec | None = None
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+    tokenizer: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """-> (path or hub id, gguf file name or None)."""
+    if is_local_id(name):
+        root = resolve_local(name, "model")
+        ggufs = sorted(p.name for p in root.glob("*.gguf"))
+        if (root / "config.json").exists() or not ggufs:
+            return str(root), None
+        return str(root), ggufs[0]
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise AmrlhfError(f"model file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if name.startswith((".", "/", "~")) or path.suffix in {".ckpt", ".pt", ".safetensors"}:
+        raise AmrlhfError(f"model path not found: {name}")
+    return name, None  # a hub id
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise AmrlhfError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16") from None
+
+
+def _hub_call(what: str, name: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except OSError as exc:
+        raise AmrlhfError(
+            f"could not load {what} '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+            "Offline? Use a prepared copy (`amrlhf prepare`, then `local:...`) or a local folder."
+        ) from exc
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    """A tokenizer with a pad token. Masks never derive from the pad id (they come from
+    lengths), so pad == eos cannot break them; padding is done by our collator."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = _hub_call("tokenizer", name, AutoTokenizer.from_pretrained, path, revision=revision, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+        log.info("tokenizer %s has no pad token: using %r (masks come from lengths)", name, tok.pad_token)
+    return tok
+
+
+def _finish(model, spec: ModelSpec):
+    model.train()  # from_pretrained returns eval mode; trainable models start in train mode
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type=None,
+        )
+        if spec.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, cfg)
+    return model
+
+
+def load_causal_lm(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = resolve_model(spec.name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    log.info("loading causal LM %s (%s)", spec.name, "gguf, dequantised" if gguf else "HF weights")
+    model = _hub_call(
+        "model", spec.name, AutoModelForCausalLM.from_pretrained, path,
+        dtype=torch_dtype(spec.dtype), revision=spec.revision, **kwargs, **spec.extra,
+    )
+    return _finish(model, spec)
+
+
+def load_reward_model(spec: ModelSpec):
+    """A scalar head on every position: `AutoModelForTokenClassification(num_labels=1)`.
+
+    One forward pass gives the prefix score s_t at every token (METHOD.md); the sequence score is
+    the head's output at the last response token. Loaded from a causal-LM checkpoint, the head is
+    new (randomly initialised); loaded from a saved reward model, it is restored.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    path, gguf = resolve_model(spec.name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    config = _hub_call("reward model config", spec.name, AutoConfig.from_pretrained, path, revision=spec.revision,
+                       **kwargs)
+    config.num_labels, config.classifier_dropout = 1, 0.0
+    model = _hub_call(
+        "reward model", spec.name, AutoModelForTokenClassification.from_pretrained, path, config=config,
+        dtype=torch_dtype(spec.dtype), revision=spec.revision, **kwargs, **spec.extra,
+    )
+    return _finish(model, spec)

@@ -1,0 +1,89 @@
+"""What every module shares: the policy slot, the segmenter slot, the optimizer, and logging.
+
+A module's step is: forward -> segmenter -> pure loss function -> log (ARCHITECTURE.md rule 3).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from amrlhf.models import ModelSpec
+from amrlhf.segmenters import PivotSegmenter, SampleWiseSegmenter
+
+log = logging.getLogger(__name__)
+
+
+class AlignmentModule(L.LightningModule):
+    """Base for SFT / reward / DPO modules: loads `policy` in `configure_model`, owns AdamW with
+    linear warm-up, and logs metric dicts (`eval/` prefix for validation, reduced across devices)."""
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        segmenter: PivotSegmenter | None = None,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ):
+        super().__init__()
+        self.policy_spec = policy
+        # None = the unmasked path (m = response mask): the reference for parity tests.
+        self.segmenter = segmenter
+        self.lr, self.weight_decay, self.warmup_steps, self.betas = lr, weight_decay, warmup_steps, betas
+        self.policy = None
+
+    def load_policy(self):
+        from amrlhf.models import load_causal_lm
+
+        return load_causal_lm(self.policy_spec)
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.load_policy()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        if not self.warmup_steps:
+            return opt
+        warm = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def mask_for(self, batch: dict, **scores) -> tuple[Tensor, dict]:
+        """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
+        resp = batch["response_mask"]
+        if self.segmenter is None:
+            return resp, None
+        seg = self.segmenter.segment(
+            response_mask=resp, labels=batch["labels"], input_ids=batch["input_ids"], **scores
+        )
+        return seg.mask.to(resp.dtype) * resp, seg
+
+    def log_stats(self, stats: dict[str, Tensor], split: str, batch_size: int) -> None:
+        prefix = "" if split == "train" else "eval/"
+        on_step = split == "train"
+        for key, value in stats.items():
+            v = value.float().mean() if value.dim() else value.float()
+            self.log(prefix + key, v, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
+                     batch_size=batch_size, prog_bar=key in self.progress_keys)
+
+    progress_keys: tuple[str, ...] = ()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Keep only trainable weights when the policy is LoRA: the frozen base is reloaded by name.
+        if self.policy_spec.lora is not None:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        if self.policy_spec.lora is not None:
+            missing = self.state_dict()
+            missing.update(checkpoint["state_dict"])
+            checkpoint["state_dict"] = missing

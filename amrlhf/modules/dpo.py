@@ -1,0 +1,89 @@
+"""DPO (and, with a segmenter, AM-DPO): masked log-ratio sums into an injected DPO loss."""
+
+from __future__ import annotations
+
+import torch
+
+from amrlhf.losses import DPOLoss, SigmoidDPO, dpo_stats, masked_sum, nll_sums, sequence_logps, token_logprobs
+from amrlhf.losses.logprobs import mean_response_logits
+from amrlhf.models import ModelSpec
+from amrlhf.modules.base import AlignmentModule
+from amrlhf.modules.reference import FrozenReference, ReferenceModel
+from amrlhf.segmenters import PivotSegmenter, segment_stats
+
+
+class DPOModule(AlignmentModule):
+    """L = loss(sum_t m^w_t d^w_t, sum_t m^l_t d^l_t) with d_t = log pi - log pi_ref (METHOD.md).
+
+    The same mask applies to policy and reference terms. `nll_alpha` > 0 adds
+    alpha * (token-mean NLL of the chosen response's kept tokens), against falling chosen log-probs.
+    The `rewards/*` and `logps/*` metrics use unmasked sums (TRL's definitions).
+    """
+
+    progress_keys = ("rewards/accuracies", "rewards/margins")
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reference: ReferenceModel | None = None,
+        loss: DPOLoss | None = None,
+        segmenter: PivotSegmenter | None = None,
+        nll_alpha: float = 0.0,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ):
+        """
+        Args:
+            policy: the model trained (hub id, folder, gguf, `local:` id; LoRA optional).
+            reference: FrozenReference (default), AdapterReference (LoRA base), or CachedReference.
+            loss: SigmoidDPO (default, beta=0.1), IPO, HingeDPO, RobustDPO.
+            segmenter: SampleWiseSegmenter for plain DPO; None = the unmasked path.
+            nll_alpha: weight of an NLL term on the chosen response.
+        """
+        super().__init__(policy, segmenter, lr, weight_decay, warmup_steps, betas)
+        self.reference = reference or FrozenReference()
+        self.loss_fn = loss or SigmoidDPO()
+        self.nll_alpha = nll_alpha
+
+    def _setup_reference(self) -> None:
+        self.reference.setup(self)
+
+    def on_fit_start(self) -> None:
+        self._setup_reference()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._setup_reference()
+
+    def model_step(self, batch: dict, split: str):
+        ids, resp = batch["input_ids"], batch["response_mask"]
+        B = batch["index"].shape[0]
+        logits = self.policy(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        logps = token_logprobs(logits, ids)
+        ref = self.reference.logps(self, batch, split)
+        mask, seg = self.mask_for(batch)
+        d = masked_sum(logps - ref, mask)
+        n = mask.sum(-1)
+        loss = self.loss_fn.loss(d[:B], d[B:], n[:B], n[B:])
+        if self.nll_alpha:
+            nll, cnt = nll_sums(logps[:B], mask[:B])
+            loss = loss + self.nll_alpha * nll / cnt.clamp(min=1)
+        pol, refs = sequence_logps(logps.detach(), resp), sequence_logps(ref, resp)
+        stats = dpo_stats(self.loss_fn.beta, pol[:B], pol[B:], refs[:B], refs[B:])
+        mean_logits = mean_response_logits(logits, resp)
+        stats["logits/chosen"], stats["logits/rejected"] = mean_logits[:B], mean_logits[B:]
+        if seg is not None:
+            stats.update(segment_stats(seg, resp, batch["labels"]))
+        return loss.mean(), stats
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.model_step(batch, "train")
+        self.log_stats({"loss": loss.detach(), **stats}, "train", batch["index"].shape[0])
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.model_step(batch, "val")
+        self.log_stats({"loss": loss, **stats}, "val", batch["index"].shape[0])

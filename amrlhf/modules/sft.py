@@ -1,0 +1,48 @@
+"""Supervised fine-tuning (and, with a segmenter, masked AM-SFT): token-mean NLL on kept tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from amrlhf.losses import masked_mean, nll_sums, token_logprobs
+from amrlhf.modules.base import AlignmentModule
+from amrlhf.segmenters import segment_stats
+
+
+class SFTModule(AlignmentModule):
+    """L = sum m_t (-log pi(y_t)) / sum m_t over the batch (all devices).
+
+    Under gradient accumulation each micro-batch is normalised by its own (all-device) kept-token
+    count, so accumulation equals one large batch exactly when micro-batches hold equal token
+    counts; otherwise it is the mean of micro-batch token means (see README, known limits).
+    """
+
+    progress_keys = ("sft/nll",)
+
+    def model_step(self, batch: dict, split: str):
+        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = token_logprobs(logits, batch["input_ids"])
+        mask, seg = self.mask_for(batch)
+        nll, n = nll_sums(logps, mask)
+        total = n.sum()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # global kept-token count; DDP averages gradients over ranks, so scale by world size
+            total = self.all_gather(total.detach()).sum() / self.trainer.world_size
+        loss = nll.sum() / total.clamp(min=1)
+        stats = {"sft/nll": (nll.sum() / n.sum().clamp(min=1)).detach(),
+                 "sft/tokens": n.sum().detach(),
+                 "sft/token_acc": masked_mean((logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]).float(),
+                                              mask).detach()}
+        if seg is not None:
+            stats.update(segment_stats(seg, batch["response_mask"], batch["labels"]))
+        return loss, stats
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.model_step(batch, "train")
+        self.log_stats({"loss": loss.detach(), **stats}, "train", batch["input_ids"].shape[0])
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.model_step(batch, "val")
+        self.log_stats({"loss": loss, **stats}, "val", batch["input_ids"].shape[0])
