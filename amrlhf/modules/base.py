@@ -5,6 +5,7 @@ A module's step is: forward -> segmenter -> pure loss function -> log (ARCHITECT
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import lightning as L
@@ -76,6 +77,9 @@ class AlignmentModule(L.LightningModule):
     progress_keys: tuple[str, ...] = ()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What `amrlhf export` needs to rebuild the policy without the recipe.
+        checkpoint["amrlhf"] = {"module": f"{type(self).__module__}.{type(self).__qualname__}",
+                                "policy": dataclasses.asdict(self.policy_spec)}
         # Keep only trainable weights when the policy is LoRA: the frozen base is reloaded by name.
         if self.policy_spec.lora is not None:
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -25,7 +25,7 @@ class SFTModule(AlignmentModule):
         mask, seg = self.mask_for(batch)
         nll, n = nll_sums(logps, mask)
         total = n.sum()
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             # global kept-token count; DDP averages gradients over ranks, so scale by world size
             total = self.all_gather(total.detach()).sum() / self.trainer.world_size
         loss = nll.sum() / total.clamp(min=1)

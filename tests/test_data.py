@@ -1,0 +1,103 @@
+"""Data: validation errors name file, line and field; masks align with input_ids[:, 1:]."""
+
+import json
+
+import pytest
+import torch
+
+from amrlhf.data import Collator, encode_examples, read_examples
+from amrlhf.errors import AmrlhfError, DataError
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows))
+    return str(p)
+
+
+GOOD = {"prompt": "What is 1 plus 2?", "chosen": "1 plus 2 is 3.", "rejected": "1 plus 2 is 4."}
+
+
+def test_missing_field_names_file_line_field(tmp_path):
+    path = write(tmp_path, [GOOD, {"prompt": "x", "chosen": "y"}])
+    with pytest.raises(DataError) as err:
+        read_examples(path, "preference")
+    assert (err.value.line, err.value.field) == (2, "rejected")
+    assert f"{path}:2" in str(err.value) and "'rejected'" in str(err.value)
+
+
+def test_empty_response_is_an_error(tmp_path):
+    path = write(tmp_path, [{**GOOD, "chosen": "   "}])
+    with pytest.raises(DataError, match=r":1: field 'chosen' empty response"):
+        read_examples(path, "preference")
+
+
+def test_non_utf8_line_is_an_error_with_its_line(tmp_path):
+    path = write(tmp_path, [GOOD, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'])
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid UTF-8"):
+        read_examples(path, "preference")
+
+
+def test_invalid_json_is_an_error(tmp_path):
+    path = write(tmp_path, [b"{not json}\n"])
+    with pytest.raises(DataError, match=r":1: not valid JSON"):
+        read_examples(path, "preference")
+
+
+def test_unknown_asset_id_and_missing_file(tmp_path):
+    with pytest.raises(AmrlhfError, match="unknown asset id 'local:nope/train'"):
+        read_examples("local:nope/train", "preference")
+    with pytest.raises(AmrlhfError, match="data file not found"):
+        read_examples(str(tmp_path / "absent.jsonl"), "preference")
+
+
+def test_chat_messages_response_is_last_assistant_turn(tmp_path, tokenizer):
+    conv = [{"role": "user", "content": "What is 1 plus 2?"}]
+    row = {"chosen": conv + [{"role": "assistant", "content": "3."}],
+           "rejected": conv + [{"role": "assistant", "content": "4."}]}
+    (ex,) = read_examples(write(tmp_path, [row]), "preference")
+    assert ex.prompt == conv and (ex.chosen, ex.rejected) == ("3.", "4.")
+    bad = {"chosen": conv + [{"role": "user", "content": "3."}], "rejected": row["rejected"]}
+    with pytest.raises(DataError, match="last message must be the assistant"):
+        read_examples(write(tmp_path, [bad], "bad.jsonl"), "preference")
+
+
+def test_prompt_longer_than_max_length_is_dropped_and_counted(tmp_path, tokenizer):
+    long = {**GOOD, "prompt": "What is 1 plus 2? " * 40}
+    exs = read_examples(write(tmp_path, [GOOD, long, GOOD]), "preference")
+    enc, rep = encode_examples(exs, tokenizer, max_length=48)
+    assert (rep.rows, rep.kept, rep.dropped_prompt_too_long) == (3, 2, 1)
+    assert "1 dropped" in rep.describe("train", 48)
+
+
+def test_long_response_is_truncated_and_counted(tmp_path, tokenizer):
+    exs = read_examples(write(tmp_path, [{**GOOD, "chosen": "3 " * 80}]), "preference")
+    enc, rep = encode_examples(exs, tokenizer, max_length=40)
+    assert rep.truncated == 1 and rep.kept == 1
+    assert len(enc[0].prompt_ids) + len(enc[0].responses[0]) == 40
+
+
+def test_response_mask_aligned_with_shifted_input_ids(tmp_path, tokenizer):
+    exs = read_examples(write(tmp_path, [GOOD, {**GOOD, "rejected": "1 plus 2 is 45678."}]), "preference")
+    enc, _ = encode_examples(exs, tokenizer, max_length=64)
+    batch = Collator(tokenizer.pad_token_id)(enc)
+    assert batch["labels"].tolist() == [1, 1, -1, -1]
+    for row, (k, item) in enumerate([(0, enc[0]), (0, enc[1]), (1, enc[0]), (1, enc[1])]):
+        resp = item.responses[k]
+        targets = batch["input_ids"][row, 1:][batch["response_mask"][row].bool()]
+        assert targets.tolist() == resp  # the masked positions predict exactly the response tokens
+    # the response ends with the end-of-turn token, which counts as a response token
+    assert enc[0].responses[0][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # padding is never a response token, even though pad tokens are appended
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]
+    pad_rows = batch["attention_mask"][:, 1:] == 0
+    assert not batch["response_mask"][pad_rows].any()
+
+
+def test_pad_equal_to_eos_does_not_break_masks(tmp_path, tokenizer):
+    exs = read_examples(write(tmp_path, [GOOD, {**GOOD, "chosen": "3."}]), "preference")
+    enc, _ = encode_examples(exs, tokenizer, max_length=64)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    a = Collator(tokenizer.pad_token_id)(enc)
+    b = Collator(eos)(enc)  # pad id == eos id
+    assert torch.equal(a["response_mask"], b["response_mask"])
