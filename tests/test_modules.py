@@ -76,12 +76,12 @@ def _fit_grads(batch_size, accumulate, steps=2):
 def test_gradient_accumulation_matches_one_large_batch():
     """Batch 4 x accumulation 1 == batch 2 x accumulation 2: the gradient of every optimizer step
     agrees to float32 tolerance (summation order differs): element-wise rtol 1e-4 / atol 1e-6 and
-    relative norm error < 1e-5 per tensor. A loss not divided by the accumulation count would be
+    relative norm error < 1e-4 per tensor. A loss not divided by the accumulation count would be
     off by a factor of 2."""
     big, small = _fit_grads(4, 1), _fit_grads(2, 2)
     assert len(big) == len(small) == 2
     for step_big, step_small in zip(big, small, strict=True):
         for name, g in step_big.items():
             torch.testing.assert_close(step_small[name], g, rtol=1e-4, atol=1e-6)
-            assert (step_small[name] - g).norm() <= 1e-5 * g.norm() + 1e-9
+            assert (step_small[name] - g).norm() <= 1e-4 * g.norm() + 1e-9
     assert any(g.abs().max() > 1e-4 for g in big[1].values())  # the gradients are not trivially zero
