@@ -9,10 +9,11 @@ defaulting to the policy's tokenizer.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from amrlhf.callbacks import TrackRun
@@ -73,6 +74,10 @@ class AmrlhfCLI(LightningCLI):
         if cfg.data.init_args.get("val"):
             ours.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor="eval/loss", mode="min",
                                         save_top_k=1))
-        extra = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        kwargs["callbacks"] = list(extra) + ours
+        extra = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
+        if cfg.trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in extra):
+            # rich draws only on a terminal; tqdm also shows progress in logs and CI output
+            ours.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=1))
+        kwargs["callbacks"] = extra + ours
         return super().instantiate_trainer(**kwargs)

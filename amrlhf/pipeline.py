@@ -71,7 +71,8 @@ def run_pipeline(path: Path) -> dict:
     from amrlhf.assets import prepare
 
     name = cfg.get("name") or path.stem
-    out_dir = Path(cfg.get("runs_root", "runs")) / name
+    runs_root = Path(cfg.get("runs_root", "runs"))
+    out_dir = runs_root / name
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.get("prepare"):
@@ -91,7 +92,7 @@ def run_pipeline(path: Path) -> dict:
         run_name = entry.get("name") or Path(entry["config"]).stem
         t = time.perf_counter()
         cli = run_lightning(["fit", "--config", entry["config"], f"--run_name={run_name}",
-                             *map(str, entry.get("args", []))])
+                             f"--runs_root={runs_root}", *map(str, entry.get("args", []))])
         timings[f"fit:{run_name}"] = time.perf_counter() - t
         logger = cli.trainer.logger
         tracking[run_name] = {"uri": logger._tracking_uri, "run_id": logger.run_id}

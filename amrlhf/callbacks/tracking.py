@@ -39,14 +39,22 @@ class TrackRun(L.Callback):
         if not trainer.is_global_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "config.yaml"
-        path.write_text(self.config_yaml)
         logger = self._mlflow(trainer)
-        if logger is not None:
-            record_run(logger, self.run_dir)
-            logger.experiment.log_artifact(logger.run_id, str(path))
-            params = _flatten(self.config)
-            logger.log_hyperparams({k.replace(",", "_"): v for k, v in list(params.items())[:400]})
+        existing = logger.experiment.get_run(logger.run_id).data.params if logger is not None else {}
+        # a resumed run keeps its first config.yaml; the resuming command's config is saved beside it
+        path = self.run_dir / ("config.yaml" if not existing else "config.resumed.yaml")
+        path.write_text(self.config_yaml)
+        if logger is None:
+            return
+        record_run(logger, self.run_dir)
+        logger.experiment.log_artifact(logger.run_id, str(path))
+        params = {k.replace(",", "_"): v for k, v in _flatten(self.config).items() if k != "ckpt_path"}
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:
+            log.warning("resumed with changed settings (kept in %s, not as params): %s", path.name, changed)
+        new = {k: v for k, v in params.items() if k not in existing}
+        if new:
+            logger.log_hyperparams(dict(list(new.items())[:400]))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule

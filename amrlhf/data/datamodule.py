@@ -108,7 +108,15 @@ class _TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_data is None:
             return []
-        return DataLoader(self.val_data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collator())
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        if len(self.val_data) % world:
+            log.warning("validation uses %d of %d examples (equal shares for %d devices)",
+                        len(self.val_data) - len(self.val_data) % world, len(self.val_data), world)
+        # each rank validates its own share; metrics are reduced across ranks (sync_dist)
+        sampler = ResumableSampler(len(self.val_data), seed=0, shuffle=False, rank=rank, world_size=world)
+        return DataLoader(self.val_data, batch_size=self.eval_batch_size, sampler=sampler,
+                          collate_fn=self._collator())
 
     # Exact resume: remember how many batches of the current epoch were trained on.
     def state_dict(self) -> dict:
