@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from amrlhf.losses import (
-    IPO, HingeDPO, RobustDPO, SigmoidDPO, bradley_terry_loss, dpo_stats, masked_mean, nll_sums, reward_stats,
+    IPO,
+    HingeDPO,
+    RobustDPO,
+    SigmoidDPO,
+    bradley_terry_loss,
+    dpo_stats,
+    masked_mean,
+    nll_sums,
+    reward_stats,
     token_logprobs,
 )
 

@@ -1,6 +1,6 @@
 """Pure tensor functions: tensors and keyword hyper-parameters in, losses and detached stats out."""
 
-from amrlhf.losses.dpo import DPOLoss, HingeDPO, IPO, RobustDPO, SigmoidDPO, dpo_stats
+from amrlhf.losses.dpo import IPO, DPOLoss, HingeDPO, RobustDPO, SigmoidDPO, dpo_stats
 from amrlhf.losses.logprobs import sequence_logps, token_logprobs
 from amrlhf.losses.reductions import masked_mean, masked_sum
 from amrlhf.losses.reward import bradley_terry_loss, reward_stats

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from amrlhf.models import ModelSpec
-from amrlhf.segmenters import PivotSegmenter, SampleWiseSegmenter
+from amrlhf.segmenters import PivotSegmenter
 
 log = logging.getLogger(__name__)
 

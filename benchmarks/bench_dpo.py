@@ -1,0 +1,163 @@
+"""Benchmark (not a test): our DPO step vs TRL's DPOTrainer step, side by side.
+
+Same model, same preference pairs (HaluEval dialogue when prepared, else tiny-arith), same batch,
+same reference mode (a frozen reference model), no gradient checkpointing, fp32 on CPU. Each
+(implementation, model) runs in its own process, so peak RSS is its own; implementations alternate
+so that machine noise hits both. Prints s/step, tokens/s, peak RSS and the ratio ours/TRL.
+
+    python benchmarks/bench_dpo.py [--models tiny smollm2] [--steps 4] [--warmup 2] [--batch 2]
+Needs: `pip install -c constraints.txt -e .[compare]` (trl) and `amrlhf prepare` for the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+MODELS = {
+    "tiny": ("local:tiny-llama", "local:tiny-arith/prefs_train", 64),
+    "smollm2": ("local:smollm2-135m-instruct", "local:halueval_dialogue/train", 256),
+}
+
+
+def _pairs(model: str, data: str, max_length: int, n: int):
+    """The first n pairs whose prompt + longer response fit max_length (so neither side truncates)."""
+    from amrlhf.data import encode_examples, read_examples
+    from amrlhf.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    exs = read_examples(data, "preference", 20 * n)
+    enc, _ = encode_examples(exs, tok, 10_000)
+    keep = [i for i, e in enumerate(enc) if len(e.prompt_ids) + max(map(len, e.responses)) <= max_length][:n]
+    return tok, [exs[i] for i in keep], [enc[i] for i in keep]
+
+
+def _tokens(enc) -> int:
+    return sum(2 * len(e.prompt_ids) + sum(map(len, e.responses)) for e in enc)
+
+
+def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int) -> dict:
+    import lightning as L
+    import torch
+
+    from amrlhf.data import Collator
+    from amrlhf.models import ModelSpec
+    from amrlhf.modules import DPOModule, FrozenReference
+    from amrlhf.segmenters import SampleWiseSegmenter
+
+    tok, _, enc = _pairs(model, data, max_length, batch * (steps + warmup))
+    torch.manual_seed(0)
+    module = DPOModule(ModelSpec(model, dtype="float32"), reference=FrozenReference(),
+                       segmenter=SampleWiseSegmenter(), lr=1e-6)
+    loader = torch.utils.data.DataLoader(enc, batch_size=batch, collate_fn=Collator(tok.pad_token_id))
+    times = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *a):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, *a):
+            times.append(time.perf_counter() - self.t)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
+    trainer.fit(module, train_dataloaders=loader)
+    return {"times": times[warmup:], "tokens": _tokens(enc[batch * warmup:]) / steps}
+
+
+def run_trl(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from amrlhf.models import ModelSpec, load_causal_lm
+
+    tok, exs, enc = _pairs(model, data, max_length, batch * (steps + warmup))
+    def conv(p):
+        return [{"role": "user", "content": p}] if isinstance(p, str) else p
+
+    ds = datasets.Dataset.from_list([{"prompt": conv(e.prompt), "chosen": [{"role": "assistant", "content": e.chosen}],
+                                      "rejected": [{"role": "assistant", "content": e.rejected}]} for e in exs])
+    torch.manual_seed(0)
+    policy = load_causal_lm(ModelSpec(model, dtype="float32"))
+    ref = load_causal_lm(ModelSpec(model, dtype="float32")).eval()
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    cfg = DPOConfig(output_dir=os.path.join("bench_out", "trl"), per_device_train_batch_size=batch,
+                    max_length=max_length, beta=0.1, learning_rate=1e-6, max_steps=steps + warmup, use_cpu=True,
+                    bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1000,
+                    dataloader_num_workers=0, seed=0)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
+                         callbacks=[Timer()])
+    trainer.train()
+    return {"times": times[warmup:], "tokens": _tokens(enc[batch * warmup:]) / steps}
+
+
+def child(impl: str, name: str, args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, data, max_length = MODELS[name]
+    fn = run_ours if impl == "ours" else run_trl
+    out = fn(model, data, max_length, args.batch, args.steps, args.warmup)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=list(MODELS))
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="pairs per step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child, args)
+        return
+    rows = []
+    for name in args.models:
+        res = {}
+        for impl in ("ours", "trl"):
+            cmd = [sys.executable, __file__, "--child", impl, name, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{impl}/{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                res[impl] = None
+                continue
+            res[impl] = json.loads(line[7:])
+        rows.append((name, res))
+    print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
+          f"{args.warmup} warm-up, {args.threads} threads")
+    print(f"{'model':10s}{'impl':6s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}")
+    for name, res in rows:
+        for impl, r in res.items():
+            if r is None:
+                print(f"{name:10s}{impl:6s}{'failed':>10s}")
+                continue
+            sps = sum(r["times"]) / len(r["times"])
+            r["sps"] = sps
+            print(f"{name:10s}{impl:6s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}")
+        if res.get("ours") and res.get("trl"):
+            print(f"{name:10s}{'ratio ours/TRL':16s}  time {res['ours']['sps'] / res['trl']['sps']:.2f}   "
+                  f"peak RSS {res['ours']['peak_rss_mb'] / res['trl']['peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
