@@ -85,3 +85,19 @@ def test_gradient_accumulation_matches_one_large_batch():
             torch.testing.assert_close(step_small[name], g, rtol=1e-4, atol=1e-6)
             assert (step_small[name] - g).norm() <= 1e-4 * g.norm() + 1e-9
     assert any(g.abs().max() > 1e-4 for g in big[1].values())  # the gradients are not trivially zero
+
+
+def test_response_logps_equals_full_forward_on_response_tokens(tokenizer):
+    from amrlhf.losses import token_logprobs
+    from amrlhf.models import load_causal_lm
+    from amrlhf.models.forward import response_logps
+
+    batch = _batch(tokenizer)
+    model = load_causal_lm(ModelSpec("local:tiny-llama")).eval()
+    with torch.no_grad():
+        full = token_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["input_ids"])
+        lean, logits = response_logps(model, batch, with_logits=True)
+    resp = batch["response_mask"].bool()
+    torch.testing.assert_close(lean[resp], full[resp], rtol=1e-5, atol=1e-5)
+    assert logits.shape[1] < batch["input_ids"].shape[1]  # prompt-side logits were never computed

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from amrlhf.data.collate import Collator
 from amrlhf.data.tokenize import Encoded
-from amrlhf.losses import sequence_logps, token_logprobs
+from amrlhf.losses import sequence_logps
+from amrlhf.models.forward import response_logps
 
 
 @dataclass
@@ -40,8 +41,7 @@ def pair_logps(model, data: list[Encoded], pad_id: int, batch_size: int = 4, des
     parts: list[tuple[Tensor, Tensor]] = []
     for start in tqdm(range(0, len(data), batch_size), desc=desc):
         batch = {k: v.to(device) for k, v in collate(data[start:start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        lp = sequence_logps(token_logprobs(logits, batch["input_ids"]), batch["response_mask"]).cpu()
+        lp = sequence_logps(response_logps(model, batch)[0], batch["response_mask"]).cpu()
         parts.append((lp, batch["response_lengths"].cpu()))
     model.train(was_training)
     lp = torch.cat([torch.stack(p[0].chunk(2)) for p in parts], dim=1)

@@ -36,10 +36,3 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, *, rows_per_chunk: int = 1
 def sequence_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
     """Sequence log-prob = SUM over the masked (response) tokens. [B, T-1] -> [B]."""
     return masked_sum(token_logps, mask)
-
-
-def mean_response_logits(logits: Tensor, response_mask: Tensor) -> Tensor:
-    """Mean raw logit over response positions and the vocabulary, per row (TRL's `logits/*`). [B]."""
-    per_pos = logits[:, :-1].detach().float().mean(-1)
-    m = response_mask.to(per_pos.dtype)
-    return (per_pos * m).sum(-1) / m.sum(-1).clamp(min=1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from amrlhf.losses import DPOLoss, SigmoidDPO, dpo_stats, masked_sum, nll_sums, sequence_logps, token_logprobs
-from amrlhf.losses.logprobs import mean_response_logits
+from amrlhf.losses import DPOLoss, SigmoidDPO, dpo_stats, masked_sum, nll_sums, sequence_logps
 from amrlhf.models import ModelSpec
+from amrlhf.models.forward import mean_response_logits, response_logps
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.reference import FrozenReference, ReferenceModel
 from amrlhf.segmenters import PivotSegmenter, segment_stats
@@ -58,10 +58,9 @@ class DPOModule(AlignmentModule):
             self._setup_reference()
 
     def model_step(self, batch: dict, split: str):
-        ids, resp = batch["input_ids"], batch["response_mask"]
+        resp = batch["response_mask"]
         B = batch["index"].shape[0]
-        logits = self.policy(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-        logps = token_logprobs(logits, ids)
+        logps, logits = response_logps(self.policy, batch, with_logits=True)
         ref = self.reference.logps(self, batch, split)
         mask, seg = self.mask_for(batch)
         d = masked_sum(logps - ref, mask)

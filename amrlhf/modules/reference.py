@@ -22,8 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.losses import token_logprobs
 from amrlhf.models import ModelSpec, load_causal_lm
+from amrlhf.models.forward import response_logps
 from amrlhf.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class ReferenceModel(Protocol):
 
 
 def forward_logps(model, batch: dict) -> Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return token_logprobs(logits, batch["input_ids"])
+    return response_logps(model, batch)[0]
 
 
 class FrozenReference:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from amrlhf.losses import masked_mean, nll_sums, token_logprobs
+from amrlhf.losses import masked_mean, nll_sums
+from amrlhf.models.forward import response_logps
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.segmenters import segment_stats
+
+
+def _hits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """1 where the argmax of the kept logits is the next token; [N, T-1], zero before them."""
+    keep = logits.shape[1]
+    hits = (logits[:, :-1].argmax(-1) == input_ids[:, input_ids.shape[1] - keep + 1:]).float()
+    return torch.cat([hits.new_zeros(hits.shape[0], input_ids.shape[1] - keep), hits], dim=1)
 
 
 class SFTModule(AlignmentModule):
@@ -20,8 +28,7 @@ class SFTModule(AlignmentModule):
     progress_keys = ("sft/nll",)
 
     def model_step(self, batch: dict, split: str):
-        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = token_logprobs(logits, batch["input_ids"])
+        logps, logits = response_logps(self.policy, batch, with_logits=True)
         mask, seg = self.mask_for(batch)
         nll, n = nll_sums(logps, mask)
         total = n.sum()
@@ -31,8 +38,7 @@ class SFTModule(AlignmentModule):
         loss = nll.sum() / total.clamp(min=1)
         stats = {"sft/nll": (nll.sum() / n.sum().clamp(min=1)).detach(),
                  "sft/tokens": n.sum().detach(),
-                 "sft/token_acc": masked_mean((logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]).float(),
-                                              mask).detach()}
+                 "sft/token_acc": masked_mean(_hits(logits, batch["input_ids"]), mask).detach()}
         if seg is not None:
             stats.update(segment_stats(seg, batch["response_mask"], batch["labels"]))
         return loss, stats

@@ -1,0 +1,38 @@
+"""One forward pass to per-token log-probs, computing logits only where they are needed.
+
+The vocabulary projection dominates a small model's cost (SmolLM2: 49k x 576); prompt positions
+need none of it. `logits_to_keep` asks the model for the last K positions only, K reaching back to
+the earliest response token of the batch, so prompt-side logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from amrlhf.losses import token_logprobs
+
+
+def response_logps(model, batch: dict, *, with_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+    """-> (log-probs [N, T-1] aligned with input_ids[:, 1:], zero before the earliest response
+    token of the batch; the kept logits [N, K, V] or None). Position t of the kept logits is
+    position T-K+t of the sequence."""
+    ids, resp = batch["input_ids"], batch["response_mask"]
+    T = ids.shape[1]
+    has = resp.bool().any(0)
+    first = int(has.float().argmax()) if bool(has.any()) else T - 2
+    keep = T - first
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   use_cache=False).logits
+    part = token_logprobs(logits, ids[:, T - keep:])
+    logps = torch.cat([part.new_zeros(ids.shape[0], T - keep), part], dim=1)
+    return logps, (logits if with_logits else None)
+
+
+def mean_response_logits(logits: Tensor, response_mask: Tensor) -> Tensor:
+    """Mean raw logit over response positions and the vocabulary, per row (TRL's `logits/*`). [N].
+    `logits` are the kept logits of `response_logps` (the last K positions)."""
+    keep = logits.shape[1]
+    per_pos = logits[:, :-1].detach().float().mean(-1)
+    m = response_mask[:, response_mask.shape[1] - keep + 1:].to(per_pos.dtype)
+    return (per_pos * m).sum(-1) / m.sum(-1).clamp(min=1)
