@@ -1,7 +1,12 @@
 """Pivot segmenters: turn a sequence-level label (and token scores) into token masks."""
 
+from amrlhf.segmenters.adaptive import AdaptivePivotSegmenter, TokenWiseSegmenter
 from amrlhf.segmenters.base import PivotSegmenter, Segmentation
+from amrlhf.segmenters.baselines import Baseline, ConstantBaseline, PromptScoreBaseline, RunningMeanBaseline
 from amrlhf.segmenters.sample import SampleWiseSegmenter
+from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
 
-__all__ = ["PivotSegmenter", "Segmentation", "SampleWiseSegmenter", "segment_stats"]
+__all__ = ["PivotSegmenter", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
+           "StepWiseSegmenter", "EntropySegmenter", "Baseline", "PromptScoreBaseline", "ConstantBaseline",
+           "RunningMeanBaseline", "segment_stats"]

@@ -89,13 +89,14 @@ def sign_agreeing(x: Tensor, labels: Tensor) -> Tensor:
 def segment_values(segment_id: Tensor, u: Tensor, resp: Tensor, reduce: str) -> Tensor:
     """Per-token value of its segment: `last` = u at the segment's last token, `sum` = sum of u."""
     B, n = u.shape
+    on = resp.bool()
     n_seg = int(segment_id.max().item()) + 1 if segment_id.numel() else 1
     if reduce == "sum":
-        table = torch.zeros(B, n_seg, dtype=u.dtype, device=u.device).scatter_add_(1, segment_id, u * resp)
+        table = torch.zeros(B, n_seg, dtype=u.dtype, device=u.device).scatter_add_(1, segment_id, u * on.to(u.dtype))
     elif reduce == "last":
         pos = torch.arange(n, device=u.device).expand_as(u)
         last = torch.full((B, n_seg), -1, dtype=torch.long, device=u.device)
-        last = last.scatter_reduce(1, segment_id, torch.where(resp, pos, -1), reduce="amax")
+        last = last.scatter_reduce(1, segment_id, torch.where(on, pos, -1), reduce="amax")
         table = u.gather(1, last.clamp(min=0))
     else:
         raise ValueError(f"reduce must be 'last' or 'sum', got {reduce!r}")
