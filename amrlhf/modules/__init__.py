@@ -3,8 +3,9 @@
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.dpo import DPOModule
 from amrlhf.modules.reference import AdapterReference, CachedReference, FrozenReference, ReferenceModel
+from amrlhf.modules.rejection import BestOfN
 from amrlhf.modules.reward import RewardModule, prefix_scores
 from amrlhf.modules.sft import SFTModule
 
 __all__ = ["AlignmentModule", "DPOModule", "SFTModule", "RewardModule", "prefix_scores",
-           "FrozenReference", "AdapterReference", "CachedReference", "ReferenceModel"]
+           "BestOfN", "FrozenReference", "AdapterReference", "CachedReference", "ReferenceModel"]

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from amrlhf.models import ModelSpec
-from amrlhf.segmenters import PivotSegmenter
+from amrlhf.modules.masking import segment_batch, setup_segmentation
+from amrlhf.scorers import TokenScorer
+from amrlhf.segmenters import PivotSegmenter, Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ class AlignmentModule(L.LightningModule):
         self,
         policy: ModelSpec,
         segmenter: PivotSegmenter | None = None,
+        scorer: TokenScorer | None = None,
+        score_calibration_batches: int = 8,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -35,6 +39,9 @@ class AlignmentModule(L.LightningModule):
         self.policy_spec = policy
         # None = the unmasked path (m = response mask): the reference for parity tests.
         self.segmenter = segmenter
+        self.scorer = scorer  # token scores for the segmenter (reward-model prefix scores, ...)
+        self.score_calibration_batches = score_calibration_batches
+        self._calibrated = False
         self.lr, self.weight_decay, self.warmup_steps, self.betas = lr, weight_decay, warmup_steps, betas
         self.policy = None
 
@@ -56,15 +63,17 @@ class AlignmentModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def mask_for(self, batch: dict, **scores) -> tuple[Tensor, dict]:
+    def mask_for(self, batch: dict, split: str) -> tuple[Tensor, Segmentation | None]:
         """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
-        resp = batch["response_mask"]
-        if self.segmenter is None:
-            return resp, None
-        seg = self.segmenter.segment(
-            response_mask=resp, labels=batch["labels"], input_ids=batch["input_ids"], **scores
-        )
-        return seg.mask.to(resp.dtype) * resp, seg
+        mask, seg, _ = segment_batch(self, batch, split)
+        return mask, seg
+
+    def on_fit_start(self) -> None:
+        setup_segmentation(self)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            setup_segmentation(self)
 
     def log_stats(self, stats: dict[str, Tensor], split: str, batch_size: int) -> None:
         prefix = "" if split == "train" else "eval/"
@@ -80,6 +89,8 @@ class AlignmentModule(L.LightningModule):
         # What `amrlhf export` needs to rebuild the policy without the recipe.
         checkpoint["amrlhf"] = {"module": f"{type(self).__module__}.{type(self).__qualname__}",
                                 "policy": dataclasses.asdict(self.policy_spec)}
+        if hasattr(self.segmenter, "state_dict"):  # measured scale, running-mean baseline
+            checkpoint["amrlhf"]["segmenter"] = self.segmenter.state_dict()
         # Keep only trainable weights when the policy is LoRA: the frozen base is reloaded by name.
         if self.policy_spec.lora is not None:
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -87,6 +98,10 @@ class AlignmentModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        state = checkpoint.get("amrlhf", {}).get("segmenter")
+        if state is not None and hasattr(self.segmenter, "load_state_dict"):
+            self.segmenter.load_state_dict(state)
+            self._calibrated = True
         if self.policy_spec.lora is not None:
             missing = self.state_dict()
             missing.update(checkpoint["state_dict"])

@@ -9,6 +9,7 @@ from amrlhf.models import ModelSpec
 from amrlhf.models.forward import mean_response_logits, response_logps
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.reference import FrozenReference, ReferenceModel
+from amrlhf.scorers import TokenScorer
 from amrlhf.segmenters import PivotSegmenter, segment_stats
 
 
@@ -28,6 +29,8 @@ class DPOModule(AlignmentModule):
         reference: ReferenceModel | None = None,
         loss: DPOLoss | None = None,
         segmenter: PivotSegmenter | None = None,
+        scorer: TokenScorer | None = None,
+        score_calibration_batches: int = 8,
         nll_alpha: float = 0.0,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
@@ -39,36 +42,42 @@ class DPOModule(AlignmentModule):
             policy: the model trained (hub id, folder, gguf, `local:` id; LoRA optional).
             reference: FrozenReference (default), AdapterReference (LoRA base), or CachedReference.
             loss: SigmoidDPO (default, beta=0.1), IPO, HingeDPO, RobustDPO.
-            segmenter: SampleWiseSegmenter for plain DPO; None = the unmasked path.
+            segmenter: SampleWiseSegmenter for plain DPO (None = the unmasked path);
+                AdaptivePivotSegmenter for AM-DPO; TokenWise / StepWise / Entropy baselines.
+            scorer: token scores for the segmenter (RewardModelScorer, CachedScorer, ...).
+            score_calibration_batches: training batches used once to measure the score scale.
             nll_alpha: weight of an NLL term on the chosen response.
         """
-        super().__init__(policy, segmenter, lr, weight_decay, warmup_steps, betas)
+        super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
+                         betas)
         self.reference = reference or FrozenReference()
         self.loss_fn = loss or SigmoidDPO()
         self.nll_alpha = nll_alpha
 
-    def _setup_reference(self) -> None:
-        self.reference.setup(self)
-
     def on_fit_start(self) -> None:
-        self._setup_reference()
+        self.reference.setup(self)
+        super().on_fit_start()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
-            self._setup_reference()
+            self.reference.setup(self)
+        super().on_validation_start()
 
     def model_step(self, batch: dict, split: str):
         resp = batch["response_mask"]
         B = batch["index"].shape[0]
         logps, logits = response_logps(self.policy, batch, with_logits=True)
         ref = self.reference.logps(self, batch, split)
-        mask, seg = self.mask_for(batch)
+        mask, seg = self.mask_for(batch, split)
         d = masked_sum(logps - ref, mask)
         n = mask.sum(-1)
         loss = self.loss_fn.loss(d[:B], d[B:], n[:B], n[B:])
         if self.nll_alpha:
             nll, cnt = nll_sums(logps[:B], mask[:B])
             loss = loss + self.nll_alpha * nll / cnt.clamp(min=1)
+        keep = (n[:B] > 0) & (n[B:] > 0)  # a pair whose side was dropped (fallback `drop`) is left out
+        if not bool(keep.all()):
+            loss = loss * keep / keep.sum().clamp(min=1) * B
         pol, refs = sequence_logps(logps.detach(), resp), sequence_logps(ref, resp)
         stats = dpo_stats(self.loss_fn.beta, pol[:B], pol[B:], refs[:B], refs[B:])
         mean_logits = mean_response_logits(logits, resp)

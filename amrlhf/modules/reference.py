@@ -11,16 +11,14 @@ The reference model is never a registered submodule, so it is never in a checkpo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from amrlhf.cache import PerTokenCache, cache_key, model_fingerprint
 from amrlhf.errors import AmrlhfError
 from amrlhf.models import ModelSpec, load_causal_lm
 from amrlhf.models.forward import response_logps
@@ -79,96 +77,33 @@ class AdapterReference:
             return forward_logps(module.policy, batch)
 
 
-def _fingerprint(name: str) -> dict:
-    """Identity of a model for cache keys: its name, and size+mtime of its files if local."""
-    from amrlhf.models.loading import resolve_model
-
-    path, gguf = resolve_model(name)
-    p = Path(path)
-    files = {}
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.is_file() and f.suffix in {".safetensors", ".bin", ".gguf", ".json"}:
-                st = f.stat()
-                files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"name": name, "path": path, "gguf": gguf, "files": files}
-
-
 class CachedReference:
     """Reference log-probs computed once per example with `source` and cached per token on disk."""
 
     def __init__(self, source: ReferenceModel | None = None, cache: str | None = None, batch_size: int = 4):
         self.source = source or FrozenReference()
-        self.cache_root = Path(cache) if cache else None
+        self.cache = PerTokenCache(Path(cache) if cache else None)
         self.batch_size = batch_size
-        self._table: dict[str, dict[int, Tensor]] = {}
-
-    def _key(self, module, split: str, data) -> str:
-        h = hashlib.sha256()
-        ref_name = getattr(self.source, "spec", None)
-        ref_name = ref_name.name if ref_name else module.policy_spec.name
-        dm = module.trainer.datamodule
-        meta = {
-            "source": type(self.source).__name__,
-            "model": _fingerprint(ref_name),
-            "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)],
-            "max_length": dm.max_length,
-            "split": split,
-        }
-        h.update(json.dumps(meta, sort_keys=True).encode())
-        for ex in data:
-            h.update(json.dumps([ex.index, ex.prompt_ids, ex.responses]).encode())
-        return h.hexdigest()[:24]
 
     def setup(self, module) -> None:
         dm = module.trainer.datamodule
+        self.cache.root = self.cache.root or cache_dir("reflogps")
+        spec = getattr(self.source, "spec", None)
+        meta = {"source": type(self.source).__name__,
+                "model": model_fingerprint(spec.name if spec else module.policy_spec.name),
+                "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length}
         for split, data in (("train", dm.train_data), ("val", dm.val_data)):
-            if data is None or split in self._table:
+            if data is None or self.cache.has(split):
                 continue
-            root = self.cache_root or cache_dir("reflogps")
-            root.mkdir(parents=True, exist_ok=True)
-            path = root / f"{self._key(module, split, data)}.pt"
-            if path.exists():
-                self._table[split] = torch.load(path)
-                log.info("reference log-probs (%s): cache hit %s", split, path)
-                continue
-            self.source.setup(module)
-            self._table[split] = self._compute(module, dm, data, split)
-            if module.trainer.is_global_zero:
-                tmp = path.with_suffix(".tmp")
-                torch.save(self._table[split], tmp)
-                tmp.replace(path)
-            log.info("reference log-probs (%s): computed %d examples, cached at %s", split, len(data), path)
-        self._release_source()
-
-    def _release_source(self) -> None:
+            key = cache_key({**meta, "split": split}, data)
+            if not (self.cache.root / f"{key}.pt").exists():
+                self.source.setup(module)
+            self.cache.build(split, key, data, dm._collator(),
+                             lambda b, s=split: {"logps": self.source.logps(module, b, s)}, device=module.device,
+                             batch_size=self.batch_size, desc="reference log-probs",
+                             write=module.trainer.is_global_zero)
         if isinstance(self.source, FrozenReference):
             self.source._model.clear()  # free the reference model: the cache is all we need
 
-    def _compute(self, module, dm, data, split: str) -> dict[int, Tensor]:
-        collate = dm._collator()
-        table = {}
-        for start in tqdm(range(0, len(data), self.batch_size), desc=f"reference log-probs ({split})"):
-            items = data[start : start + self.batch_size]
-            batch = {k: v.to(module.device) for k, v in collate(items).items()}
-            lp = self.source.logps(module, batch, split).float().cpu()
-            n_resp, B = len(items[0].responses), len(items)
-            for k in range(n_resp):
-                for j, it in enumerate(items):
-                    row = k * B + j
-                    length = int(batch["attention_mask"][row].sum()) - 1
-                    table.setdefault(it.index, []).append(lp[row, :length].clone())
-        return table
-
     def logps(self, module, batch: dict, split: str) -> Tensor:
-        table = self._table.get(split)
-        if table is None:
-            raise AmrlhfError(f"CachedReference has no cache for split '{split}'")
-        idx = batch["index"].tolist()
-        n_resp = batch["input_ids"].shape[0] // len(idx)
-        out = torch.zeros(batch["response_mask"].shape, dtype=torch.float32)
-        for k in range(n_resp):
-            for j, i in enumerate(idx):
-                row = table[i][k]
-                out[k * len(idx) + j, : row.shape[0]] = row
-        return out.to(batch["input_ids"].device)
+        return self.cache.lookup(batch, split, "logps")

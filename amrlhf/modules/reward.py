@@ -37,7 +37,7 @@ class RewardModule(AlignmentModule):
 
     def __init__(self, policy: ModelSpec, center_coef: float = 0.0, lr: float = 1e-5, weight_decay: float = 0.0,
                  warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
-        super().__init__(policy, None, lr, weight_decay, warmup_steps, betas)
+        super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
         self.center_coef = center_coef
 
     def load_policy(self):

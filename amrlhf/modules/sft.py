@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from amrlhf.losses import masked_mean, nll_sums
+from amrlhf.models import ModelSpec
 from amrlhf.models.forward import response_logps
 from amrlhf.modules.base import AlignmentModule
-from amrlhf.segmenters import segment_stats
+from amrlhf.modules.rejection import BestOfN
+from amrlhf.scorers import TokenScorer
+from amrlhf.segmenters import PivotSegmenter, segment_stats
 
 
 def _hits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -20,6 +23,10 @@ def _hits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 class SFTModule(AlignmentModule):
     """L = sum m_t (-log pi(y_t)) / sum m_t over the batch (all devices).
 
+    With `rollout: BestOfN` it is rejection-sampling fine-tuning: each batch's prompts are answered
+    N times by the policy, the reward model keeps the best, and the loss trains on its kept
+    segments (AM-SFT / ARJ with an adaptive segmenter; plain RFT with the sample-wise one).
+
     Under gradient accumulation each micro-batch is normalised by its own (all-device) kept-token
     count, so accumulation equals one large batch exactly when micro-batches hold equal token
     counts; otherwise it is the mean of micro-batch token means (see README, known limits).
@@ -29,7 +36,7 @@ class SFTModule(AlignmentModule):
 
     def model_step(self, batch: dict, split: str):
         logps, logits = response_logps(self.policy, batch, with_logits=True)
-        mask, seg = self.mask_for(batch)
+        mask, seg = self.mask_for(batch, split)
         nll, n = nll_sums(logps, mask)
         total = n.sum()
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -43,8 +50,30 @@ class SFTModule(AlignmentModule):
             stats.update(segment_stats(seg, batch["response_mask"], batch["labels"]))
         return loss, stats
 
+    def __init__(self, policy: ModelSpec, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
+                 score_calibration_batches: int = 8, rollout: BestOfN | None = None, lr: float = 1e-6,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
+        """
+        Args:
+            policy: the model trained.
+            segmenter: SampleWiseSegmenter for plain SFT (None = the unmasked path); an adaptive
+                segmenter (fallback `drop`) for AM-SFT.
+            scorer: token scores for the segmenter, and the ranking of BestOfN samples.
+            rollout: BestOfN for rejection sampling; None trains on the data's completions.
+        """
+        super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
+                         betas)
+        self.rollout = rollout
+
     def training_step(self, batch: dict, batch_idx: int):
+        extra = {}
+        if self.rollout is not None:
+            batch, extra = self.rollout.make_batch(self, batch)
+            if batch is None:  # every prompt's best sample scored below min_score
+                self.log_stats(extra, "train", 1)
+                return None
         loss, stats = self.model_step(batch, "train")
+        stats.update(extra)
         self.log_stats({"loss": loss.detach(), **stats}, "train", batch["input_ids"].shape[0])
         return loss
 

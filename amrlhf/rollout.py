@@ -1,0 +1,62 @@
+"""Generation for rejection sampling (and, later, PPO): no Lightning in here.
+
+Prompts are left-padded, sampled with the KV cache, stopped at EOS; each response keeps its EOS
+(the model generated it, so it is a response token) and nothing after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def prompts_of(batch: dict) -> list[list[int]]:
+    """The prompt token ids of each row of a collated batch (the tokens before its response)."""
+    resp = batch["response_mask"].bool()
+    n = resp.shape[1]
+    pos = torch.arange(n, device=resp.device).expand_as(resp)
+    first = torch.where(resp, pos, n).min(-1).values
+    return [batch["input_ids"][i, : int(f) + 1].tolist() for i, f in enumerate(first)]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos_id: int, pad_id: int,
+             max_length: int | None = None) -> list[list[list[int]]]:
+    """n sampled responses per prompt -> [prompt][sample] token ids, trimmed after the first EOS."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    new = sampling.max_new_tokens if max_length is None else min(sampling.max_new_tokens, max_length - width)
+    if new < 1:
+        raise ValueError(f"prompts of {width} tokens leave no room to generate under max_length={max_length}")
+    was_training = model.training
+    model.eval()
+    out: Tensor = model.generate(
+        input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, num_return_sequences=n,
+        max_new_tokens=new, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
+        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
+    )
+    model.train(was_training)
+    gen = out[:, width:].tolist()
+    result: list[list[list[int]]] = []
+    for i in range(len(prompts)):
+        samples = []
+        for seq in gen[i * n:(i + 1) * n]:
+            cut = seq.index(eos_id) + 1 if eos_id in seq else len(seq)
+            samples.append(seq[:cut] or [eos_id])
+        result.append(samples)
+    return result

@@ -1,0 +1,51 @@
+"""Token scores precomputed once per example and cached per token (keyed by scorer, data, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amrlhf.cache import PerTokenCache, cache_key, model_fingerprint
+from amrlhf.paths import cache_dir
+from amrlhf.scorers.base import TokenScorer, TokenScores
+
+
+class CachedScorer:
+    """Wraps a model-backed scorer: scores every training/validation example once at fit start,
+    then serves batches from the cache (no scorer forward pass per step); the scorer's models are
+    freed after caching."""
+
+    def __init__(self, source: TokenScorer, cache: str | None = None, batch_size: int = 4):
+        self.source, self.batch_size = source, batch_size
+        self.cache = PerTokenCache(Path(cache) if cache else None)
+
+    def _meta(self, module) -> dict:
+        dm = module.trainer.datamodule
+        models = {k: model_fingerprint(v.name) for k, v in vars(self.source).items()
+                  if hasattr(v, "name") and hasattr(v, "dtype")}
+        return {"scorer": type(self.source).__name__, "models": models,
+                "params": {k: v for k, v in vars(self.source).items() if isinstance(v, int | float | str)},
+                "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length}
+
+    def setup(self, module) -> None:
+        dm = module.trainer.datamodule
+        self.cache.root = self.cache.root or cache_dir("scores")
+        meta = self._meta(module)
+        for split, data in (("train", dm.train_data), ("val", dm.val_data)):
+            if data is None or self.cache.has(split):
+                continue
+            key = cache_key({**meta, "split": split}, data)
+            if not (self.cache.root / f"{key}.pt").exists():
+                self.source.setup(module)
+
+            def compute(batch, s=split):
+                out = self.source.score(module, batch, s)
+                return {k: v for k, v in vars(out).items() if v is not None}
+
+            self.cache.build(split, key, data, dm._collator(), compute, device=module.device,
+                             batch_size=self.batch_size, desc="token scores", write=module.trainer.is_global_zero)
+        if hasattr(self.source, "_models"):
+            self.source._models.clear()
+
+    def score(self, module, batch: dict, split: str) -> TokenScores:
+        names = self.cache.tables[split][int(batch["index"][0])][0].keys()
+        return TokenScores(**{n: self.cache.lookup(batch, split, n) for n in names})

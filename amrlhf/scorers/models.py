@@ -1,0 +1,82 @@
+"""Scorers backed by frozen models: reward-model prefix scores, implicit reward of a frozen
+trained policy against its reference, and the reference's next-token entropy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from amrlhf.models import ModelSpec, load_causal_lm, load_reward_model, load_tokenizer
+from amrlhf.models.forward import response_logps
+from amrlhf.scorers.base import TokenScores, check_same_tokenizer
+
+
+def _frozen(model, device):
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _policy_tokenizer(module):
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    return dm.tokenizer if dm is not None and dm.tokenizer is not None else load_tokenizer(module.policy_spec.name)
+
+
+@torch.no_grad()
+def next_token_entropy(model, batch: dict) -> Tensor:
+    """H of the model's prediction of each token, [N, T-1] aligned with input_ids[:, 1:]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    out = []
+    for row in logits[:, :-1]:  # one sequence at a time: no [N, T, V] softmax copy
+        logp = row.float().log_softmax(-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)
+
+
+class RewardModelScorer:
+    """s_t = r_phi(x, y_<=t): the reward model's head read at every position in ONE forward pass;
+    s_0 = its output at the last prompt token. `entropy_from` adds the next-token entropy of a
+    causal LM (for EntropySegmenter)."""
+
+    def __init__(self, model: ModelSpec, entropy_from: ModelSpec | None = None):
+        self.spec, self.entropy_spec = model, entropy_from
+        self._models: dict = {}  # not registered: never checkpointed
+
+    def setup(self, module) -> None:
+        if self._models:
+            return
+        check_same_tokenizer(self.spec.name, load_tokenizer(self.spec.tokenizer or self.spec.name),
+                             _policy_tokenizer(module))
+        self._models["rm"] = _frozen(load_reward_model(self.spec), module.device)
+        if self.entropy_spec is not None:
+            self._models["lm"] = _frozen(load_causal_lm(self.entropy_spec), module.device)
+
+    @torch.no_grad()
+    def score(self, module, batch: dict, split: str) -> TokenScores:
+        from amrlhf.modules.reward import prefix_scores
+
+        scores, prompt, _ = prefix_scores(self._models["rm"], batch)
+        ent = next_token_entropy(self._models["lm"], batch) if "lm" in self._models else None
+        return TokenScores(scores.float(), prompt.float(), ent)
+
+
+class ImplicitRewardScorer:
+    """s_t = beta * sum_{k<=t} (log pi_T(y_k) - log pi_ref(y_k)) over response tokens, s_0 = 0, for
+    a FROZEN previously trained policy pi_T (never the policy being trained: at step 0 it equals
+    its reference and every score would be 0)."""
+
+    def __init__(self, policy: ModelSpec, reference: ModelSpec, beta: float = 0.1):
+        self.policy_spec, self.ref_spec, self.beta = policy, reference, beta
+        self._models: dict = {}
+
+    def setup(self, module) -> None:
+        if self._models:
+            return
+        check_same_tokenizer(self.policy_spec.name, load_tokenizer(self.policy_spec.name), _policy_tokenizer(module))
+        self._models["policy"] = _frozen(load_causal_lm(self.policy_spec), module.device)
+        self._models["ref"] = _frozen(load_causal_lm(self.ref_spec), module.device)
+
+    @torch.no_grad()
+    def score(self, module, batch: dict, split: str) -> TokenScores:
+        resp = batch["response_mask"]
+        d = response_logps(self._models["policy"], batch)[0] - response_logps(self._models["ref"], batch)[0]
+        scores = self.beta * (d * resp).cumsum(-1)
+        return TokenScores(scores * resp, torch.zeros(resp.shape[0], device=resp.device))
