@@ -3,7 +3,7 @@
 Same model, same preference pairs (HaluEval dialogue when prepared, else tiny-arith), same batch,
 same reference mode (a frozen reference model), no gradient checkpointing, fp32 on CPU. Each
 (implementation, model) runs in its own process, so peak RSS is its own; implementations alternate
-so that machine noise hits both. Prints s/step, tokens/s, peak RSS and the ratio ours/TRL.
+so that machine noise hits both. Prints s/step, tokens/s, peak RSS (and RSS right after imports) and the ratios ours/TRL.
 
     python benchmarks/bench_dpo.py [--models tiny smollm2] [--steps 4] [--warmup 2] [--batch 2]
 Needs: `pip install -c constraints.txt -e .[compare]` (trl) and `amrlhf prepare` for the models.
@@ -112,8 +112,14 @@ def child(impl: str, name: str, args) -> None:
     torch.set_num_threads(args.threads)
     model, data, max_length = MODELS[name]
     fn = run_ours if impl == "ours" else run_trl
+    if impl == "ours":
+        import amrlhf.modules  # noqa: F401
+    else:
+        from trl import DPOConfig, DPOTrainer  # noqa: F401  (trl imports lazily)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = fn(model, data, max_length, args.batch, args.steps, args.warmup)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["import_rss_mb"] = baseline
     print("RESULT " + json.dumps(out))
 
 
@@ -145,7 +151,7 @@ def main() -> None:
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.threads} threads")
-    print(f"{'model':10s}{'impl':6s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}")
+    print(f"{'model':10s}{'impl':6s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}")
     for name, res in rows:
         for impl, r in res.items():
             if r is None:
@@ -153,10 +159,12 @@ def main() -> None:
                 continue
             sps = sum(r["times"]) / len(r["times"])
             r["sps"] = sps
-            print(f"{name:10s}{impl:6s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}")
+            print(f"{name:10s}{impl:6s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}"
+                  f"{r['import_rss_mb']:15.0f}")
         if res.get("ours") and res.get("trl"):
             print(f"{name:10s}{'ratio ours/TRL':16s}  time {res['ours']['sps'] / res['trl']['sps']:.2f}   "
-                  f"peak RSS {res['ours']['peak_rss_mb'] / res['trl']['peak_rss_mb']:.2f}")
+                  f"peak RSS {res['ours']['peak_rss_mb'] / res['trl']['peak_rss_mb']:.2f}   peak RSS above imports "
+                  f"{(res['ours']['peak_rss_mb'] - res['ours']['import_rss_mb']) / (res['trl']['peak_rss_mb'] - res['trl']['import_rss_mb']):.2f}")
 
 
 if __name__ == "__main__":

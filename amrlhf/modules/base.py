@@ -20,6 +20,11 @@ from amrlhf.segmenters import PivotSegmenter, Segmentation
 log = logging.getLogger(__name__)
 
 
+def _writes_logs_now(trainer) -> bool:
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
 class AlignmentModule(L.LightningModule):
     """Base for SFT / reward / DPO modules: loads `policy` in `configure_model`, owns AdamW with
     linear warm-up, and logs metric dicts (`eval/` prefix for validation, reduced across devices)."""
@@ -78,6 +83,8 @@ class AlignmentModule(L.LightningModule):
     def log_stats(self, stats: dict[str, Tensor], split: str, batch_size: int) -> None:
         prefix = "" if split == "train" else "eval/"
         on_step = split == "train"
+        if on_step and self._trainer is not None and not _writes_logs_now(self.trainer):
+            return  # Lightning writes step metrics every log_every_n_steps: skip the work in between
         for key, value in stats.items():
             v = value.float().mean() if value.dim() else value.float()
             self.log(prefix + key, v, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
