@@ -56,6 +56,11 @@ def ok(proc):
                  "eval/rewards/accuracies"]),
         ("sft", ["sft/nll", "eval/sft/nll", "segments/fallback_frac"]),
         ("rm", ["rm/accuracy", "rm/margin", "eval/rm/accuracy"]),
+        ("am_dpo", ["rewards/accuracies", "segments/kept_frac_chosen", "segments/kept_frac_rejected",
+                    "segments/pivots_per_response", "segments/mean_segment_len", "segments/fallback_frac",
+                    "segments/score_std", "eval/segments/kept_frac_chosen"]),
+        ("am_sft", ["sft/nll", "arj/best_score", "arj/skipped_frac", "segments/kept_frac_chosen",
+                    "segments/fallback_frac"]),
     ],
 )
 def test_smoke_recipe_trains_and_round_trips_through_mlflow(tmp_path, name, keys):
@@ -69,7 +74,7 @@ def test_smoke_recipe_trains_and_round_trips_through_mlflow(tmp_path, name, keys
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert {"config.yaml", "checkpoints/final.ckpt"} <= artifacts
-    assert df.loc[0, "params.data.init_args.train"] == "local:tiny-arith/prefs_train" if name != "sft" else True
+    assert df.loc[0, "params.data.init_args.train"].startswith("local:tiny-arith/")
     run_dir = tmp_path / "runs" / name
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -196,3 +201,41 @@ def test_real_mlflow_server_round_trip(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_sft_rm_then_am_dpo_with_cached_reward_model_scores(tmp_path):
+    """The AM-DPO pipeline on tiny assets: train a reward model, export it, then AM-DPO with its
+    prefix scores (cached once per example) deciding the masks."""
+    runs = tmp_path / "runs"
+    ok(amrlhf("fit", "--config", recipe("rm"), "--runs_root", str(runs), "--tracking.log_checkpoint=true",
+              cwd=tmp_path))
+    ok(amrlhf("export", str(runs / "rm" / "final.ckpt"), str(tmp_path / "rm-hf"), cwd=tmp_path))
+    scorer = json.dumps({"class_path": "amrlhf.scorers.CachedScorer", "init_args": {"source": {
+        "class_path": "amrlhf.scorers.RewardModelScorer",
+        "init_args": {"model": {"name": str(tmp_path / "rm-hf")}}}, "cache": str(tmp_path / "cache")}})
+    proc = ok(amrlhf("fit", "--config", recipe("am_dpo"), "--runs_root", str(runs), f"--model.init_args.scorer={scorer}",
+                     cwd=tmp_path))
+    assert "token scores (train): computed 80 examples" in proc.stderr
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and val
+    df = runs_df(runs)
+    am = df[df["tags.mlflow.runName"] == "am_dpo"].iloc[0]
+    assert 0.0 <= am["metrics.segments/kept_frac_rejected"] <= 1.0
+    assert am["metrics.segments/score_std"] > 0
+
+
+def test_scorer_with_a_different_tokenizer_is_refused_before_training(tmp_path):
+    import shutil
+
+    from amrlhf.assets import asset_dir
+    from amrlhf.models import load_tokenizer
+
+    other = tmp_path / "other-rm"
+    shutil.copytree(asset_dir("tiny-llama"), other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens(["<only-in-the-scorer>"])
+    tok.save_pretrained(other)
+    proc = amrlhf("fit", "--config", recipe("am_dpo"), "--runs_root", str(tmp_path / "runs"),
+                  f"--model.init_args.scorer.init_args.model.name={other}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "uses a different tokenizer than the policy" in proc.stderr
+    assert not (tmp_path / "runs" / "am_dpo" / "checkpoints").exists()

@@ -38,4 +38,11 @@ class Collator:
         batch["labels"] = sign
         batch["index"] = torch.tensor([it.index for it in items], dtype=torch.long)
         batch["response_lengths"] = batch["response_mask"].sum(-1).long()
+        if items[0].scores is not None:
+            batch["token_scores"] = torch.zeros_like(batch["response_mask"])
+            for row, (k, it) in enumerate((k, it) for k in range(n_resp) for it in items):
+                start = len(it.prompt_ids) - 1
+                batch["token_scores"][row, start:start + len(it.scores[k])] = torch.tensor(it.scores[k])
+            if items[0].prompt_score is not None:
+                batch["prompt_scores"] = torch.tensor([it.prompt_score for _ in range(n_resp) for it in items])
         return batch

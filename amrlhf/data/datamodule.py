@@ -36,6 +36,7 @@ class _TextDataModule(L.LightningDataModule):
         limit_val: int | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        token_scores: bool = False,
     ):
         """
         Args:
@@ -47,6 +48,7 @@ class _TextDataModule(L.LightningDataModule):
             batch_size: examples (pairs, for preferences) per micro-batch and device.
             limit_train: read at most this many training rows.
             seed: data order seed (epoch e uses seed + e).
+            token_scores: rows carry per-token scores (`chosen_token_scores`, ...) for DatasetScorer.
         """
         super().__init__()
         self.train_source, self.val_source = train, val
@@ -55,6 +57,7 @@ class _TextDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.limit_train, self.limit_val = limit_train, limit_val
         self.seed, self.shuffle = seed, shuffle
+        self.with_token_scores = token_scores
         self.train_data = self.val_data = None
         self.report: dict[str, int] = {}
         self._sampler: ResumableSampler | None = None
@@ -62,7 +65,7 @@ class _TextDataModule(L.LightningDataModule):
         self.tokenizer = None
 
     def _load(self, source: str, limit: int | None, name: str):
-        examples = read_examples(source, self.kind, limit)
+        examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores)
         encoded, rep = encode_examples(examples, self.tokenizer, self.max_length)
         log.info(rep.describe(f"{name} ({source})", self.max_length))
         self.report.update(rep.as_dict(f"data/{name}"))

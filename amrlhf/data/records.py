@@ -30,6 +30,8 @@ class Example:
     prompt: str | Messages
     chosen: str
     rejected: str | None = None
+    token_scores: dict[str, list[float]] | None = None  # per response token, from the data set
+    prompt_score: float | None = None
 
 
 def iter_rows(source: str) -> Iterator[tuple[str, int, dict]]:
@@ -150,14 +152,34 @@ def sft_example(src: str, line: int, row: dict) -> Example:
     return Example(src, line, _prompt(row, None, src, line), completion)
 
 
-def read_examples(source: str, kind: str, limit: int | None = None) -> list[Example]:
-    """Read and validate every row (up to `limit`); kind is 'preference' or 'sft'."""
+def _score_list(row: dict, key: str, src: str, line: int) -> list[float]:
+    value = row.get(key)
+    if not isinstance(value, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+        raise DataError(src, line, key, "expected a list of numbers (one per response token)")
+    return [float(x) for x in value]
+
+
+def attach_token_scores(ex: Example, row: dict) -> Example:
+    """Per-token scores shipped in the row: `<response>_token_scores`, optional `prompt_score`."""
+    names = ["chosen"] + (["rejected"] if ex.rejected is not None else [])
+    ex.token_scores = {n: _score_list(row, f"{n}_token_scores", ex.source, ex.line) for n in names}
+    if row.get("prompt_score") is not None:
+        if not isinstance(row["prompt_score"], int | float):
+            raise DataError(ex.source, ex.line, "prompt_score", "expected a number")
+        ex.prompt_score = float(row["prompt_score"])
+    return ex
+
+
+def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False) -> list[Example]:
+    """Read and validate every row (up to `limit`); kind is 'preference' or 'sft'.
+    With `token_scores`, rows must carry per-token scores (see `attach_token_scores`)."""
     parse = preference_example if kind == "preference" else sft_example
     out = []
     for src, line, row in iter_rows(source):
         if limit is not None and len(out) >= limit:
             break
-        out.append(parse(src, line, row))
+        ex = parse(src, line, row)
+        out.append(attach_token_scores(ex, row) if token_scores else ex)
     if not out:
         raise AmrlhfError(f"no rows in {source}")
     log.info("read %d %s rows from %s", len(out), kind, source)

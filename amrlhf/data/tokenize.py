@@ -48,6 +48,8 @@ class Encoded:
     index: int
     prompt_ids: list[int]
     responses: list[list[int]]  # [chosen] for SFT, [chosen, rejected] for preferences
+    scores: list[list[float]] | None = None  # dataset token scores, one per response token
+    prompt_score: float | None = None
 
 
 @dataclass
@@ -81,14 +83,22 @@ def encode_examples(examples: list[Example], tokenizer, max_length: int) -> tupl
         if room < 1:
             rep.dropped_prompt_too_long += 1
             continue
-        responses, cut = [], False
+        responses, scores, cut = [], [], False
         for field, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
             if text is None:
                 continue
             ids = enc.ids(enc.response_text(ex, ptext, text, field))
+            if ex.token_scores is not None:
+                given = ex.token_scores[field]
+                if len(given) != len(ids):
+                    raise DataError(ex.source, ex.line, f"{field}_token_scores",
+                                    f"has {len(given)} scores for {len(ids)} response tokens: scores must come "
+                                    "from the same tokenizer (and chat template) as the policy")
+                scores.append(given[:room])
             cut |= len(ids) > room
             responses.append(ids[:room])
         rep.truncated += int(cut)
-        out.append(Encoded(i, prompt_ids, responses))
+        out.append(Encoded(i, prompt_ids, responses, scores if ex.token_scores is not None else None,
+                           ex.prompt_score))
     rep.kept = len(out)
     return out, rep
