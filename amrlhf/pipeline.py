@@ -7,6 +7,10 @@ Pipeline YAML:
     heldout: {data, limit, max_length, batch_size, beta}
     fit:                            # one entry per training run
       - {name: dpo, config: recipes/dpo/x.yaml, args: ["--trainer.max_steps=10"]}
+      - {name: rm, config: recipes/rm/x.yaml, export: true, heldout: false}
+    A fit with `export: true` writes its final weights as an HF folder to runs/<name>/hf, so a
+    later recipe can use it (e.g. as the AM-DPO scorer). `heldout: false` skips its held-out
+    scoring (a reward model is not a policy).
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ def _load(path: Path) -> dict:
     return cfg
 
 
+def training_means(logger, keys) -> dict[str, float]:
+    """Mean over training steps of the logged `segments/*` values (absent for the sample-wise path)."""
+    out = {}
+    for key in keys:
+        hist = logger.experiment.get_metric_history(logger.run_id, key)
+        if hist:
+            out[key] = sum(m.value for m in hist) / len(hist)
+    return out
+
+
 def _fmt(mean: float, se: float | None = None) -> str:
     return f"{mean:.3f}" if se is None or se != se else f"{mean:.3f} ± {se:.3f}"
 
@@ -61,6 +75,11 @@ def format_table(heldout: dict, base: dict, results: dict[str, dict]) -> str:
     for key, label in ROWS:
         cells = [_fmt(base[key], base[f"{key}_se"])] + [_fmt(r[key], r[f"{key}_se"]) for r in results.values()]
         lines.append(f"{label:58s}" + "".join(f"{c:>18s}" for c in cells))
+    for key, label in (("segments/kept_frac_chosen", "kept fraction, chosen (training mean)"),
+                       ("segments/kept_frac_rejected", "kept fraction, rejected (training mean)")):
+        if any(key in r for r in results.values()):
+            cells = ["-"] + [f"{r[key]:.3f}" if key in r else "1 (all)" for r in results.values()]
+            lines.append(f"{label:58s}" + "".join(f"{c:>18s}" for c in cells))
     lines.append(f"{'length-only rule: shorter response is chosen':58s}"
                  f"{_fmt(base['length_rule_acc'], base['length_rule_acc_se']):>18s}")
     return "\n".join(lines)
@@ -96,7 +115,11 @@ def run_pipeline(path: Path) -> dict:
         timings[f"fit:{run_name}"] = time.perf_counter() - t
         logger = cli.trainer.logger
         tracking[run_name] = {"uri": logger._tracking_uri, "run_id": logger.run_id}
-        if not held:
+        if entry.get("export"):
+            from amrlhf.export import export
+
+            export(runs_root / run_name / "final.ckpt", runs_root / run_name / "hf")
+        if not held or entry.get("heldout") is False:
             continue
         base_name = cli.model.policy_spec.name
         if base_name not in bases:  # the policy before training = the DPO reference
@@ -114,6 +137,8 @@ def run_pipeline(path: Path) -> dict:
         t = time.perf_counter()
         lp = pair_logps(cli.model.policy, data, pad_id, held.get("batch_size", 4), desc=f"held-out: {run_name}")
         results[run_name] = heldout_summary(base_lp, lp, beta)
+        results[run_name].update(training_means(logger, ("segments/kept_frac_chosen", "segments/kept_frac_rejected",
+                                                         "segments/pivots_per_response")))
         timings[f"heldout:{run_name}"] = time.perf_counter() - t
         metrics = {f"eval/heldout/{k}": v for k, v in results[run_name].items()}
         metrics.update({f"eval/heldout_base/{k}": v for k, v in base_summary.items()})
