@@ -56,6 +56,13 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported to {out}")
 
 
+def _segments(args: argparse.Namespace) -> None:
+    from amrlhf.segments import segments_page
+
+    out = segments_page(args.config, args.overrides, args.limit, args.split, Path(args.out))
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amrlhf", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("run", help="run a multi-stage pipeline YAML (e.g. the quickstart)")
     pr.add_argument("pipeline")
     pr.set_defaults(func=_run)
+    ps = sub.add_parser("segments", help="HTML view of scores, pivots and kept/masked spans for a recipe's data")
+    ps.add_argument("--config", required=True, help="a training recipe with a segmenter (and scorer)")
+    ps.add_argument("--limit", type=int, default=12, help="examples to show")
+    ps.add_argument("--split", choices=["train", "val"], default="val")
+    ps.add_argument("--out", default="segments.html")
+    ps.add_argument("overrides", nargs="*", help="recipe overrides, e.g. --model.init_args.segmenter.init_args.delta=0.5")
+    ps.set_defaults(func=_segments)
     pe = sub.add_parser("export", help="a Lightning checkpoint to an HF folder")
     pe.add_argument("ckpt")
     pe.add_argument("out")
@@ -85,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             run_lightning(argv)
             return 0
-        args = build_parser().parse_args(argv)
+        args, rest = build_parser().parse_known_args(argv)
+        if rest and args.command != "segments":
+            build_parser().parse_args(argv)  # reports the unknown arguments
+        if args.command == "segments":
+            args.overrides = list(args.overrides) + rest
         args.func(args)
         return 0
     except AmrlhfError as exc:

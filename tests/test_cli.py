@@ -74,6 +74,9 @@ def test_smoke_recipe_trains_and_round_trips_through_mlflow(tmp_path, name, keys
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert {"config.yaml", "checkpoints/final.ckpt"} <= artifacts
+    if name == "am_dpo":  # the segments view, logged at the start and every 3 steps
+        views = {a.path for a in client.list_artifacts(run_id, "segments")}
+        assert {"segments/step_000000.html", "segments/step_000003.html"} <= views
     assert df.loc[0, "params.data.init_args.train"].startswith("local:tiny-arith/")
     run_dir = tmp_path / "runs" / name
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
@@ -239,3 +242,14 @@ def test_scorer_with_a_different_tokenizer_is_refused_before_training(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "uses a different tokenizer than the policy" in proc.stderr
     assert not (tmp_path / "runs" / "am_dpo" / "checkpoints").exists()
+
+
+def test_segments_command_renders_the_html_view(tmp_path):
+    out = tmp_path / "view.html"
+    proc = ok(amrlhf("segments", "--config", recipe("am_dpo"), "--limit", "3", "--out", str(out),
+                     "--model.init_args.segmenter.init_args.delta=0.0", cwd=tmp_path))
+    assert f"wrote {out}" in proc.stdout
+    page = out.read_text()
+    assert page.count("<b>#") == 3 and "delta=0.0" in page
+    assert 'class="tok keep' in page and 'title="score ' in page
+    assert page.count('pivot"') > 0  # with delta 0 a random scorer flips often

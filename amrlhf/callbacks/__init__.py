@@ -1,6 +1,7 @@
 """Callbacks shared by every module."""
 
 from amrlhf.callbacks.fault import CrashAtStep
+from amrlhf.callbacks.segments_view import SegmentsView
 from amrlhf.callbacks.tracking import TrackRun
 
-__all__ = ["TrackRun", "CrashAtStep"]
+__all__ = ["TrackRun", "CrashAtStep", "SegmentsView"]

@@ -49,14 +49,16 @@ def calibrate(module, dm) -> None:
         module.logger.log_metrics(stats, step=0)
 
 
-def segment_batch(module, batch: dict, split: str) -> tuple[Tensor, Segmentation | None, Tensor | None]:
-    """-> (loss mask [N, T-1], Segmentation or None on the unmasked path, token scores or None)."""
+def segment_batch(module, batch: dict, split: str, observe: bool = True
+                  ) -> tuple[Tensor, Segmentation | None, Tensor | None]:
+    """-> (loss mask [N, T-1], Segmentation or None on the unmasked path, token scores or None).
+    `observe`: let a stateful segmenter (running-mean baseline) learn from a training batch."""
     resp = batch["response_mask"]
     if module.segmenter is None:
         return resp, None, None
     kwargs = module.scorer.score(module, batch, split).as_kwargs() if module.scorer is not None else {}
     seg = module.segmenter.segment(response_mask=resp, labels=batch["labels"], input_ids=batch["input_ids"],
                                    **kwargs)
-    if split == "train" and kwargs.get("scores") is not None and hasattr(module.segmenter, "observe"):
+    if observe and split == "train" and kwargs.get("scores") is not None and hasattr(module.segmenter, "observe"):
         module.segmenter.observe(kwargs["scores"], resp)
     return seg.mask.to(resp.dtype) * resp, seg, kwargs.get("scores")
