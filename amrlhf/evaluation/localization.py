@@ -1,0 +1,71 @@
+"""How well a segmenter finds the wrong span: on close pairs with a known difference, the rejected
+side's flagged tokens (sigma = -1, i.e. the segments that agree with "rejected") against the tokens
+that overlap the differing characters. Micro-averaged precision / recall / F1 over tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from amrlhf.data.records import Example
+from amrlhf.data.tokenize import ChatEncoder
+
+
+def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids: list[int]) -> list[bool] | None:
+    """Per rejected-response token: does it overlap a differing character span? None when the
+    template's response text does not start with the raw response (offsets would not line up)."""
+    enc = ChatEncoder(tokenizer)
+    ptext = enc.prompt_text(ex)
+    rtext = enc.response_text(ex, ptext, ex.rejected, "rejected")
+    if not rtext.startswith(ex.rejected):
+        return None
+    got = tokenizer(rtext, add_special_tokens=False, return_offsets_mapping=True)
+    if got["input_ids"][: len(response_ids)] != response_ids:
+        return None
+    limit = len(ex.rejected)
+    out = []
+    for start, end in got["offset_mapping"][: len(response_ids)]:
+        end = min(end, limit)
+        out.append(any(start < b and a < end for a, b in spans) if start < limit else False)
+    return out
+
+
+@dataclass
+class Localization:
+    """Running token counts for one (scorer, segmenter) cell."""
+
+    flagged: int = 0
+    in_span: int = 0
+    hits: int = 0
+    tokens: int = 0
+    fell_back: list[bool] = field(default_factory=list)
+
+    def add(self, flagged: Tensor, truth: Tensor, fell_back: Tensor) -> None:
+        """flagged, truth: bool [N, L] over rejected-response tokens (False elsewhere)."""
+        self.flagged += int(flagged.sum())
+        self.in_span += int(truth.sum())
+        self.hits += int((flagged & truth).sum())
+        self.fell_back += fell_back.tolist()
+
+    def row(self) -> dict[str, float]:
+        p = self.hits / self.flagged if self.flagged else 0.0
+        r = self.hits / self.in_span if self.in_span else 0.0
+        return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+                "flagged_frac": self.flagged / max(self.tokens, 1),
+                "fallback_frac": sum(self.fell_back) / max(len(self.fell_back), 1)}
+
+
+def flagged_wrong(sigma: Tensor, resp: Tensor) -> Tensor:
+    """Tokens a segmenter marks as disagreeing with a good answer (sigma = -1), fallback aside."""
+    return (sigma == -1) & resp.bool()
+
+
+def truth_tensor(masks: list[list[bool]], batch: dict, rows: list[int]) -> Tensor:
+    """Place per-response token truths at their aligned positions for the given batch rows."""
+    out = torch.zeros(len(rows), batch["response_mask"].shape[1], dtype=torch.bool)
+    for i, (row, m) in enumerate(zip(rows, masks, strict=True)):
+        pos = batch["response_mask"][row].bool().nonzero().squeeze(1)
+        out[i, pos[: len(m)]] = torch.tensor(m[: len(pos)], dtype=torch.bool)
+    return out
