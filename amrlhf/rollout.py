@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from amrlhf.segmenters.rules import first_response_index
+
 
 @dataclass
 class Sampling:
@@ -22,10 +24,7 @@ class Sampling:
 
 def prompts_of(batch: dict) -> list[list[int]]:
     """The prompt token ids of each row of a collated batch (the tokens before its response)."""
-    resp = batch["response_mask"].bool()
-    n = resp.shape[1]
-    pos = torch.arange(n, device=resp.device).expand_as(resp)
-    first = torch.where(resp, pos, n).min(-1).values
+    first = first_response_index(batch["response_mask"])
     return [batch["input_ids"][i, : int(f) + 1].tolist() for i, f in enumerate(first)]
 
 

@@ -7,6 +7,7 @@ import torch
 from amrlhf.data.collate import pad_rows
 from amrlhf.errors import AmrlhfError
 from amrlhf.rollout import Sampling, generate, prompts_of
+from amrlhf.segmenters.rules import last_response_index
 
 
 class BestOfN:
@@ -33,10 +34,8 @@ class BestOfN:
         cand = {k: v.to(module.device) for k, v in pad_rows(rows, tok.pad_token_id).items()}
         cand["labels"] = torch.ones(len(rows), dtype=torch.long, device=module.device)
         scores = module.scorer.score(module, cand, "train").scores
-        resp = cand["response_mask"]
-        pos = torch.arange(resp.shape[1], device=resp.device).expand_as(resp)
-        last = torch.where(resp > 0, pos, -1).max(-1).values
-        seq = scores[torch.arange(len(rows), device=resp.device), last].view(len(prompts), self.n)
+        last = last_response_index(cand["response_mask"])
+        seq = scores[torch.arange(len(rows), device=scores.device), last].view(len(prompts), self.n)
         best_score, best = seq.max(-1)
         keep = torch.ones_like(best_score, dtype=torch.bool) if self.min_score is None else best_score >= self.min_score
         stats = {"arj/best_score": best_score.mean().detach(), "arj/mean_score": seq.mean().detach(),

@@ -13,6 +13,7 @@ from torch import Tensor
 from amrlhf.losses import bradley_terry_loss, reward_stats
 from amrlhf.models import ModelSpec
 from amrlhf.modules.base import AlignmentModule
+from amrlhf.segmenters.rules import first_response_index, last_response_index
 
 
 def prefix_scores(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -21,10 +22,7 @@ def prefix_scores(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     scores = out[:, 1:]
     resp = batch["response_mask"]
-    n = resp.shape[1]
-    pos = torch.arange(n, device=resp.device).expand_as(resp)
-    first = torch.where(resp > 0, pos, n).min(-1).values        # aligned index of first response token
-    last = torch.where(resp > 0, pos, -1).max(-1).values        # aligned index of last response token
+    first, last = first_response_index(resp), last_response_index(resp)  # aligned indices
     rows = torch.arange(resp.shape[0], device=resp.device)
     prompt = out[rows, first]  # out[:, first] is the last prompt token (aligned index first = its position)
     return scores, prompt, scores[rows, last]

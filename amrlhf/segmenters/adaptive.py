@@ -9,7 +9,7 @@ from torch import Tensor
 
 from amrlhf.segmenters.base import Segmentation, check_inputs
 from amrlhf.segmenters.baselines import Baseline, PromptScoreBaseline, RunningMeanBaseline
-from amrlhf.segmenters.rules import Fallback, finish, hold_last, sign_agreeing, signal
+from amrlhf.segmenters.rules import Fallback, finish, first_response_index, hold_last, sign_agreeing, signal
 
 
 class _ScoredSegmenter:
@@ -95,7 +95,7 @@ class AdaptivePivotSegmenter(_ScoredSegmenter):
         if self.first_token == "label":
             init = labels
         else:  # sign of the first response token's u, 0 counting as +1
-            first = torch.where(resp, torch.arange(resp.shape[1], device=resp.device), resp.shape[1]).min(-1).values
+            first = first_response_index(resp)
             u1 = u.gather(1, first.clamp(max=resp.shape[1] - 1)[:, None]).squeeze(1)
             init = torch.where(u1 < 0, -1, 1).long()
         sigma = hold_last(decided, resp, init)

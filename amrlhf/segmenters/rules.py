@@ -13,10 +13,18 @@ Fallback = Literal["ones", "drop"]
 
 
 def first_response_index(resp: Tensor) -> Tensor:
-    """[B] aligned index of each row's first response token (T-1 for an empty response)."""
-    n = resp.shape[1]
-    pos = torch.arange(n, device=resp.device).expand_as(resp)
-    return torch.where(resp, pos, n).min(-1).values
+    """[B] aligned index of each row's first response token (T-1 for an empty response).
+    argmax returns the first maximal index (a reduction over bytes: much faster than a long min)."""
+    on = resp.bool()
+    first = on.to(torch.uint8).argmax(-1)
+    return torch.where(on.any(-1), first, resp.shape[1])
+
+
+def last_response_index(resp: Tensor) -> Tensor:
+    """[B] aligned index of each row's last response token (-1 for an empty response)."""
+    on = resp.bool()
+    last = resp.shape[1] - 1 - on.flip(-1).to(torch.uint8).argmax(-1)
+    return torch.where(on.any(-1), last, -1)
 
 
 def signal(scores: Tensor, resp: Tensor, kind: str, baseline: Tensor, prompt_scores: Tensor | None) -> Tensor:
