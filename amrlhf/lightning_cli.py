@@ -1,7 +1,7 @@
 """LightningCLI for `amrlhf fit|validate|test --config RECIPE.yaml`.
 
 Adds to plain LightningCLI: runs write to `<runs_root>/<run_name>/` (default run name: the
-recipe's file name, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
+recipe's folder and file name, e.g. `dpo-smollm2`, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
 resume), last/best checkpoints, the resolved recipe saved with the run, and `data.tokenizer`
 defaulting to the policy's tokenizer.
 """
@@ -23,6 +23,12 @@ from amrlhf.tracking import Tracking, make_logger
 log = logging.getLogger(__name__)
 
 
+def default_run_name(recipe: Path) -> str:
+    """`recipes/dpo/smollm2.yaml` -> `dpo-smollm2` (unique across algorithms, stable across runs)."""
+    parent = recipe.resolve().parent.name
+    return recipe.stem if parent in ("recipes", "") else f"{parent}-{recipe.stem}"
+
+
 class AmrlhfCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -39,7 +45,7 @@ class AmrlhfCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
-                            help="run folder under runs_root (default: the recipe's file name)")
+                            help="run folder under runs_root (default: <recipe folder>-<recipe name>)")
         parser.add_argument("--runs_root", type=str, default="runs", help="parent folder of all runs")
         parser.add_argument("--checkpoint_every", type=int, default=50, help="save last.ckpt every N steps")
         parser.add_class_arguments(Tracking, "tracking")
@@ -54,7 +60,8 @@ class AmrlhfCLI(LightningCLI):
             cfg.data.init_args.tokenizer = policy.tokenizer or policy.name
         if not cfg.run_name:
             configs = cfg.get("config") or []
-            cfg.run_name = Path(str(configs[0])).stem if configs else cfg.model.class_path.rsplit(".", 1)[-1]
+            cfg.run_name = default_run_name(Path(str(configs[0]))) if configs else \
+                cfg.model.class_path.rsplit(".", 1)[-1]
         self.run_dir = Path(cfg.runs_root) / cfg.run_name
 
     def instantiate_trainer(self, **kwargs):

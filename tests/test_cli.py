@@ -78,7 +78,7 @@ def test_smoke_recipe_trains_and_round_trips_through_mlflow(tmp_path, name, keys
         views = {a.path for a in client.list_artifacts(run_id, "segments")}
         assert {"segments/step_000000.html", "segments/step_000003.html"} <= views
     assert df.loc[0, "params.data.init_args.train"].startswith("local:tiny-arith/")
-    run_dir = tmp_path / "runs" / name
+    run_dir = tmp_path / "runs" / f"smoke-{name}"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(k.startswith("policy.") for k in ckpt["state_dict"])  # no frozen reference inside
@@ -116,7 +116,7 @@ def test_ddp_two_cpu_processes_reduce_metrics_across_ranks(tmp_path):
     # a single process validating the same weights on the whole held-out set gives the same mean:
     # each rank saw half of it, so the DDP value is right only if it was reduced across ranks
     ok(amrlhf("validate", "--config", recipe("dpo"), "--runs_root", str(tmp_path / "v"),
-              "--ckpt_path", str(runs / "dpo" / "checkpoints" / "last.ckpt"), cwd=tmp_path))
+              "--ckpt_path", str(runs / "smoke-dpo" / "checkpoints" / "last.ckpt"), cwd=tmp_path))
     single = runs_df(tmp_path / "v").loc[0, "metrics.eval/loss"]
     assert ddp_eval == pytest.approx(single, rel=1e-5)
 
@@ -126,9 +126,9 @@ def test_export_full_and_lora(tmp_path):
 
     runs = tmp_path / "runs"
     ok(amrlhf("fit", "--config", recipe("dpo"), "--runs_root", str(runs), "--trainer.max_steps=2", cwd=tmp_path))
-    ok(amrlhf("export", str(runs / "dpo" / "final.ckpt"), str(tmp_path / "hf"), cwd=tmp_path))
+    ok(amrlhf("export", str(runs / "smoke-dpo" / "final.ckpt"), str(tmp_path / "hf"), cwd=tmp_path))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    ckpt = torch.load(runs / "dpo" / "final.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(runs / "smoke-dpo" / "final.ckpt", map_location="cpu", weights_only=False)
     for name, p in model.state_dict().items():
         if f"policy.{name}" in ckpt["state_dict"]:
             assert torch.equal(p, ckpt["state_dict"][f"policy.{name}"]), name
@@ -153,7 +153,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     assert proc.returncode == 2
     assert "error: MLflow tracking server http://127.0.0.1:9 is unreachable" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "runs" / "dpo" / "checkpoints").exists()
+    assert not (tmp_path / "runs" / "smoke-dpo" / "checkpoints").exists()
 
 
 def test_expected_mistakes_are_one_clear_line(tmp_path):
@@ -212,7 +212,7 @@ def test_sft_rm_then_am_dpo_with_cached_reward_model_scores(tmp_path):
     runs = tmp_path / "runs"
     ok(amrlhf("fit", "--config", recipe("rm"), "--runs_root", str(runs), "--tracking.log_checkpoint=true",
               cwd=tmp_path))
-    ok(amrlhf("export", str(runs / "rm" / "final.ckpt"), str(tmp_path / "rm-hf"), cwd=tmp_path))
+    ok(amrlhf("export", str(runs / "smoke-rm" / "final.ckpt"), str(tmp_path / "rm-hf"), cwd=tmp_path))
     scorer = json.dumps({"class_path": "amrlhf.scorers.CachedScorer", "init_args": {"source": {
         "class_path": "amrlhf.scorers.RewardModelScorer",
         "init_args": {"model": {"name": str(tmp_path / "rm-hf")}}}, "cache": str(tmp_path / "cache")}})
@@ -221,7 +221,7 @@ def test_sft_rm_then_am_dpo_with_cached_reward_model_scores(tmp_path):
     assert "token scores (train): computed 80 examples" in proc.stderr
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and val
     df = runs_df(runs)
-    am = df[df["tags.mlflow.runName"] == "am_dpo"].iloc[0]
+    am = df[df["tags.mlflow.runName"] == "smoke-am_dpo"].iloc[0]
     assert 0.0 <= am["metrics.segments/kept_frac_rejected"] <= 1.0
     assert am["metrics.segments/score_std"] > 0
 
@@ -241,7 +241,7 @@ def test_scorer_with_a_different_tokenizer_is_refused_before_training(tmp_path):
                   f"--model.init_args.scorer.init_args.model.name={other}", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "uses a different tokenizer than the policy" in proc.stderr
-    assert not (tmp_path / "runs" / "am_dpo" / "checkpoints").exists()
+    assert not (tmp_path / "runs" / "smoke-am_dpo" / "checkpoints").exists()
 
 
 def test_segments_command_renders_the_html_view(tmp_path):

@@ -101,3 +101,26 @@ def test_response_logps_equals_full_forward_on_response_tokens(tokenizer):
     resp = batch["response_mask"].bool()
     torch.testing.assert_close(lean[resp], full[resp], rtol=1e-5, atol=1e-5)
     assert logits.shape[1] < batch["input_ids"].shape[1]  # prompt-side logits were never computed
+
+
+def test_sft_with_every_example_dropped_is_a_zero_loss_that_still_has_a_graph(tokenizer):
+    from amrlhf.scorers import TokenScores
+    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline
+
+    class Negative:  # every token scores below the band: nothing agrees with label +1
+        def setup(self, module):
+            pass
+
+        def score(self, module, batch, split):
+            return TokenScores(-torch.ones_like(batch["response_mask"]))
+
+    batch = _batch(tokenizer)
+    batch = {**batch, **{k: batch[k][:4] for k in ("input_ids", "attention_mask", "response_mask", "labels")}}
+    m = SFTModule(ModelSpec("local:tiny-llama"), segmenter=AdaptivePivotSegmenter(
+        delta=0.3, baseline=ConstantBaseline(0.0), fallback="drop"), scorer=Negative())
+    m.configure_model()
+    loss, stats = m.model_step(batch, "train")
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.policy.parameters())
+    assert stats["segments/fallback_frac"].item() == 1.0
