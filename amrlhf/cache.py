@@ -82,6 +82,21 @@ class PerTokenCache:
             tmp.replace(path)  # atomic: a crash never leaves a partial cache that looks complete
         log.info("%s (%s): computed %d examples, cached at %s", desc, split, len(data), path)
 
+    def fill(self, module, meta: dict, prepare: Callable[[], None], compute: Callable[[dict, str], dict[str, Tensor]],
+             *, batch_size: int, desc: str) -> None:
+        """Cache every split of the module's datamodule; `prepare` (load the producing model) runs
+        only when some split misses the cache."""
+        dm = module.trainer.datamodule
+        meta = {**meta, "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length}
+        for split, data in (("train", dm.train_data), ("val", dm.val_data)):
+            if data is None or self.has(split):
+                continue
+            key = cache_key({**meta, "split": split}, data)
+            if not (self.root / f"{key}.pt").exists():
+                prepare()
+            self.build(split, key, data, dm._collator(), lambda b, s=split: compute(b, s), device=module.device,
+                       batch_size=batch_size, desc=desc, write=module.trainer.is_global_zero)
+
     def lookup(self, batch: dict, split: str, name: str) -> Tensor:
         table = self.tables.get(split)
         if table is None:

@@ -124,3 +124,31 @@ def test_sft_with_every_example_dropped_is_a_zero_loss_that_still_has_a_graph(to
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in m.policy.parameters())
     assert stats["segments/fallback_frac"].item() == 1.0
+
+
+def test_cached_reference_equals_the_frozen_model_and_is_reused(tmp_path):
+    from amrlhf.models import load_causal_lm
+    from amrlhf.modules import CachedReference
+    from amrlhf.modules.reference import forward_logps
+
+    def fit():
+        dm = PreferenceDataModule("local:tiny-arith/prefs_train", val="local:tiny-arith/prefs_heldout",
+                                  tokenizer="local:tiny-llama", max_length=64, batch_size=4, limit_train=16)
+        module = DPOModule(ModelSpec("local:tiny-llama"), reference=CachedReference(cache=str(tmp_path)),
+                           segmenter=SampleWiseSegmenter(), lr=1e-3)
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0).fit(module, dm)
+        return module, dm
+
+    module, dm = fit()
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 2  # train and val, per token
+    batch = next(iter(dm.train_dataloader()))
+    base = load_causal_lm(ModelSpec("local:tiny-llama")).eval()
+    with torch.no_grad():
+        expected = forward_logps(base, batch)
+    resp = batch["response_mask"].bool()
+    torch.testing.assert_close(module.reference.logps(module, batch, "train")[resp], expected[resp])
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    fit()
+    assert [f.stat().st_mtime_ns for f in sorted(tmp_path.glob("*.pt"))] == mtimes  # a cache hit: nothing rewritten

@@ -24,13 +24,17 @@ class DPOLoss(Protocol):
         ...
 
 
+def _check_smoothing(eps: float) -> float:
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
+    return eps
+
+
 class SigmoidDPO:
     """L = -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h). eps > 0 is cDPO (label smoothing)."""
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.beta, self.label_smoothing = beta, label_smoothing
+        self.beta, self.label_smoothing = beta, _check_smoothing(label_smoothing)
 
     def loss(self, d_chosen: Tensor, d_rejected: Tensor, n_chosen: Tensor, n_rejected: Tensor) -> Tensor:
         z = self.beta * (d_chosen - d_rejected)
@@ -43,9 +47,7 @@ class RobustDPO:
     L = ((1-eps)(-log sigmoid(beta h)) + eps log sigmoid(-beta h)) / (1 - 2 eps)."""
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1):
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.beta, self.label_smoothing = beta, label_smoothing
+        self.beta, self.label_smoothing = beta, _check_smoothing(label_smoothing)
 
     def loss(self, d_chosen: Tensor, d_rejected: Tensor, n_chosen: Tensor, n_rejected: Tensor) -> Tensor:
         z = self.beta * (d_chosen - d_rejected)

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from amrlhf.cache import PerTokenCache, cache_key, model_fingerprint
+from amrlhf.cache import PerTokenCache, model_fingerprint
 from amrlhf.errors import AmrlhfError
 from amrlhf.models import ModelSpec, load_causal_lm
 from amrlhf.models.forward import response_logps
@@ -86,22 +86,13 @@ class CachedReference:
         self.batch_size = batch_size
 
     def setup(self, module) -> None:
-        dm = module.trainer.datamodule
         self.cache.root = self.cache.root or cache_dir("reflogps")
         spec = getattr(self.source, "spec", None)
         meta = {"source": type(self.source).__name__,
-                "model": model_fingerprint(spec.name if spec else module.policy_spec.name),
-                "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length}
-        for split, data in (("train", dm.train_data), ("val", dm.val_data)):
-            if data is None or self.cache.has(split):
-                continue
-            key = cache_key({**meta, "split": split}, data)
-            if not (self.cache.root / f"{key}.pt").exists():
-                self.source.setup(module)
-            self.cache.build(split, key, data, dm._collator(),
-                             lambda b, s=split: {"logps": self.source.logps(module, b, s)}, device=module.device,
-                             batch_size=self.batch_size, desc="reference log-probs",
-                             write=module.trainer.is_global_zero)
+                "model": model_fingerprint(spec.name if spec else module.policy_spec.name)}
+        self.cache.fill(module, meta, lambda: self.source.setup(module),
+                        lambda b, split: {"logps": self.source.logps(module, b, split)},
+                        batch_size=self.batch_size, desc="reference log-probs")
         if isinstance(self.source, FrozenReference):
             self.source._model.clear()  # free the reference model: the cache is all we need
 

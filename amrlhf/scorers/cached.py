@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amrlhf.cache import PerTokenCache, cache_key, model_fingerprint
+from amrlhf.cache import PerTokenCache, model_fingerprint
 from amrlhf.paths import cache_dir
 from amrlhf.scorers.base import TokenScorer, TokenScores
 
@@ -18,31 +18,19 @@ class CachedScorer:
         self.source, self.batch_size = source, batch_size
         self.cache = PerTokenCache(Path(cache) if cache else None)
 
-    def _meta(self, module) -> dict:
-        dm = module.trainer.datamodule
+    def setup(self, module) -> None:
+        self.cache.root = self.cache.root or cache_dir("scores")
         models = {k: model_fingerprint(v.name) for k, v in vars(self.source).items()
                   if hasattr(v, "name") and hasattr(v, "dtype")}
-        return {"scorer": type(self.source).__name__, "models": models,
-                "params": {k: v for k, v in vars(self.source).items() if isinstance(v, int | float | str)},
-                "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length}
+        meta = {"scorer": type(self.source).__name__, "models": models,
+                "params": {k: v for k, v in vars(self.source).items() if isinstance(v, int | float | str)}}
 
-    def setup(self, module) -> None:
-        dm = module.trainer.datamodule
-        self.cache.root = self.cache.root or cache_dir("scores")
-        meta = self._meta(module)
-        for split, data in (("train", dm.train_data), ("val", dm.val_data)):
-            if data is None or self.cache.has(split):
-                continue
-            key = cache_key({**meta, "split": split}, data)
-            if not (self.cache.root / f"{key}.pt").exists():
-                self.source.setup(module)
+        def compute(batch: dict, split: str):
+            out = self.source.score(module, batch, split)
+            return {k: v for k, v in vars(out).items() if v is not None}
 
-            def compute(batch, s=split):
-                out = self.source.score(module, batch, s)
-                return {k: v for k, v in vars(out).items() if v is not None}
-
-            self.cache.build(split, key, data, dm._collator(), compute, device=module.device,
-                             batch_size=self.batch_size, desc="token scores", write=module.trainer.is_global_zero)
+        self.cache.fill(module, meta, lambda: self.source.setup(module), compute, batch_size=self.batch_size,
+                        desc="token scores")
         if hasattr(self.source, "_models"):
             self.source._models.clear()
 
