@@ -63,6 +63,24 @@ def training_means(logger, keys) -> dict[str, float]:
     return out
 
 
+def check_recipes(path: Path, fits: list[dict]) -> None:
+    """Parse every fit's recipe (with its args) before anything runs, so a typo in the last stage
+    does not cost the earlier ones."""
+    import contextlib
+    import io
+
+    from amrlhf.cli import run_lightning
+
+    for i, entry in enumerate(fits):
+        args = ["fit", "--config", entry["config"], *map(str, entry.get("args", [])), "--print_config"]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                run_lightning(args)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise AmrlhfError(f"{path}: fit[{i}] ({entry['config']}) does not parse: see the message above") from None
+
+
 def _fmt(mean: float, se: float | None = None) -> str:
     return f"{mean:.3f}" if se is None or se != se else f"{mean:.3f} ± {se:.3f}"
 
@@ -89,6 +107,7 @@ def run_pipeline(path: Path) -> dict:
     cfg = _load(path)
     from amrlhf.assets import prepare
 
+    check_recipes(path, cfg.get("fit") or [])
     name = cfg.get("name") or path.stem
     runs_root = Path(cfg.get("runs_root", "runs"))
     out_dir = runs_root / name

@@ -61,3 +61,8 @@ def test_bad_pipeline_is_refused_with_a_clear_message(tmp_path):
     path.write_text("name: x\nfit:\n  - {config: recipes/nope.yaml}\n")
     proc = amrlhf("run", str(path), cwd=tmp_path)
     assert proc.returncode == 2 and "fit[0].config: recipe not found: recipes/nope.yaml" in proc.stderr
+    path.write_text(f"name: x\nfit:\n  - {{config: {ROOT / 'recipes/smoke/dpo.yaml'}}}\n"
+                    f"  - {{config: {ROOT / 'recipes/smoke/dpo.yaml'}, args: ['--model.init_args.nope=1']}}\n")
+    proc = amrlhf("run", str(path), cwd=tmp_path)  # refused before the first fit runs
+    assert proc.returncode == 2 and "fit[1] (" in proc.stderr and "does not parse" in proc.stderr
+    assert not (tmp_path / "runs").exists()
