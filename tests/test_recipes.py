@@ -8,7 +8,7 @@ from conftest import ROOT
 from amrlhf.lightning_cli import AmrlhfCLI
 from amrlhf.pipeline import _load
 
-TRAIN = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "quickstart")
+TRAIN = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name not in ("quickstart", "eval"))
 PIPELINES = sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
 
 

@@ -1,0 +1,88 @@
+"""Evaluation suites: which slots run, and every setting that changes the numbers, explicit.
+
+A recipe names slots (`mmlu`, `gsm`, `humaneval`, `truthfulqa`, `halueval`, `adversarial`), not task
+names, so it does not change between a machine with a hub and one without; the results name the
+task actually run (`source: hub` runs lm-eval's built-in task, `source: offline` the project's own
+task on data that `amrlhf prepare` builds, under its own honest name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from amrlhf.errors import AmrlhfError
+
+
+@dataclass(frozen=True)
+class Slot:
+    hub: str | None       # lm-eval built-in task, where a hub is reachable
+    offline: str | None   # the project's task (eval/<name>.yaml), on prepared data
+    asset: str | None     # the `amrlhf prepare` asset the offline task reads (None: generated here)
+
+
+SLOTS: dict[str, Slot] = {
+    "mmlu": Slot("mmlu", "mmlu_0shot_offline", "mmlu"),
+    "halueval": Slot(None, "halueval_dialogue_mc", "halueval_dialogue"),
+    "adversarial": Slot(None, "adversarial_tricks", None),
+    "gsm": Slot("gsm8k", None, None),
+    "truthfulqa": Slot("truthfulqa_mc2", None, None),
+    "humaneval": Slot("humaneval", None, None),
+}
+
+
+@dataclass
+class EvalSuite:
+    slots: list[str] = field(default_factory=lambda: ["halueval", "adversarial", "mmlu"])
+    source: Literal["offline", "hub"] = "offline"
+    limit: int | None = 50
+    num_fewshot: int = 0
+    apply_chat_template: bool = False
+    max_gen_toks: int = 16
+    batch_size: int = 4
+    max_length: int = 1024
+    include_path: str | None = None  # extra task folders of the user's own
+    tasks: list[str] = field(default_factory=list)  # extra task names (from include_path or built-in)
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+    def resolve(self) -> list[tuple[str, str, Slot]]:
+        """-> [(slot, task name, Slot)]; a clear error for an unknown slot or a missing task."""
+        out = []
+        for name in self.slots:
+            if name not in SLOTS:
+                raise AmrlhfError(f"unknown evaluation slot '{name}': known slots are {', '.join(SLOTS)}")
+            slot = SLOTS[name]
+            task = slot.hub if self.source == "hub" else slot.offline
+            if task is None:
+                other = "hub" if self.source == "offline" else "offline"
+                raise AmrlhfError(f"slot '{name}' has no {self.source} task in this version (it has a {other} one: "
+                                  f"set source: {other}, or drop the slot)")
+            out.append((name, task, slot))
+        return out
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_suite(path: str | Path) -> EvalSuite:
+    p = Path(path)
+    if not p.is_file():
+        raise AmrlhfError(f"evaluation suite not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AmrlhfError(f"{p}: not valid YAML: {exc}") from None
+    unknown = set(raw) - set(EvalSuite.__dataclass_fields__)
+    if unknown:
+        raise AmrlhfError(f"{p}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(EvalSuite.__dataclass_fields__)}")
+    suite = EvalSuite(**raw)
+    suite.resolve()
+    return suite
