@@ -63,6 +63,15 @@ def _eval(args: argparse.Namespace) -> None:
     print(report.table())
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from amrlhf.evaluation.compare import compare
+    from amrlhf.tracking import default_uri
+
+    uri = args.tracking_uri or default_uri(Path(args.runs_root))
+    print(compare(uri, args.experiment, args.metrics, Path(args.out), args.baseline, args.runs))
+    print(f"chart: {args.out}")
+
+
 def _segments(args: argparse.Namespace) -> None:
     from amrlhf.segments import segments_page
 
@@ -91,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--runs_root", default="runs")
     pv.add_argument("--tracking_uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     pv.set_defaults(func=_eval)
+    pc = sub.add_parser("compare", help="table + PNG chart over MLflow runs (mean ± SE over seeds, deltas)")
+    pc.add_argument("--experiment", default="quickstart")
+    pc.add_argument("--metrics", nargs="*", help="metric keys (default: the held-out preference metrics)")
+    pc.add_argument("--baseline", help="run group to show deltas against (e.g. the base or plain DPO)")
+    pc.add_argument("--runs", help="regular expression selecting run names")
+    pc.add_argument("--out", default="runs/compare.png")
+    pc.add_argument("--runs_root", default="runs")
+    pc.add_argument("--tracking_uri", default=None)
+    pc.set_defaults(func=_compare)
     ps = sub.add_parser("segments", help="HTML view of scores, pivots and kept/masked spans for a recipe's data")
     ps.add_argument("--config", required=True, help="a training recipe with a segmenter (and scorer)")
     ps.add_argument("--limit", type=int, default=12, help="examples to show")
