@@ -95,3 +95,11 @@ def read_examples_row(tmp_path, row):
     p = tmp_path / "one.jsonl"
     p.write_text(json.dumps(row) + "\n")
     return read_examples(str(p), "preference")[0]
+
+
+def test_a_lora_reward_model_trains_its_scalar_head():
+    from amrlhf.models import LoraSpec
+
+    rm = load_reward_model(ModelSpec("local:tiny-llama", lora=LoraSpec(r=4)))
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)

@@ -112,6 +112,8 @@ def _finish(model, spec: ModelSpec):
             lora_dropout=spec.lora.dropout,
             target_modules=spec.lora.target_modules,
             task_type=None,
+            # a reward model's fresh scalar head must train in full, not stay random under LoRA
+            modules_to_save=["score"] if hasattr(model, "score") else None,
         )
         if spec.gradient_checkpointing:
             model.enable_input_require_grads()
