@@ -147,7 +147,7 @@ def run_pipeline(path: Path) -> dict:
             max_len = held.get("max_length", 512)
             data, rep = encode_examples(read_examples(held["data"], "preference", held.get("limit")), tok, max_len)
             log.info(rep.describe(f"held-out ({held['data']})", max_len))
-            base_model = load_causal_lm(ModelSpec(name=base_name))
+            base_model = load_causal_lm(ModelSpec(name=base_name), trainable=False)
             lp = pair_logps(base_model, data, tok.pad_token_id, held.get("batch_size", 4), desc="held-out: base")
             del base_model
             bases[base_name] = (data, tok.pad_token_id, lp, heldout_summary(lp, lp, beta))

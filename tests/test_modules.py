@@ -152,3 +152,13 @@ def test_cached_reference_equals_the_frozen_model_and_is_reused(tmp_path):
     mtimes = [f.stat().st_mtime_ns for f in files]
     fit()
     assert [f.stat().st_mtime_ns for f in sorted(tmp_path.glob("*.pt"))] == mtimes  # a cache hit: nothing rewritten
+
+
+def test_auto_dtype_keeps_trained_weights_fp32_and_frozen_ones_bf16_on_cuda(monkeypatch):
+    from amrlhf.models.loading import torch_dtype
+
+    assert torch_dtype("auto", trainable=True) == torch_dtype("auto", trainable=False) == torch.float32  # CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_dtype("auto", trainable=True) == torch.float32
+    assert torch_dtype("auto", trainable=False) == torch.bfloat16
+    assert torch_dtype("bfloat16") == torch.bfloat16

@@ -29,7 +29,7 @@ def load_for_eval(name: str):
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
-    return load_causal_lm(ModelSpec(name)), load_tokenizer(name)
+    return load_causal_lm(ModelSpec(name), trainable=False), load_tokenizer(name)
 
 
 def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "runs",

@@ -33,7 +33,8 @@ class ModelSpec:
     """Which model to load and how.
 
     name: hub id, local HF folder, `.gguf` file, or `local:ID`.
-    dtype: `auto` = float32 on CPU, bfloat16 on CUDA; or `float32` / `bfloat16` / `float16`.
+    dtype: `auto` = float32 for a trained model (bf16 compute via `trainer.precision: bf16-mixed`),
+        bfloat16 for a frozen one on CUDA; or `float32` / `bfloat16` / `float16`.
     """
 
     name: str
@@ -65,9 +66,12 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id
 
 
-def torch_dtype(dtype: str) -> torch.dtype:
+def torch_dtype(dtype: str, trainable: bool = True) -> torch.dtype:
+    """`auto`: float32 for a model that trains (its weights are the optimizer's master copy: use
+    `trainer.precision: bf16-mixed` for bf16 compute on a GPU; pure-bf16 weights lose small updates),
+    bfloat16 for a frozen model on CUDA, float32 on CPU."""
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() and not trainable else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -121,7 +125,7 @@ def _finish(model, spec: ModelSpec):
     return model
 
 
-def load_causal_lm(spec: ModelSpec):
+def load_causal_lm(spec: ModelSpec, trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve_model(spec.name)
@@ -129,12 +133,12 @@ def load_causal_lm(spec: ModelSpec):
     log.info("loading causal LM %s (%s)", spec.name, "gguf, dequantised" if gguf else "HF weights")
     model = _hub_call(
         "model", spec.name, AutoModelForCausalLM.from_pretrained, path,
-        dtype=torch_dtype(spec.dtype), revision=spec.revision, **kwargs, **spec.extra,
+        dtype=torch_dtype(spec.dtype, trainable), revision=spec.revision, **kwargs, **spec.extra,
     )
     return _finish(model, spec)
 
 
-def load_reward_model(spec: ModelSpec):
+def load_reward_model(spec: ModelSpec, trainable: bool = True):
     """A scalar head on every position: `AutoModelForTokenClassification(num_labels=1)`.
 
     One forward pass gives the prefix score s_t at every token (METHOD.md); the sequence score is
@@ -150,6 +154,6 @@ def load_reward_model(spec: ModelSpec):
     config.num_labels, config.classifier_dropout = 1, 0.0
     model = _hub_call(
         "reward model", spec.name, AutoModelForTokenClassification.from_pretrained, path, config=config,
-        dtype=torch_dtype(spec.dtype), revision=spec.revision, **kwargs, **spec.extra,
+        dtype=torch_dtype(spec.dtype, trainable), revision=spec.revision, **kwargs, **spec.extra,
     )
     return _finish(model, spec)

@@ -53,7 +53,7 @@ class FrozenReference:
         if self._model:
             return
         spec = self.spec or ModelSpec(name=module.policy_spec.name, dtype=module.policy_spec.dtype)
-        model = load_causal_lm(spec).eval().requires_grad_(False)
+        model = load_causal_lm(spec, trainable=False).eval().requires_grad_(False)
         self._model.append(model.to(module.device))
 
     @torch.no_grad()

@@ -45,9 +45,9 @@ class RewardModelScorer:
             return
         check_same_tokenizer(self.spec.name, load_tokenizer(self.spec.tokenizer or self.spec.name),
                              _policy_tokenizer(module))
-        self._models["rm"] = _frozen(load_reward_model(self.spec), module.device)
+        self._models["rm"] = _frozen(load_reward_model(self.spec, trainable=False), module.device)
         if self.entropy_spec is not None:
-            self._models["lm"] = _frozen(load_causal_lm(self.entropy_spec), module.device)
+            self._models["lm"] = _frozen(load_causal_lm(self.entropy_spec, trainable=False), module.device)
 
     @torch.no_grad()
     def score(self, module, batch: dict, split: str) -> TokenScores:
@@ -71,8 +71,8 @@ class ImplicitRewardScorer:
         if self._models:
             return
         check_same_tokenizer(self.policy_spec.name, load_tokenizer(self.policy_spec.name), _policy_tokenizer(module))
-        self._models["policy"] = _frozen(load_causal_lm(self.policy_spec), module.device)
-        self._models["ref"] = _frozen(load_causal_lm(self.ref_spec), module.device)
+        self._models["policy"] = _frozen(load_causal_lm(self.policy_spec, trainable=False), module.device)
+        self._models["ref"] = _frozen(load_causal_lm(self.ref_spec, trainable=False), module.device)
 
     @torch.no_grad()
     def score(self, module, batch: dict, split: str) -> TokenScores:
