@@ -55,25 +55,24 @@ def collect(client, experiment: str, metrics: list[str], pattern: str | None = N
 
 
 def format_table(table: dict[str, dict], metrics: list[str], baseline: str | None) -> str:
-    def cell(m, se):
-        return f"{m:.3f}" if se is None else f"{m:.3f}±{se:.3f}"
+    def cell(group: str, key: str) -> str:
+        if key not in table[group]:
+            return "-"
+        mean, se, n = table[group][key]
+        text = f"{mean:.3f}" if se is None else f"{mean:.3f}±{se:.3f}"
+        text += f" (n={n})" if n > 1 else ""
+        if baseline and group != baseline and key in table.get(baseline, {}):
+            bm, bse, _ = table[baseline][key]
+            text += f" Δ{mean - bm:+.3f}±{math.sqrt((se or 0) ** 2 + (bse or 0) ** 2):.3f}"
+        return text
 
-    width = max(len(g) for g in table) + 2
-    lines = [f"{'run':{width}s}" + "".join(f"{m[-28:]:>30s}" for m in metrics)]
-    for group, row in table.items():
-        cells = []
-        for key in metrics:
-            if key not in row:
-                cells.append("-")
-                continue
-            mean, se, n = row[key]
-            text = cell(mean, se) + (f" (n={n})" if n > 1 else "")
-            if baseline and group != baseline and key in table.get(baseline, {}):
-                bm, bse, _ = table[baseline][key]
-                dse = math.sqrt((se or 0) ** 2 + (bse or 0) ** 2)
-                text += f" Δ{mean - bm:+.3f}±{dse:.3f}"
-            cells.append(text)
-        lines.append(f"{group:{width}s}" + "".join(f"{c:>30s}" for c in cells))
+    cells = {g: [cell(g, k) for k in metrics] for g in table}
+    heads = [m.split("/", 1)[-1] for m in metrics]
+    widths = [max(len(heads[j]), *(len(c[j]) for c in cells.values())) + 2 for j in range(len(metrics))]
+    first = max(len("run"), *(len(g) for g in table)) + 2
+    lines = [f"{'run':{first}s}" + "".join(f"{h:>{w}s}" for h, w in zip(heads, widths, strict=True))]
+    for group, row in cells.items():
+        lines.append(f"{group:{first}s}" + "".join(f"{c:>{w}s}" for c, w in zip(row, widths, strict=True)))
     return "\n".join(lines)
 
 

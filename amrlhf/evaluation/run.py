@@ -32,6 +32,13 @@ def load_for_eval(name: str):
     return load_causal_lm(ModelSpec(name), trainable=False), load_tokenizer(name)
 
 
+def model_label(name: str) -> str:
+    """A readable run label: `runs/quickstart-dpo/hf` -> `quickstart-dpo-hf`, `local:x` -> `local-x`."""
+    path = Path(name.rstrip("/"))
+    parts = path.parts[-2:] if (path.exists() and len(path.parts) > 1) else (name,)
+    return "-".join(parts).replace(":", "-").replace("/", "-")
+
+
 def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "runs",
              tracking_uri: str | None = None) -> EvalReport:
     import mlflow
@@ -42,7 +49,7 @@ def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "
     uri = tracking_uri or default_uri(Path(runs_root))
     check_reachable(uri)
     model, tok = load_for_eval(model_name)
-    label = Path(model_name.rstrip("/")).name.replace(":", "-")
+    label = model_label(model_name)
     out_dir = Path(runs_root) / "eval" / f"{label}-{Path(config).stem}"
     report = evaluate(model, tok, suite, out_dir=out_dir, limit=limit)
     os.environ.pop("MLFLOW_RUN_ID", None)
