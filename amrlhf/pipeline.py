@@ -139,6 +139,7 @@ def run_pipeline(path: Path) -> dict:
 
             export(runs_root / run_name / "final.ckpt", runs_root / run_name / "hf")
         if not held or entry.get("heldout") is False:
+            del cli  # free this run's model and optimizer state before the next fit
             continue
         base_name = cli.model.policy_spec.name
         if base_name not in bases:  # the policy before training = the DPO reference
@@ -163,6 +164,7 @@ def run_pipeline(path: Path) -> dict:
         metrics.update({f"eval/heldout_base/{k}": v for k, v in base_summary.items()})
         for key, value in metrics.items():
             logger.experiment.log_metric(logger.run_id, key, value)
+        del cli, lp  # free this run's model and optimizer state before the next fit
     base_summary = next(iter(bases.values()))[3] if bases else None
     summary = {"name": name, "timings_s": timings, "heldout": held, "base": base_summary, "results": results,
                "tracking": tracking}
