@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
+from amrlhf.evaluation.sandbox import ALLOW_ENV
 from amrlhf.evaluation.suites import EvalSuite
 from amrlhf.evaluation.tasks import render_tasks
 
@@ -38,6 +41,21 @@ class EvalReport:
         lines.append(f"settings: {shown}")
         lines.append("tasks run: " + ", ".join(f"{s} -> {t}" for s, t in self.tasks.items()))
         return "\n".join(lines)
+
+
+@contextmanager
+def code_execution(allowed: bool):
+    """The suite's opt-in reaches the sandbox (amrlhf.evaluation.sandbox) through the environment, for
+    the duration of one evaluation only; without it the variable is removed, so nothing inherited counts."""
+    before = os.environ.pop(ALLOW_ENV, None)
+    if allowed:
+        os.environ[ALLOW_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(ALLOW_ENV, None)
+        if before is not None:
+            os.environ[ALLOW_ENV] = before
 
 
 def flatten(results: dict) -> dict[str, float]:
@@ -74,12 +92,14 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, out_dir: Path, limit: int | 
     start = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.batch_size, max_length=suite.max_length,
               device=device)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=manager, limit=limit if limit is not None else suite.limit,
-        num_fewshot=suite.num_fewshot or None, apply_chat_template=suite.apply_chat_template,
-        gen_kwargs={"max_gen_toks": suite.max_gen_toks}, log_samples=True, bootstrap_iters=1000, random_seed=0,
-        numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-    )
+    with code_execution(suite.allow_code_execution):
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=limit if limit is not None else suite.limit,
+            num_fewshot=suite.num_fewshot or None, apply_chat_template=suite.apply_chat_template,
+            gen_kwargs={"max_gen_toks": suite.max_gen_toks}, log_samples=True, bootstrap_iters=1000,
+            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+            confirm_run_unsafe_code=suite.allow_code_execution,
+        )
     model.train(was_training)
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,11 @@ SLOTS: dict[str, Slot] = {
     "mmlu": Slot("mmlu", "mmlu_0shot_offline", "mmlu"),
     "halueval": Slot(None, "halueval_dialogue_mc", "halueval_dialogue"),
     "adversarial": Slot(None, "adversarial_tricks", None),
-    "gsm": Slot("gsm8k", None, None),
-    "truthfulqa": Slot("truthfulqa_mc2", None, None),
-    "humaneval": Slot("humaneval", None, None),
+    "gsm": Slot("gsm8k", "gsm_style", "gsm_style"),
+    "truthfulqa": Slot("truthfulqa_mc2", "truthfulqa_mc_bigbench", "truthfulqa_bigbench"),
+    "humaneval": Slot("humaneval", "humaneval_sandboxed", "humaneval"),
 }
+RUNS_CODE = {"humaneval"}  # slots that execute model-written code
 
 
 @dataclass
@@ -48,6 +49,7 @@ class EvalSuite:
     max_length: int = 1024
     include_path: str | None = None  # extra task folders of the user's own
     tasks: list[str] = field(default_factory=list)  # extra task names (from include_path or built-in)
+    allow_code_execution: bool = False  # opt-in for slots that run model-written code (docs/sandbox.md)
 
     def settings(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -64,6 +66,9 @@ class EvalSuite:
                 other = "hub" if self.source == "offline" else "offline"
                 raise AmrlhfError(f"slot '{name}' has no {self.source} task in this version (it has a {other} one: "
                                   f"set source: {other}, or drop the slot)")
+            if name in RUNS_CODE and not self.allow_code_execution:
+                raise AmrlhfError(f"slot '{name}' executes model-written code: set `allow_code_execution: true` in "
+                                  "the suite to run it (offline: in the project's sandbox, docs/sandbox.md)")
             out.append((name, task, slot))
         return out
 

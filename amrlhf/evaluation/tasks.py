@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
@@ -13,6 +14,10 @@ from amrlhf.evaluation.suites import EvalSuite
 from amrlhf.paths import cache_dir, resolve_local
 
 TASK_YAMLS = Path(__file__).resolve().parents[2] / "eval"
+HOOKS = "amrlhf_task_fns.py"  # `!function` hooks, resolved by lm-eval beside the rendered YAMLs
+PREPARED = {"gsm_style": "local:gsm_style/test", "truthfulqa_mc_bigbench": "local:truthfulqa_bigbench/test",
+            "humaneval_sandboxed": "local:humaneval/test"}
+FEWSHOT = {"gsm_style": "local:gsm_style/train"}  # __FEWSHOT__: a few-shot pool kept apart from the test rows
 
 
 def halueval_mc_rows(heldout: Path) -> list[dict]:
@@ -44,6 +49,8 @@ def data_file(task: str, folder: Path) -> Path:
                       halueval_mc_rows(resolve_local("local:halueval_dialogue/heldout", "data")))
     if task == "mmlu_0shot_offline":
         return resolve_local("local:mmlu/test", "data")
+    if task in PREPARED:
+        return resolve_local(PREPARED[task], "data")
     raise AmrlhfError(f"no offline data for task '{task}'")
 
 
@@ -55,6 +62,9 @@ def render_tasks(suite: EvalSuite) -> Path | None:
     folder = cache_dir("eval_tasks") / suite.key()
     folder.mkdir(parents=True, exist_ok=True)
     for task in offline:
-        template = (TASK_YAMLS / f"{task}.yaml").read_text()
-        (folder / f"{task}.yaml").write_text(template.replace("__DATA__", str(data_file(task, folder))))
+        text = (TASK_YAMLS / f"{task}.yaml").read_text().replace("__DATA__", str(data_file(task, folder)))
+        if task in FEWSHOT:
+            text = text.replace("__FEWSHOT__", str(resolve_local(FEWSHOT[task], "data")))
+        (folder / f"{task}.yaml").write_text(text)
+    shutil.copyfile(TASK_YAMLS / HOOKS, folder / HOOKS)
     return folder
