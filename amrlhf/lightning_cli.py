@@ -29,6 +29,13 @@ def default_run_name(recipe: Path) -> str:
     return recipe.stem if parent in ("recipes", "") else f"{parent}-{recipe.stem}"
 
 
+def _module_class(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 class AmrlhfCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -79,7 +86,8 @@ class AmrlhfCLI(LightningCLI):
                      cfg.as_dict(), log_checkpoint=cfg.tracking.log_checkpoint and self.subcommand == "fit"),
         ]
         if cfg.data.init_args.get("val"):
-            ours.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor="eval/loss", mode="min",
+            monitor, mode = _module_class(cfg.model.class_path).best_metric
+            ours.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=monitor, mode=mode,
                                         save_top_k=1))
         extra = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         if cfg.trainer.get("enable_progress_bar") is not False and not any(

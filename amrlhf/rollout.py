@@ -1,16 +1,20 @@
-"""Generation for rejection sampling (and, later, PPO): no Lightning in here.
+"""Generation for rejection sampling and PPO: no Lightning in here.
 
 Prompts are left-padded, sampled with the KV cache, stopped at EOS; each response keeps its EOS
-(the model generated it, so it is a response token) and nothing after it.
+(the model generated it, so it is a response token) and nothing after it. A response cut by
+max_new_tokens has no EOS (PPO can penalise that); the collated rows' masks come from lengths,
+so truncation never leaves a pad or prompt token inside the response mask.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from amrlhf.data.collate import pad_rows
 from amrlhf.segmenters.rules import first_response_index
 
 
@@ -26,6 +30,33 @@ def prompts_of(batch: dict) -> list[list[int]]:
     """The prompt token ids of each row of a collated batch (the tokens before its response)."""
     first = first_response_index(batch["response_mask"])
     return [batch["input_ids"][i, : int(f) + 1].tolist() for i, f in enumerate(first)]
+
+
+def left_padded_prompts(batch: dict) -> list[list[int]]:
+    """The prompts of a PromptCollator batch (`prompt_ids` left-padded, `prompt_mask`)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)]
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None):
+    """Run a block with the global RNG (CPU, and the CUDA device if any) seeded with `seed`, then put
+    the previous state back. Sampling that depends only on (run seed, step) resumes exactly
+    whatever else drew random numbers in between."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int,
+                     max_length: int | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """One sampled response per prompt, collated (right-padded, masks per CONTRACTS.md).
+    -> (batch with input_ids / attention_mask / response_mask, ended_with_eos [N] bool)."""
+    responses = [group[0] for group in generate(model, prompts, 1, sampling, eos_id=eos_id, pad_id=pad_id,
+                                                max_length=max_length)]
+    batch = pad_rows(list(zip(prompts, responses, strict=True)), pad_id)
+    ended = torch.tensor([r[-1] == eos_id for r in responses], dtype=torch.bool)
+    return batch, ended
 
 
 @torch.no_grad()

@@ -46,3 +46,21 @@ class Collator:
             if items[0].prompt_score is not None:
                 batch["prompt_scores"] = torch.tensor([it.prompt_score for _ in range(n_resp) for it in items])
         return batch
+
+
+class PromptCollator:
+    """Prompt-only batches (PPO): `prompt_ids` [B, P] LEFT-padded (ready to generate from),
+    `prompt_mask` [B, P], and `index`."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        width = max(len(it.prompt_ids) for it in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            ids[i, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids, dtype=torch.long)
+            mask[i, width - len(it.prompt_ids):] = 1
+        return {"prompt_ids": ids, "prompt_mask": mask,
+                "index": torch.tensor([it.index for it in items], dtype=torch.long)}

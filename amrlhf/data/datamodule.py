@@ -12,10 +12,10 @@ import logging
 import lightning as L
 from torch.utils.data import DataLoader
 
-from amrlhf.data.collate import Collator
+from amrlhf.data.collate import Collator, PromptCollator
 from amrlhf.data.records import read_examples
 from amrlhf.data.sampler import ResumableSampler
-from amrlhf.data.tokenize import encode_examples
+from amrlhf.data.tokenize import encode_examples, encode_prompts
 from amrlhf.errors import AmrlhfError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class _TextDataModule(L.LightningDataModule):
 
     def _load(self, source: str, limit: int | None, name: str):
         examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores)
-        encoded, rep = encode_examples(examples, self.tokenizer, self.max_length)
+        encode = encode_prompts if self.kind == "prompt" else encode_examples
+        encoded, rep = encode(examples, self.tokenizer, self.max_length)
         log.info(rep.describe(f"{name} ({source})", self.max_length))
         self.report.update(rep.as_dict(f"data/{name}"))
         if not encoded:
@@ -144,3 +145,15 @@ class SFTDataModule(_TextDataModule):
     """Rows with `prompt` + `completion`, or `messages` (the last assistant turn is trained on)."""
 
     kind = "sft"
+
+
+class PromptDataModule(_TextDataModule):
+    """Prompts for PPO: rows with `prompt` (text or chat messages), or chat rows (`messages`,
+    `chosen`) whose turns before the last assistant turn are the prompt; responses are ignored.
+    `max_length` here bounds the PROMPT (longer prompts are dropped and counted); the policy adds
+    up to its sampling.max_new_tokens."""
+
+    kind = "prompt"
+
+    def _collator(self) -> PromptCollator:
+        return PromptCollator(self.tokenizer.pad_token_id)

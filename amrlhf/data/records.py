@@ -28,7 +28,7 @@ class Example:
     source: str
     line: int
     prompt: str | Messages
-    chosen: str
+    chosen: str | None  # None for a prompt-only row (PPO)
     rejected: str | None = None
     token_scores: dict[str, list[float]] | None = None  # per response token, from the data set
     prompt_score: float | None = None
@@ -152,6 +152,19 @@ def sft_example(src: str, line: int, row: dict) -> Example:
     return Example(src, line, _prompt(row, None, src, line), completion)
 
 
+def prompt_example(src: str, line: int, row: dict) -> Example:
+    """A prompt to answer (PPO): `prompt` (text or messages), or `messages` (the turns before a final
+    assistant turn, or all of them), or the earlier turns of a chat `chosen`. Responses are ignored."""
+    if row.get("prompt") is None:
+        for key in ("messages", "chosen"):
+            if isinstance(row.get(key), list):
+                msgs = _messages(row[key], src, line, key)
+                turns = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+                if turns:
+                    return Example(src, line, turns, None)
+    return Example(src, line, _prompt(row, None, src, line), None)
+
+
 def _score_list(row: dict, key: str, src: str, line: int) -> list[float]:
     value = row.get(key)
     if not isinstance(value, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
@@ -171,9 +184,9 @@ def attach_token_scores(ex: Example, row: dict) -> Example:
 
 
 def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False) -> list[Example]:
-    """Read and validate every row (up to `limit`); kind is 'preference' or 'sft'.
+    """Read and validate every row (up to `limit`); kind is 'preference', 'sft' or 'prompt'.
     With `token_scores`, rows must carry per-token scores (see `attach_token_scores`)."""
-    parse = preference_example if kind == "preference" else sft_example
+    parse = {"preference": preference_example, "sft": sft_example, "prompt": prompt_example}[kind]
     out = []
     for src, line, row in iter_rows(source):
         if limit is not None and len(out) >= limit:

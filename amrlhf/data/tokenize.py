@@ -67,7 +67,7 @@ class LengthReport:
     def describe(self, name: str, max_length: int) -> str:
         return (
             f"{name}: {self.rows} rows, {self.kept} kept, {self.truncated} responses truncated to fit "
-            f"max_length={max_length}, {self.dropped_prompt_too_long} dropped (prompt alone >= max_length)"
+            f"max_length={max_length}, {self.dropped_prompt_too_long} dropped (prompt too long)"
         )
 
 
@@ -100,5 +100,19 @@ def encode_examples(examples: list[Example], tokenizer, max_length: int) -> tupl
         rep.truncated += int(cut)
         out.append(Encoded(i, prompt_ids, responses, scores if ex.token_scores is not None else None,
                            ex.prompt_score))
+    rep.kept = len(out)
+    return out, rep
+
+
+def encode_prompts(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Encoded], LengthReport]:
+    """Prompt-only rows (PPO): a prompt longer than `max_length` tokens drops the row (counted)."""
+    enc = ChatEncoder(tokenizer)
+    out, rep = [], LengthReport(rows=len(examples))
+    for i, ex in enumerate(examples):
+        ids = enc.ids(enc.prompt_text(ex))
+        if len(ids) > max_length:
+            rep.dropped_prompt_too_long += 1
+            continue
+        out.append(Encoded(i, ids, []))
     rep.kept = len(out)
     return out, rep

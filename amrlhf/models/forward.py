@@ -17,16 +17,30 @@ def response_logps(model, batch: dict, *, with_logits: bool = False) -> tuple[Te
     """-> (log-probs [N, T-1] aligned with input_ids[:, 1:], zero before the earliest response
     token of the batch; the kept logits [N, K, V] or None). Position t of the kept logits is
     position T-K+t of the sequence."""
+    logps, logits, _ = policy_forward(model, batch)
+    return logps, (logits if with_logits else None)
+
+
+def policy_forward(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """-> (log-probs [N, T-1] as in `response_logps`, kept logits [N, K, V], and the last hidden
+    state [N, T, H] at every position when `hidden` (for a value head sharing the backbone))."""
     ids, resp = batch["input_ids"], batch["response_mask"]
     T = ids.shape[1]
     has = resp.bool().any(0)
     first = int(has.float().argmax()) if bool(has.any()) else T - 2
     keep = T - first
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                   use_cache=False).logits
-    part = token_logprobs(logits, ids[:, T - keep:])
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False,
+                output_hidden_states=hidden)
+    part = token_logprobs(out.logits, ids[:, T - keep:])
     logps = torch.cat([part.new_zeros(ids.shape[0], T - keep), part], dim=1)
-    return logps, (logits if with_logits else None)
+    return logps, out.logits, (out.hidden_states[-1] if hidden else None)
+
+
+def kept_to_tokens(kept: Tensor, T: int) -> Tensor:
+    """A per-position quantity of the kept logits [N, K] (position j = sequence position T-K+j) ->
+    the per-token layout [N, T-1] (aligned with input_ids[:, 1:]), zero where nothing was kept."""
+    part = kept[:, :-1]
+    return torch.cat([part.new_zeros(part.shape[0], T - 1 - part.shape[1]), part], dim=1)
 
 
 def mean_response_logits(logits: Tensor, response_mask: Tensor) -> Tensor:

@@ -1,11 +1,14 @@
 """Thin LightningModules: forward -> segmenter -> pure loss -> log."""
 
 from amrlhf.modules.base import AlignmentModule
+from amrlhf.modules.critic import SharedValueHead, ValueModel
 from amrlhf.modules.dpo import DPOModule
+from amrlhf.modules.ppo import PPOModule
 from amrlhf.modules.reference import AdapterReference, CachedReference, FrozenReference, ReferenceModel
 from amrlhf.modules.rejection import BestOfN
 from amrlhf.modules.reward import RewardModule, prefix_scores
 from amrlhf.modules.sft import SFTModule
 
-__all__ = ["AlignmentModule", "DPOModule", "SFTModule", "RewardModule", "prefix_scores",
+__all__ = ["AlignmentModule", "DPOModule", "PPOModule", "SFTModule", "RewardModule", "prefix_scores",
+           "SharedValueHead", "ValueModel",
            "BestOfN", "FrozenReference", "AdapterReference", "CachedReference", "ReferenceModel"]

@@ -91,6 +91,7 @@ class AlignmentModule(L.LightningModule):
                      batch_size=batch_size, prog_bar=key in self.progress_keys)
 
     progress_keys: tuple[str, ...] = ()
+    best_metric: tuple[str, str] = ("eval/loss", "min")  # what the "best" checkpoint monitors
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `amrlhf export` needs to rebuild the policy without the recipe.

@@ -37,7 +37,11 @@ def calibrate(module, dm) -> None:
         batch = {k: v.to(module.device) for k, v in collate(dm.train_data[start:start + dm.batch_size]).items()}
         scores = module.scorer.score(module, batch, "train").scores
         values.append(scores[batch["response_mask"].bool()].float().cpu())
-    flat = torch.cat(values)
+    record_scale(module, torch.cat(values))
+
+
+def record_scale(module, flat: torch.Tensor) -> None:
+    """Give the segmenter the scale (std of these response-token scores) and log their distribution."""
     std = flat.std().item() if flat.numel() > 1 else 1.0
     module.segmenter.calibrate(std)
     module._calibrated = True

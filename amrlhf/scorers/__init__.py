@@ -4,6 +4,7 @@ from amrlhf.scorers.base import TokenScorer, TokenScores, check_same_tokenizer
 from amrlhf.scorers.cached import CachedScorer
 from amrlhf.scorers.data import CriticScorer, DatasetScorer
 from amrlhf.scorers.models import ImplicitRewardScorer, RewardModelScorer, next_token_entropy
+from amrlhf.scorers.programmatic import TargetTokenReward
 
 __all__ = ["TokenScorer", "TokenScores", "check_same_tokenizer", "CachedScorer", "CriticScorer", "DatasetScorer",
-           "ImplicitRewardScorer", "RewardModelScorer", "next_token_entropy"]
+           "ImplicitRewardScorer", "RewardModelScorer", "TargetTokenReward", "next_token_entropy"]

@@ -1,0 +1,115 @@
+"""PPO's pure tensor functions: KL estimators, reward shaping, GAE, whitening, clipped losses.
+
+Every per-token tensor is [N, T-1], aligned with input_ids[:, 1:] (CONTRACTS.md); `resp` is the
+response mask (1 on response tokens). Positions outside the response hold zeros in every output.
+Conventions follow the usual RLHF PPO (Ziegler et al. 2019; TRL's PPOTrainer): the KL penalty is
+per token, the score is added at the last response token, variances are unbiased (Bessel).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from amrlhf.losses.reductions import masked_mean
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: Literal["k1", "k3"] = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens.
+    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (r - 1) - log r with
+    r = pi_ref / pi (unbiased, always >= 0, lower variance; Schulman's "approximating KL")."""
+    log_ratio = logps - ref_logps
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{kind}': use k1 or k3")
+
+
+def last_index(resp: Tensor) -> Tensor:
+    """Index of each row's last response position [N] (0 for a row without response tokens)."""
+    pos = torch.arange(resp.shape[1], device=resp.device)
+    return (resp.bool() * pos).amax(-1)
+
+
+def shape_rewards(scores: Tensor, kl: Tensor, resp: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """r_t = -beta * kl_t on response tokens, plus the sequence score at the last response token.
+    -> (rewards [N, T-1], non-score rewards [N, T-1])."""
+    m = resp.to(kl.dtype)
+    non_score = -beta * kl * m
+    rewards = non_score.clone()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last_index(resp)] += scores.to(rewards.dtype) * (m.sum(-1) > 0)
+    return rewards, non_score
+
+
+def gae(rewards: Tensor, values: Tensor, resp: Tensor, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens; V after the last token is 0.
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns = A + V.
+    -> (advantages, returns), both [N, T-1] and zero outside the response."""
+    m = resp.to(values.dtype)
+    v = values * m
+    r = rewards * m
+    adv = torch.zeros_like(v)
+    next_adv = torch.zeros_like(v[:, 0])
+    next_v = torch.zeros_like(v[:, 0])
+    for t in range(v.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * m[:, t]
+        next_adv, next_v = adv[:, t], v[:, t]
+    return adv, (adv + v) * m
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the positions where mask is 1 (unbiased variance);
+    zero elsewhere. shift_mean=False keeps the mean (scales only)."""
+    m = mask.to(values.dtype)
+    n = m.sum()
+    mean = (values * m).sum() / n.clamp(min=1)
+    var = (((values - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate: mean over mask of max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old.
+    -> (loss, {policy/approxkl, policy/clipfrac, val/ratio}) (stats detached)."""
+    log_ratio = logps - old_logps
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+                 "policy/clipfrac": masked_mean((clipped > unclipped).to(logps.dtype), mask),
+                 "val/ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+    """0.5 * mean over mask of max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, +-eps).
+    -> (loss, {val/clipfrac})."""
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clip - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"val/clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last axis, in float32, one row at a time (no [N, K, V]
+    float32 copy of a low-precision batch)."""
+    out = []
+    for row in logits:
+        logp = row.float().log_softmax(-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)

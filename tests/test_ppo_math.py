@@ -1,0 +1,109 @@
+"""PPO's pure functions against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from amrlhf.losses import AdaptiveKL, FixedKL
+from amrlhf.losses.ppo import (
+    entropy_from_logits,
+    gae,
+    kl_estimate,
+    last_index,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+    whiten,
+)
+from amrlhf.models.forward import kept_to_tokens
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_kl_estimators():
+    logp, ref = t([-1.0, -2.0]), t([-1.5, -2.0])
+    assert torch.allclose(kl_estimate(logp, ref, "k1"), t([0.5, 0.0]))
+    # k3 = (r - 1) - log r, r = pi_ref / pi = exp(-0.5): (0.606531 - 1) + 0.5
+    assert torch.allclose(kl_estimate(logp, ref, "k3"), t([0.106531, 0.0]), atol=1e-6)
+    assert (kl_estimate(t([-3.0, 0.0]), t([0.0, -3.0]), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k2"):
+        kl_estimate(logp, ref, "k2")
+
+
+def test_shape_rewards_adds_the_score_at_the_last_response_token():
+    resp = t([0, 1, 1, 0], [1, 1, 1, 1])
+    kl = t([9.0, 0.5, 0.1, 9.0], [0.0, 0.0, 0.0, 0.2])
+    rewards, non_score = shape_rewards(torch.tensor([2.0, -1.0]), kl, resp, beta=0.1)
+    assert torch.allclose(non_score, t([0, -0.05, -0.01, 0], [0, 0, 0, -0.02]))
+    assert torch.allclose(rewards, t([0, -0.05, 1.99, 0], [0, 0, 0, -1.02]))
+    assert last_index(resp).tolist() == [2, 3]
+
+
+def test_gae_by_hand():
+    # gamma 0.9, lambda 0.8; values outside the response are ignored, V after the last token is 0
+    rewards, values, resp = t([0, -0.05, 1.99, 0]), t([9.0, 0.5, 1.0, 9.0]), t([0, 1, 1, 0])
+    adv, ret = gae(rewards, values, resp, gamma=0.9, lam=0.8)
+    # t=2: delta = 1.99 - 1.0 = 0.99;  t=1: delta = -0.05 + 0.9 * 1.0 - 0.5 = 0.35, A = 0.35 + 0.72 * 0.99
+    assert torch.allclose(adv, t([0, 1.0628, 0.99, 0]), atol=1e-6)
+    assert torch.allclose(ret, t([0, 1.5628, 1.99, 0]), atol=1e-6)
+    # gamma = lambda = 1: the advantage is the return-to-go minus V
+    adv1, _ = gae(t([0.0, 1.0, 2.0]), t([0.5, 0.5, 0.5]), t([1, 1, 1]), gamma=1.0, lam=1.0)
+    assert torch.allclose(adv1, t([2.5, 2.5, 1.5]))
+
+
+def test_whiten_over_valid_tokens_only():
+    out = whiten(t([1.0, 2.0, 3.0, 100.0]), t([1, 1, 1, 0]))
+    assert torch.allclose(out, t([-1.0, 0.0, 1.0, 0.0]), atol=1e-6)  # mean 2, unbiased var 1
+    kept = whiten(t([1.0, 2.0, 3.0, 100.0]), t([1, 1, 1, 0]), shift_mean=False)
+    assert torch.allclose(kept, t([1.0, 2.0, 3.0, 0.0]), atol=1e-6)
+
+
+def test_clipped_policy_loss_by_hand():
+    old = t([0.0, 0.0, 0.0, 0.0])
+    new = torch.log(t([1.5, 0.5, 0.5, 7.0]))
+    adv = t([1.0, 1.0, -1.0, 5.0])
+    loss, stats = policy_loss(new, old, adv, t([1, 1, 1, 0]), clip=0.2)
+    # max(-A r, -A clip(r)): -1.2 (clipped), -0.5, 0.8 (clipped); the masked 4th token is ignored
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8) / 3, abs=1e-6)
+    assert stats["policy/clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["val/ratio"].item() == pytest.approx(2.5 / 3)
+    approx = 0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 3
+    assert stats["policy/approxkl"].item() == pytest.approx(approx, rel=1e-5)
+
+
+def test_policy_loss_gradient_is_zero_where_clipped():
+    new = torch.log(t([1.5, 0.5])).requires_grad_()
+    loss, _ = policy_loss(new, t([0.0, 0.0]), t([1.0, 1.0]), t([1, 1]), clip=0.2)
+    loss.backward()
+    # token 1 clipped (ratio 1.5 > 1.2, A > 0): no gradient; token 2: d(-A r / 2)/d log r = -r / 2
+    assert torch.allclose(new.grad, t([0.0, -0.25]))
+
+
+def test_clipped_value_loss_by_hand():
+    loss, stats = value_loss(t([1.0, 0.0]), t([0.5, 0.1]), t([2.0, 0.0]), t([1, 1]), clip=0.2)
+    # V_clip = (0.7, 0.0): max(1.0, 1.69) and max(0, 0) -> 0.5 * (1.69 + 0) / 2
+    assert loss.item() == pytest.approx(0.4225)
+    assert stats["val/clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_kl_controllers():
+    fixed = FixedKL(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+    ctl = AdaptiveKL(value=0.1, target=6.0, horizon=100)
+    ctl.update(9.0, 10)  # error clipped to +0.2: beta *= 1 + 0.2 * 10 / 100
+    assert ctl.value == pytest.approx(0.102)
+    ctl.update(3.0, 10)  # error clipped to -0.2
+    assert ctl.value == pytest.approx(0.102 * 0.98)
+    other = AdaptiveKL()
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value
+
+
+def test_entropy_and_kept_layout():
+    assert torch.allclose(entropy_from_logits(torch.zeros(1, 3, 2)), torch.full((1, 3), math.log(2)))
+    kept = t([10.0, 20.0, 30.0])  # K = 3 kept positions of a T = 5 sequence: positions 2, 3, 4
+    assert kept_to_tokens(kept, 5).tolist() == [[0.0, 0.0, 10.0, 20.0]]
