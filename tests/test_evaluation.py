@@ -56,8 +56,8 @@ def test_flatten_metric_keys_have_no_commas():
 def test_suite_errors_say_what_to_do(tmp_path):
     with pytest.raises(AmrlhfError, match="unknown evaluation slot 'mmmlu'"):
         EvalSuite(slots=["mmmlu"]).resolve()
-    with pytest.raises(AmrlhfError, match="slot 'gsm' has no offline task.*set source: hub"):
-        EvalSuite(slots=["gsm"]).resolve()
+    with pytest.raises(AmrlhfError, match="slot 'halueval' has no hub task.*set source: offline"):
+        EvalSuite(slots=["halueval"], source="hub").resolve()
     with pytest.raises(AmrlhfError, match="evaluation suite not found"):
         load_suite(tmp_path / "nope.yaml")
     with pytest.raises(AmrlhfError, match="unknown field"):
