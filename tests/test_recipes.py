@@ -13,7 +13,8 @@ PIPELINES = sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
 
 
 def test_the_contract_smoke_recipes_exist():
-    assert {p.stem for p in (ROOT / "recipes" / "smoke").glob("*.yaml")} >= {"sft", "rm", "dpo"}
+    assert {p.stem for p in (ROOT / "recipes" / "smoke").glob("*.yaml")} >= {"sft", "rm", "dpo", "am_dpo", "am_sft",
+                                                                        "ppo", "am_ppo"}
     assert PIPELINES
 
 
