@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from amrlhf.losses import AdaptiveKL, FixedKL
+from amrlhf.losses.logprobs import entropy_from_logits
 from amrlhf.losses.ppo import (
-    entropy_from_logits,
     gae,
     kl_estimate,
     last_index,

@@ -36,3 +36,13 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, *, rows_per_chunk: int = 1
 def sequence_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
     """Sequence log-prob = SUM over the masked (response) tokens. [B, T-1] -> [B]."""
     return masked_sum(token_logps, mask)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last axis, in float32, one row at a time (no [N, K, V]
+    float32 copy of a low-precision batch)."""
+    out = []
+    for row in logits:
+        logp = row.float().log_softmax(-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)

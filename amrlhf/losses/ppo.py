@@ -103,13 +103,3 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     with torch.no_grad():
         stats = {"val/clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
     return loss, stats
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last axis, in float32, one row at a time (no [N, K, V]
-    float32 copy of a low-precision batch)."""
-    out = []
-    for row in logits:
-        logp = row.float().log_softmax(-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(out)

@@ -26,8 +26,8 @@ from torch import Tensor
 from amrlhf.errors import AmrlhfError
 from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import FixedKL, KLController
+from amrlhf.losses.logprobs import entropy_from_logits
 from amrlhf.losses.ppo import (
-    entropy_from_logits,
     gae,
     kl_estimate,
     last_index,

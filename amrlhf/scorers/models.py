@@ -23,12 +23,10 @@ def _policy_tokenizer(module):
 @torch.no_grad()
 def next_token_entropy(model, batch: dict) -> Tensor:
     """H of the model's prediction of each token, [N, T-1] aligned with input_ids[:, 1:]."""
+    from amrlhf.losses.logprobs import entropy_from_logits
+
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    out = []
-    for row in logits[:, :-1]:  # one sequence at a time: no [N, T, V] softmax copy
-        logp = row.float().log_softmax(-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(out)
+    return entropy_from_logits(logits[:, :-1])
 
 
 class RewardModelScorer:
