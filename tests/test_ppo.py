@@ -156,6 +156,9 @@ def test_smoke_ppo_recipe_round_trips_through_mlflow(tmp_path, name):
     # the trained policy and critic only: no frozen reference, no reward model
     assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"policy", "critic"}
     assert ckpt["amrlhf"]["ppo"]["rollouts_done"] == 4
+    if name == "ppo":  # the policy exports like any other module's
+        ok(amrlhf("export", str(tmp_path / "runs" / "smoke-ppo" / "final.ckpt"), str(tmp_path / "hf"), cwd=tmp_path))
+        assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
 @pytest.mark.slow

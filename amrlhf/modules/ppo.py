@@ -49,7 +49,7 @@ from amrlhf.segmenters.rules import first_response_index
 
 log = logging.getLogger(__name__)
 
-_VAL_SEED_OFFSET = 1_000_003  # validation samples never share a seed with a training rollout
+_VAL = 1 << 40  # validation samples never share a seed with a training rollout
 # Checkpoints are written after a rollout's last optimizer step, which is the state a resume needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
@@ -184,6 +184,11 @@ class PPOModule(AlignmentModule):
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
+    def step_seed(self, step: int) -> int:
+        """The seed of rollout `step` (or of validation batch _VAL + i) on this rank: a function of
+        (seed, step, rank) only, so sampling resumes exactly and ranks draw different samples."""
+        return ((self.seed * 1_000_003 + step) * 1024 + self.global_rank) % (1 << 62)
+
     # ------------------------------------------------------------------ forward passes
     def forward_all(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """-> (policy log-probs [N, T-1], kept logits, critic values at every position [N, T])."""
@@ -210,7 +215,7 @@ class PPOModule(AlignmentModule):
     @torch.no_grad()
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
         """Sample, score, shape, GAE, whiten, segment. -> (rollout tensors [N, ...], stats)."""
-        roll, ended = self.sample(prompt_batch, self.seed * 7919 + self.rollouts_done)
+        roll, ended = self.sample(prompt_batch, self.step_seed(self.rollouts_done))
         resp = roll["response_mask"]
         was_training = self.training
         self.eval()  # no dropout while measuring the old policy
@@ -258,7 +263,7 @@ class PPOModule(AlignmentModule):
         opt = self.optimizers()
         n = roll["input_ids"].shape[0]
         size = self.mini_batch_size or n
-        order = torch.Generator().manual_seed(self.seed * 7919 + self.rollouts_done)
+        order = torch.Generator().manual_seed(self.step_seed(self.rollouts_done))
         acc: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(self.ppo_epochs):
             perm = torch.randperm(n, generator=order)
@@ -297,7 +302,7 @@ class PPOModule(AlignmentModule):
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int):
         """Held-out prompts: one seeded sample each, its score and KL (same weights, same numbers)."""
-        roll, ended = self.sample(batch, self.seed * 7919 + _VAL_SEED_OFFSET + batch_idx)
+        roll, ended = self.sample(batch, self.step_seed(_VAL + batch_idx))
         resp = roll["response_mask"]
         logps = policy_forward(self.policy, roll)[0]
         kl = kl_estimate(logps, self.reference.logps(self, roll, "val"), self.kl_estimator) * resp
