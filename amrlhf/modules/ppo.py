@@ -165,8 +165,6 @@ class PPOModule(AlignmentModule):
             if every and every % per:
                 raise AmrlhfError(f"checkpoint_every={every} counts optimizer steps, and each rollout makes {per} "
                                   f"(ppo_epochs x mini-batches): use a multiple of {per}")
-        if self.seed is None:
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.reward.setup(self)
         self._setup_frozen()
 
