@@ -107,3 +107,16 @@ def test_full_recipe_has_all_six_slots_with_explicit_cpu_settings():
     suite = load_suite(ROOT / "recipes" / "eval" / "full.yaml")
     assert sorted(suite.slots) == sorted(SLOTS) and suite.allow_code_execution
     assert suite.limit <= 50 and suite.max_gen_toks <= 256
+
+
+def test_gsm_scoring_matches_the_task_yaml():
+    """The filter's number against the worked solution, through lm-eval's exact_match as the YAML sets it."""
+    import yaml
+    from lm_eval.api.registry import get_metric
+
+    text = (TASK_YAMLS / "gsm_style.yaml").read_text().replace("!function ", "")
+    ignore = yaml.safe_load(text)["metric_list"][0]["regexes_to_ignore"]
+    gold = row({"question": "q", "answer": "28080", "answer_cot": "2340 * 12 = 28,080\n#### 28,080"}, 1)["answer"]
+    em = get_metric("exact_match")
+    assert em(references=[gold], predictions=[extract_answer(" so 28,080.")], regexes_to_ignore=ignore)["exact_match"] == 1
+    assert em(references=[gold], predictions=[extract_answer("#### 2808")], regexes_to_ignore=ignore)["exact_match"] == 0
