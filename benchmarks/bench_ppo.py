@@ -13,7 +13,9 @@ Each (implementation, model) runs in its own process, so peak RSS is its own; im
 alternate. Per step (after warm-up): total s/step, tokens/s (prompt + generated tokens of the
 rollout / s/step), the generation part alone (generated tokens / s, timed around our
 `PPOModule.sample` and TRL's `batch_generation`), tokens generated (up to and including EOS) and
-decode steps (longest response), peak RSS and RSS right after imports; ratios ours/TRL.
+decode steps (longest response), peak RSS and RSS right after imports; ratios ours/TRL. The
+machine's 1-min load average at each step end is printed too: on a shared machine, times are only
+comparable between runs that saw similar load.
 
     python benchmarks/bench_ppo.py [--models tiny smollm2] [--steps 3] [--warmup 1]
 
@@ -26,6 +28,8 @@ put first on sys.path in the TRL process only (the venv is untouched). Two shims
   when pad == EOS (SmolLM2) TRL's tokenizer pads with another special token absent from the
   prompts: TRL derives attention masks from `ids != pad_id`, which would mask the prompts' own
   <|im_end|> turns.
+Work per step differs in one place: TRL takes the old log-probs from the generation logits
+(output_scores=True), ours runs one more policy forward over prompt + response for them.
 Needs `amrlhf prepare tiny-llama tiny-arith smollm2-135m-instruct halueval_dialogue`.
 """
 
@@ -100,7 +104,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
                        sampling=Sampling(max_new_tokens=args.new_tokens, temperature=1.0), kl=FixedKL(KL_COEF),
                        kl_estimator="k1", ppo_epochs=1, mini_batch_size=args.mini_batch, max_grad_norm=None,
                        seed=SEED, lr=LR)
-    gen, times = [], []
+    gen, times, loads = [], [], []
     sample = module.sample
 
     def timed_sample(prompt_batch, seed):
@@ -120,6 +124,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
         def on_train_batch_end(self, *a):
             now = time.perf_counter()
             times.append(now - self.t)
+            loads.append(os.getloadavg()[0])
             self.t = now
 
     per_rollout = module.steps_per_rollout(args.batch)
@@ -127,7 +132,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[Timer()])
     trainer.fit(module, datamodule=dm)
-    return {"times": times, "gen": gen}
+    return {"times": times, "gen": gen, "loads": loads}
 
 
 def _trl_pad(tok, prompts) -> None:
@@ -169,7 +174,7 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
 
     reward, value = scalar_head(), scalar_head()
-    gen, times = [], []
+    gen, times, loads = [], [], []
     batch_generation = trl_ppo.batch_generation
 
     def timed_generation(m, queries, *a, **k):
@@ -191,6 +196,7 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
         def on_step_end(self, *a, **k):
             now = time.perf_counter()
             times.append(now - self.t)
+            loads.append(os.getloadavg()[0])
             self.t = now
 
     with tempfile.TemporaryDirectory() as out:
@@ -209,7 +215,7 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
         trainer.dataloader = trainer.accelerator.prepare(DataLoader(
             ds, batch_size=args.batch, shuffle=False, collate_fn=trainer.data_collator, drop_last=True))
         trainer.train()
-    return {"times": times, "gen": gen}
+    return {"times": times, "gen": gen, "loads": loads}
 
 
 def child(impl: str, name: str, args) -> None:
@@ -233,21 +239,23 @@ def child(impl: str, name: str, args) -> None:
     n = args.steps + args.warmup
     if len(out["times"]) != n or len(out["gen"]) != n:
         raise RuntimeError(f"expected {n} steps, timed {len(out['times'])} steps and {len(out['gen'])} generations")
-    out["times"], out["gen"] = out["times"][args.warmup:], out["gen"][args.warmup:]
+    for key in ("times", "gen", "loads"):
+        out[key] = out[key][args.warmup:]
     out["peak_rss_mb"], out["import_rss_mb"] = _rss(), import_rss
     print("RESULT " + json.dumps(out))
 
 
 def _summary(r: dict) -> dict:
     steps = len(r["times"])
-    gen = r["gen"]
     sps = sum(r["times"]) / steps
-    new = sum(g["new"] for g in gen) / steps
-    return {"s/step": sps, "tokens/s": (new + sum(g["prompt"] for g in gen) / steps) / sps,
-            "gen s/step": sum(g["s"] for g in gen) / steps, "gen tokens/s": sum(g["new"] for g in gen) / sum(
-                g["s"] for g in gen), "tokens generated": new, "decode steps": sum(g["width"] for g in gen) / steps,
+    new = sum(g["new"] for g in r["gen"]) / steps
+    prompt = sum(g["prompt"] for g in r["gen"]) / steps
+    gen_s = sum(g["s"] for g in r["gen"]) / steps
+    return {"s/step": sps, "tokens/s": (prompt + new) / sps, "gen s/step": gen_s, "gen tokens/s": new / gen_s,
+            "tokens generated": new, "decode steps": sum(g["width"] for g in r["gen"]) / steps,
             "peak RSS MB": r["peak_rss_mb"], "RSS after imports MB": r["import_rss_mb"],
-            "peak RSS above imports MB": r["peak_rss_mb"] - r["import_rss_mb"]}
+            "peak RSS above imports MB": r["peak_rss_mb"] - r["import_rss_mb"],
+            "machine load (1-min avg)": sum(r["loads"]) / steps}
 
 
 def main() -> None:
@@ -280,7 +288,10 @@ def main() -> None:
                 print(f"{impl}/{name} did not run: {why}\n{proc.stderr[-3000:]}", file=sys.stderr)
                 res[impl] = why
                 continue
-            res[impl] = _summary(json.loads(line[7:]))
+            raw = json.loads(line[7:])
+            res[impl] = _summary(raw)
+            print(f"{impl}/{name}: step times {[round(t, 2) for t in raw['times']]} s, 1-min load "
+                  f"{[round(x, 1) for x in raw['loads']]}", flush=True)
         rows.append((name, res))
     print(f"\nPPO rollout step, CPU fp32, {args.batch} prompts/rollout, mini-batch {args.mini_batch}, 1 PPO epoch, "
           f"<= {args.new_tokens} new tokens (T=1.0, stop at EOS), policy + frozen ref + reward model + critic; "
@@ -291,7 +302,7 @@ def main() -> None:
         print("| metric (per rollout step) | ours | TRL | ours/TRL |\n|---|---:|---:|---:|")
         ours, trl = res["ours"], res["trl"]
         for key in ("s/step", "tokens/s", "gen s/step", "gen tokens/s", "tokens generated", "decode steps",
-                    "peak RSS MB", "RSS after imports MB", "peak RSS above imports MB"):
+                    "peak RSS MB", "RSS after imports MB", "peak RSS above imports MB", "machine load (1-min avg)"):
             cells = ["n/a" if not isinstance(r, dict) else f"{r[key]:.3f}" if key.endswith("s/step")
                      else f"{r[key]:.1f}" for r in (ours, trl)]
             ratio = f"{ours[key] / trl[key]:.2f}" if isinstance(ours, dict) and isinstance(trl, dict) else "n/a"
