@@ -23,6 +23,9 @@ def segments_page(recipe: str, overrides: list[str], limit: int, split: str, out
     module, dm = cli.model, cli.datamodule
     if module.segmenter is None:
         raise AmrlhfError(f"{recipe}: the module has no segmenter to show")
+    if getattr(dm, "kind", None) == "prompt":
+        raise AmrlhfError(f"{recipe}: a PPO recipe's data are prompts; its responses exist only during training "
+                          "(see the segments/* metrics); point `amrlhf segments` at a DPO or SFT recipe")
     dm.setup("fit")
     if isinstance(module.scorer, CachedScorer):  # score just the shown examples, without a cache
         module.scorer = module.scorer.source

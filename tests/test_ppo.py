@@ -195,3 +195,10 @@ def test_bad_ppo_configuration_is_refused_before_training(tmp_path, letters, ove
     client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db")
     for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
         assert "objective/scores" not in run.data.metrics  # not a single rollout trained
+
+
+@pytest.mark.slow
+def test_segments_view_explains_why_a_ppo_recipe_has_nothing_to_show(tmp_path):
+    proc = amrlhf("segments", "--config", recipe("am_ppo"), "--out", str(tmp_path / "v.html"), cwd=tmp_path)
+    assert proc.returncode == 2 and "PPO recipe's data are prompts" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "v.html").exists()
