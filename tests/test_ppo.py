@@ -202,3 +202,47 @@ def test_segments_view_explains_why_a_ppo_recipe_has_nothing_to_show(tmp_path):
     proc = amrlhf("segments", "--config", recipe("am_ppo"), "--out", str(tmp_path / "v.html"), cwd=tmp_path)
     assert proc.returncode == 2 and "PPO recipe's data are prompts" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "v.html").exists()
+
+
+def test_a_metric_missing_at_a_step_is_not_repeated_from_an_earlier_step():
+    """Lightning re-sends a step metric's last value at later steps that did not log it; PPO's
+    per-label kept fractions (absent when no response has that label) go through log_sometimes."""
+    from lightning.pytorch.loggers import Logger
+
+    from amrlhf.modules.base import AlignmentModule
+
+    class Recorder(Logger):
+        name, version = "rec", 0
+        experiment = None
+
+        def __init__(self):
+            super().__init__()
+            self.rows: list[tuple[int, dict]] = []
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Module(AlignmentModule):
+        def configure_model(self):
+            self.policy = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.policy(batch[0]).sum()
+            stats = {"always": loss.detach()}
+            if batch_idx == 0:
+                stats["once_via_log"] = torch.tensor(1.0)
+                self.log_sometimes({"once_direct": torch.tensor(2.0)})
+            self.log_stats(stats, "train", 1)
+            return loss
+
+    rec = Recorder()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(3, 1)), batch_size=1)
+    L.Trainer(accelerator="cpu", max_steps=3, logger=rec, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, log_every_n_steps=1).fit(Module(ModelSpec("unused")), data)
+    steps = {key: sorted(s for s, m in rec.rows if key in m) for key in ("always", "once_via_log", "once_direct")}
+    assert steps["always"] == [0, 1, 2]
+    assert steps["once_direct"] == [0]
+    assert steps["once_via_log"] == [0, 1, 2]  # Lightning's repetition, which log_sometimes avoids

@@ -90,6 +90,15 @@ class AlignmentModule(L.LightningModule):
             self.log(prefix + key, v, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
                      batch_size=batch_size, prog_bar=key in self.progress_keys)
 
+    def log_sometimes(self, stats: dict[str, Tensor]) -> None:
+        """Training metrics that a step may lack (no response labelled -1 in a PPO rollout): sent to the
+        logger directly at this step, since Lightning would repeat a metric's last value at every later
+        step that did not log it. Rank 0's values."""
+        if self._trainer is None or self.logger is None or not stats or not _writes_logs_now(self.trainer):
+            return
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch at
+        self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=step)
+
     progress_keys: tuple[str, ...] = ()
     best_metric: tuple[str, str] = ("eval/loss", "min")  # what the "best" checkpoint monitors
 

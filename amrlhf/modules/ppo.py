@@ -50,6 +50,7 @@ from amrlhf.segmenters.rules import first_response_index
 log = logging.getLogger(__name__)
 
 _VAL = 1 << 40  # validation samples never share a seed with a training rollout
+_BY_LABEL = ("segments/kept_frac_chosen", "segments/kept_frac_rejected")  # absent when no response has the label
 # Checkpoints are written after a rollout's last optimizer step, which is the state a resume needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
@@ -295,6 +296,7 @@ class PPOModule(AlignmentModule):
         if sched is not None:
             sched.step()
         self.rollouts_done += 1
+        self.log_sometimes({k: stats.pop(k) for k in _BY_LABEL if k in stats})
         self.log_stats(stats, "train", roll["input_ids"].shape[0])
 
     @torch.no_grad()
