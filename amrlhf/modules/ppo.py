@@ -216,10 +216,7 @@ class PPOModule(AlignmentModule):
         """Sample, score, shape, GAE, whiten, segment. -> (rollout tensors [N, ...], stats)."""
         roll, ended = self.sample(prompt_batch, self.step_seed(self.rollouts_done))
         resp = roll["response_mask"]
-        was_training = self.training
-        self.eval()  # no dropout while measuring the old policy
-        logps, _, values = self.forward_all(roll)
-        self.train(was_training)
+        logps, values = self.old_outputs(roll)
         ref = self.reference.logps(self, roll, "train")
         scores, ts = self.sequence_scores(roll, ended, "train")
         kl = kl_estimate(logps, ref, self.kl_estimator) * resp
@@ -243,6 +240,21 @@ class PPOModule(AlignmentModule):
             stats.update(segment_stats(seg, resp, roll["labels"]))
         stats["segments/actor_token_frac"] = roll["actor_mask"].sum() / resp.sum().clamp(min=1)
         return roll, stats
+
+    @torch.no_grad()
+    def old_outputs(self, roll: dict) -> tuple[Tensor, Tensor]:
+        """The old policy's log-probs and values, in eval mode (no dropout), a mini-batch of rows at a
+        time (the vocabulary-sized logits of the whole rollout never coexist)."""
+        was_training = self.training
+        self.eval()
+        n = roll["input_ids"].shape[0]
+        size = self.mini_batch_size or n
+        parts = []
+        for start in range(0, n, size):
+            logps, _, values = self.forward_all({k: v[start:start + size] for k, v in roll.items()})
+            parts.append((logps, values))
+        self.train(was_training)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def actor_mask(self, roll: dict, reward_scores: TokenScores):
         resp = roll["response_mask"]
