@@ -57,9 +57,6 @@ class ValueModel(nn.Module):
         return out.logits.squeeze(-1).float()
 
 
-Critic = SharedValueHead | ValueModel
-
-
 def gather_rows(values: Tensor, index: Tensor) -> Tensor:
     """values [N, T] at one position per row [N] -> [N]."""
     return values[torch.arange(values.shape[0], device=values.device), index]
