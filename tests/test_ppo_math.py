@@ -16,7 +16,7 @@ from amrlhf.losses.ppo import (
     value_loss,
     whiten,
 )
-from amrlhf.models.forward import kept_to_tokens
+from amrlhf.models.forward import token_layout
 
 
 def t(*rows):
@@ -106,4 +106,4 @@ def test_kl_controllers():
 def test_entropy_and_kept_layout():
     assert torch.allclose(entropy_from_logits(torch.zeros(1, 3, 2)), torch.full((1, 3), math.log(2)))
     kept = t([10.0, 20.0, 30.0])  # K = 3 kept positions of a T = 5 sequence: positions 2, 3, 4
-    assert kept_to_tokens(kept, 5).tolist() == [[0.0, 0.0, 10.0, 20.0]]
+    assert token_layout(kept[:, :-1], 5).tolist() == [[0.0, 0.0, 10.0, 20.0]]

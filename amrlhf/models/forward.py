@@ -31,15 +31,14 @@ def policy_forward(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor,
     keep = T - first
     out = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False,
                 output_hidden_states=hidden)
-    part = token_logprobs(out.logits, ids[:, T - keep:])
-    logps = torch.cat([part.new_zeros(ids.shape[0], T - keep), part], dim=1)
+    logps = token_layout(token_logprobs(out.logits, ids[:, T - keep:]), T)
     return logps, out.logits, (out.hidden_states[-1] if hidden else None)
 
 
-def kept_to_tokens(kept: Tensor, T: int) -> Tensor:
-    """A per-position quantity of the kept logits [N, K] (position j = sequence position T-K+j) ->
-    the per-token layout [N, T-1] (aligned with input_ids[:, 1:]), zero where nothing was kept."""
-    part = kept[:, :-1]
+def token_layout(part: Tensor, T: int) -> Tensor:
+    """Per-token values of the last k predicted tokens [N, k] -> the per-token layout [N, T-1]
+    (aligned with input_ids[:, 1:]), zero for the earlier positions. From K kept logits, the values
+    of their first K-1 positions (the last one predicts nothing) are the last K-1 tokens."""
     return torch.cat([part.new_zeros(part.shape[0], T - 1 - part.shape[1]), part], dim=1)
 
 

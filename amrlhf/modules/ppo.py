@@ -37,10 +37,10 @@ from amrlhf.losses.ppo import (
     whiten,
 )
 from amrlhf.models import ModelSpec
-from amrlhf.models.forward import kept_to_tokens, policy_forward
+from amrlhf.models.forward import policy_forward, token_layout
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import SharedValueHead, ValueModel, gather_rows
-from amrlhf.modules.masking import record_scale
+from amrlhf.modules.masking import record_scale, setup_segmentation
 from amrlhf.modules.reference import FrozenReference, ReferenceModel
 from amrlhf.rollout import Sampling, left_padded_prompts, sample_responses, seeded
 from amrlhf.scorers import TokenScorer, TokenScores
@@ -176,10 +176,7 @@ class PPOModule(AlignmentModule):
 
     def _setup_frozen(self) -> None:
         self.reference.setup(self)
-        if self.scorer is not None:
-            self.scorer.setup(self)
-        if self.segmenter is not None and hasattr(self.segmenter, "setup"):
-            self.segmenter.setup(self.trainer.datamodule.tokenizer)
+        setup_segmentation(self)  # scorer and segmenter set-up; the scale is measured on the first rollout
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
@@ -292,7 +289,7 @@ class PPOModule(AlignmentModule):
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 with torch.no_grad():
-                    entropy = kept_to_tokens(entropy_from_logits(logits), resp.shape[1] + 1)
+                    entropy = token_layout(entropy_from_logits(logits)[:, :-1], resp.shape[1] + 1)
                     acc["policy/entropy_avg"].append(masked_mean(entropy, resp))
                 acc["loss/policy_avg"].append(pg.detach())
                 acc["loss/value_avg"].append(vf.detach())

@@ -6,7 +6,7 @@ import torch
 
 from amrlhf.losses import masked_mean, nll_sums
 from amrlhf.models import ModelSpec
-from amrlhf.models.forward import response_logps
+from amrlhf.models.forward import response_logps, token_layout
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.rejection import BestOfN
 from amrlhf.scorers import TokenScorer
@@ -17,7 +17,7 @@ def _hits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """1 where the argmax of the kept logits is the next token; [N, T-1], zero before them."""
     keep = logits.shape[1]
     hits = (logits[:, :-1].argmax(-1) == input_ids[:, input_ids.shape[1] - keep + 1:]).float()
-    return torch.cat([hits.new_zeros(hits.shape[0], input_ids.shape[1] - keep), hits], dim=1)
+    return token_layout(hits, input_ids.shape[1])
 
 
 class SFTModule(AlignmentModule):
