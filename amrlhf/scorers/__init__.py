@@ -5,6 +5,7 @@ from amrlhf.scorers.cached import CachedScorer
 from amrlhf.scorers.data import CriticScorer, DatasetScorer
 from amrlhf.scorers.models import ImplicitRewardScorer, RewardModelScorer, next_token_entropy
 from amrlhf.scorers.programmatic import TargetTokenReward
+from amrlhf.scorers.steps import ArithmeticStepScorer
 
 __all__ = ["TokenScorer", "TokenScores", "check_same_tokenizer", "CachedScorer", "CriticScorer", "DatasetScorer",
-           "ImplicitRewardScorer", "RewardModelScorer", "TargetTokenReward", "next_token_entropy"]
+           "ImplicitRewardScorer", "RewardModelScorer", "TargetTokenReward", "ArithmeticStepScorer", "next_token_entropy"]

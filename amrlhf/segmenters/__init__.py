@@ -2,11 +2,11 @@
 
 from amrlhf.segmenters.adaptive import AdaptivePivotSegmenter, TokenWiseSegmenter
 from amrlhf.segmenters.base import PivotSegmenter, Segmentation
-from amrlhf.segmenters.baselines import Baseline, ConstantBaseline, PromptScoreBaseline, RunningMeanBaseline
+from amrlhf.segmenters.baselines import Baseline, BatchMeanBaseline, ConstantBaseline, PromptScoreBaseline, RunningMeanBaseline
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
 
 __all__ = ["PivotSegmenter", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
-           "StepWiseSegmenter", "EntropySegmenter", "Baseline", "PromptScoreBaseline", "ConstantBaseline",
+           "StepWiseSegmenter", "EntropySegmenter", "Baseline", "BatchMeanBaseline", "PromptScoreBaseline", "ConstantBaseline",
            "RunningMeanBaseline", "segment_stats"]

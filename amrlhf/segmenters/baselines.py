@@ -38,6 +38,16 @@ class ConstantBaseline:
         return torch.full((scores.shape[0],), self.constant, dtype=scores.dtype, device=scores.device)
 
 
+class BatchMeanBaseline:
+    """b = the mean of the response-token scores of the whole batch (one value for every row): "neutral"
+    is what this batch scores on average, with no state to carry."""
+
+    def value(self, scores: Tensor, resp: Tensor, prompt_scores: Tensor | None) -> Tensor:
+        r = resp.to(scores.dtype)
+        mean = (scores * r).sum() / r.sum().clamp(min=1)
+        return mean.expand(scores.shape[0])
+
+
 class RunningMeanBaseline:
     """b = running mean of response-token scores (exponential, `momentum`), updated after use in
     training; its state is checkpointed (`state_dict`) and the update is reduced across devices."""
