@@ -142,3 +142,30 @@ def test_lm_eval_callback_after_fit_logs_to_the_run(tmp_path, tiny_mmlu):
     (run,) = client.search_runs([client.get_experiment_by_name("amrlhf").experiment_id])
     assert "lm_eval/mmlu_0shot_offline/acc_none" in run.data.metrics
     assert (runs / "smoke-dpo" / "lm_eval" / "final" / "lm_eval_results.json").exists()
+
+
+def test_num_fewshot_zero_overrides_a_task_default(tmp_path):
+    """A suite's `num_fewshot: 0` reaches lm-eval as 0 (None would let the task's own default run)."""
+    from amrlhf.evaluation.harness import evaluate
+    from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"question": f"{a} plus {b}?", "choices": [str(a + b), str(a)], "gold": 0} for a, b in [(1, 2), (3, 4)]]
+    data = tasks / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "fewshot_default_two.yaml").write_text(
+        f"task: fewshot_default_two\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"    train: {data}\ntest_split: test\nfewshot_split: train\nnum_fewshot: 2\noutput_type: multiple_choice\n"
+        "doc_to_text: 'Q: {{question}}\\nA:'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    suite = EvalSuite(slots=[], tasks=["fewshot_default_two"], include_path=str(tasks), num_fewshot=0, limit=1,
+                      batch_size=1, max_length=128)
+    report = evaluate(load_causal_lm(ModelSpec("local:tiny-llama")), load_tokenizer("local:tiny-llama"), suite,
+                      out_dir=tmp_path / "out")
+    results = json.loads((tmp_path / "out" / "lm_eval_results.json").read_text())
+    assert results["n-shot"]["fewshot_default_two"] == 0
+    (sample,) = [json.loads(x) for x in (tmp_path / "out" / "samples_fewshot_default_two.jsonl").read_text().splitlines()]
+    print(sample["arguments"]); context = ""
+    assert context.count("Q: ") == 1, context  # the question alone, no few-shot examples before it
+    assert report.settings["num_fewshot"] == 0

@@ -2,7 +2,13 @@
 
 from amrlhf.segmenters.adaptive import AdaptivePivotSegmenter, TokenWiseSegmenter
 from amrlhf.segmenters.base import PivotSegmenter, Segmentation
-from amrlhf.segmenters.baselines import Baseline, BatchMeanBaseline, ConstantBaseline, PromptScoreBaseline, RunningMeanBaseline
+from amrlhf.segmenters.baselines import (
+           Baseline,
+           BatchMeanBaseline,
+           ConstantBaseline,
+           PromptScoreBaseline,
+           RunningMeanBaseline,
+)
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
