@@ -157,7 +157,7 @@ def test_num_fewshot_zero_overrides_a_task_default(tmp_path):
     (tasks / "fewshot_default_two.yaml").write_text(
         f"task: fewshot_default_two\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         f"    train: {data}\ntest_split: test\nfewshot_split: train\nnum_fewshot: 2\noutput_type: multiple_choice\n"
-        "doc_to_text: 'Q: {{question}}\\nA:'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
         "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
     suite = EvalSuite(slots=[], tasks=["fewshot_default_two"], include_path=str(tasks), num_fewshot=0, limit=1,
                       batch_size=1, max_length=128)
@@ -166,6 +166,6 @@ def test_num_fewshot_zero_overrides_a_task_default(tmp_path):
     results = json.loads((tmp_path / "out" / "lm_eval_results.json").read_text())
     assert results["n-shot"]["fewshot_default_two"] == 0
     (sample,) = [json.loads(x) for x in (tmp_path / "out" / "samples_fewshot_default_two.jsonl").read_text().splitlines()]
-    print(sample["arguments"]); context = ""
+    context = sample["arguments"][0][0]
     assert context.count("Q: ") == 1, context  # the question alone, no few-shot examples before it
     assert report.settings["num_fewshot"] == 0
