@@ -127,4 +127,17 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(eval_slot_assets):
     assert score(doc, [doc["canonical_solution"], "    return 0\n"]) == {"pass_at_1": 0.5}
     hang = run_completions(doc, ["    while True:\n        pass\n"], Limits(wall_s=1))[0]
     assert hang.status == "timeout"
-    assert program(doc, "    return x + y\n").endswith(f"check({doc['entry_point']})\n")
+    assert program(doc, "    return x + y\n", "t0k").endswith(f"check({doc['entry_point']})\nprint('t0k')\n")
+
+
+@pytest.mark.parametrize("completion", [
+    "    import sys\n    sys.exit(0)\n",                # exits with status 0 when check() calls it
+    "    raise SystemExit\n",
+    "    return 0\nimport os\nos._exit(0)\n",           # exits before the tests run at all
+])
+def test_exiting_with_status_zero_is_not_a_pass(completion):
+    doc = {"prompt": "def add(x, y):\n", "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+           "entry_point": "add"}
+    assert score(doc, [completion]) == {"pass_at_1": 0.0}
+    assert score(doc, ["    return x + y\n"]) == {"pass_at_1": 1.0}
+    assert score(doc, ["    print('chatty')\n    return x + y\n"]) == {"pass_at_1": 1.0}

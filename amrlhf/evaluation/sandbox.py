@@ -46,7 +46,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str              # "passed" (exit 0), "failed" (non-zero exit / signal) or "timeout"
+    status: str              # "passed" (exit 0; HumanEval also needs its token), "failed" or "timeout"
     returncode: int | None
     stdout: str
     stderr: str
