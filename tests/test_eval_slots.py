@@ -68,6 +68,33 @@ def test_truthfulqa_bigbench_parsing_keeps_single_answer_questions_and_counts_th
         mc_rows({"examples": [{"input": "q"}]}, "task_mc.json")
 
 
+def test_multiple_choice_continuations_carry_exactly_one_space(tmp_path, monkeypatch):
+    """What lm-eval scores for HaluEval MC and TruthfulQA: the query, then ONE space and the answer (the
+    choices are stored with their leading space; lm-eval must not add its own target_delimiter)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    monkeypatch.setenv("AMRLHF_HOME", str(tmp_path))
+    for asset, part, rows in [
+        ("truthfulqa_bigbench", "test", mc_rows(BIGBENCH_TRUTHFUL)[0]),  # as prepared (also before the fix)
+        ("halueval_dialogue", "heldout", [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.",
+                                          "rejected": "Bye."}]),
+    ]:
+        root = tmp_path / "data" / asset
+        root.mkdir(parents=True)
+        (root / f"{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / "ASSET.json").write_text("{}")
+    folder = render_tasks(EvalSuite(slots=["halueval", "truthfulqa"]))
+    tasks = get_task_dict(["halueval_dialogue_mc", "truthfulqa_mc_bigbench"], TaskManager(include_path=str(folder)))
+    scored = {}
+    for name, task in tasks.items():
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+        scored[name] = sorted(inst.arguments for inst in task.instances)
+    assert scored["halueval_dialogue_mc"] == [("[Human]: Hi\n[Assistant]:", " Bye."),
+                                              ("[Human]: Hi\n[Assistant]:", " Hello.")]
+    assert [c for _, c in scored["truthfulqa_mc_bigbench"]] == [" It passes through you.", " It stays for seven years."]
+    assert scored["truthfulqa_mc_bigbench"][0][0].endswith("swallow gum?\nA:")
+
+
 def test_rendered_tasks_carry_their_hooks_and_data(eval_slot_assets):
     folder = render_tasks(EvalSuite(slots=list(NEW), allow_code_execution=True))
     assert (folder / "amrlhf_task_fns.py").exists()

@@ -31,7 +31,7 @@ def halueval_mc_rows(heldout: Path) -> list[dict]:
             turns.append(who + m["content"])
         query = "\n".join(turns) + "\n[Assistant]:"
         flip = int(hashlib.sha256(query.encode()).hexdigest(), 16) % 2
-        choices = [" " + r["chosen"], " " + r["rejected"]]
+        choices = [" " + r["chosen"], " " + r["rejected"]]  # the one space (the YAML: target_delimiter "")
         rows.append({"query": query, "choices": choices[::-1] if flip else choices, "gold": 1 if flip else 0})
     return rows
 

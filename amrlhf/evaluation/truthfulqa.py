@@ -2,7 +2,7 @@
 task_mc.json`, Apache-2.0): 299 of TruthfulQA's 817 questions, each with one true answer among 2-5
 choices (so mc1-style accuracy; there is no mc2 here). The prompt is BIG-bench's own: its six-question
 `task_prefix` (the same few-shot block lm-eval's truthfulqa_mc1 uses), then `Q: ...\\nA:`; each choice
-is scored by log-likelihood.
+is scored by log-likelihood as stored, `" " + answer` (the task YAML sets `target_delimiter: ""`).
 """
 
 from __future__ import annotations
