@@ -11,6 +11,7 @@ from amrlhf.losses import (
     RobustDPO,
     SigmoidDPO,
     bradley_terry_loss,
+    centring_term,
     dpo_stats,
     masked_mean,
     nll_sums,
@@ -97,6 +98,11 @@ def test_bradley_terry_and_reward_stats_hand_values():
     st = reward_stats(torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 0.0]))
     assert st["rm/accuracy"].item() == pytest.approx(0.5)  # 1 + 0.5 + 0 over 3
     assert st["rm/margin"].item() == pytest.approx(0.0)
+
+
+def test_centring_term_hand_values():
+    # pairs (1, 0) and (3, -1): (1 + 0)^2 = 1, (3 - 1)^2 = 4; a pair centred on 0 costs nothing
+    assert centring_term(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0.0, -1.0, -2.0])).tolist() == [1.0, 4.0, 0.0]
 
 
 def test_masked_mean_empty_mask_is_zero_not_nan():

@@ -126,6 +126,28 @@ def test_sft_with_every_example_dropped_is_a_zero_loss_that_still_has_a_graph(to
     assert stats["segments/fallback_frac"].item() == 1.0
 
 
+def test_reward_centring_term_is_trl_s_mean_of_squared_pair_sums():
+    """coef * mean((r_w + r_l)^2), not coef * mean(r^2): scores worked out by hand through model_step."""
+    import math
+    from types import SimpleNamespace
+
+    from amrlhf.modules.reward import RewardModule
+
+    class Scores(torch.nn.Module):  # the head's output at every position: a fixed value per row
+        def forward(self, input_ids, attention_mask):
+            rows = torch.tensor([1.0, 3.0, 0.0, -1.0])[:, None, None]  # chosen 1, 3; rejected 0, -1
+            return SimpleNamespace(logits=rows.expand(4, input_ids.shape[1], 1))
+
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3),
+             "response_mask": torch.tensor([[0.0, 1.0]] * 4), "index": torch.arange(2)}
+    m = RewardModule(ModelSpec("local:tiny-llama"), center_coef=0.5)
+    m.policy = Scores()
+    loss, _ = m.model_step(batch)
+    bt = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-4.0))) / 2  # -log sigmoid(margin), margins 1, 4
+    centring = 0.5 * ((1.0 + 0.0) ** 2 + (3.0 - 1.0) ** 2) / 2  # 0.5 * mean(1, 4) = 1.25 (mean(r^2): 1.375)
+    assert loss.item() == pytest.approx(bt + centring, rel=1e-6)
+
+
 def test_cached_reference_equals_the_frozen_model_and_is_reused(tmp_path):
     from amrlhf.models import load_causal_lm
     from amrlhf.modules import CachedReference

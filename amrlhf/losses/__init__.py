@@ -4,12 +4,12 @@ from amrlhf.losses.dpo import IPO, DPOLoss, HingeDPO, RobustDPO, SigmoidDPO, dpo
 from amrlhf.losses.kl_control import AdaptiveKL, FixedKL, KLController
 from amrlhf.losses.logprobs import sequence_logps, token_logprobs
 from amrlhf.losses.reductions import masked_mean, masked_sum
-from amrlhf.losses.reward import bradley_terry_loss, reward_stats
+from amrlhf.losses.reward import bradley_terry_loss, centring_term, reward_stats
 from amrlhf.losses.sft import nll_sums
 
 __all__ = [
     "AdaptiveKL", "FixedKL", "KLController",
     "DPOLoss", "SigmoidDPO", "IPO", "HingeDPO", "RobustDPO", "dpo_stats",
     "token_logprobs", "sequence_logps", "masked_sum", "masked_mean",
-    "bradley_terry_loss", "reward_stats", "nll_sums",
+    "bradley_terry_loss", "centring_term", "reward_stats", "nll_sums",
 ]

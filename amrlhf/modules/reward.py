@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from amrlhf.losses import bradley_terry_loss, reward_stats
+from amrlhf.losses import bradley_terry_loss, centring_term, reward_stats
 from amrlhf.models import ModelSpec
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.segmenters.rules import first_response_index, last_response_index
@@ -29,7 +29,8 @@ def prefix_scores(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class RewardModule(AlignmentModule):
-    """Bradley-Terry on (chosen, rejected); `center_coef` adds TRL's centring term coef * mean(r^2)."""
+    """Bradley-Terry on (chosen, rejected); `center_coef` adds TRL's centring term
+    coef * mean((r_chosen + r_rejected)^2)."""
 
     progress_keys = ("rm/accuracy",)
 
@@ -49,7 +50,7 @@ class RewardModule(AlignmentModule):
         chosen, rejected = seq[:B], seq[B:]
         loss = bradley_terry_loss(chosen, rejected).mean()
         if self.center_coef:
-            loss = loss + self.center_coef * (seq ** 2).mean()
+            loss = loss + self.center_coef * centring_term(chosen, rejected).mean()
         return loss, reward_stats(chosen, rejected)
 
     def training_step(self, batch: dict, batch_idx: int):
