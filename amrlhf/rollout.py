@@ -4,6 +4,10 @@ Prompts are left-padded, sampled with the KV cache, stopped at EOS; each respons
 (the model generated it, so it is a response token) and nothing after it. A response cut by
 max_new_tokens has no EOS (PPO can penalise that); the collated rows' masks come from lengths,
 so truncation never leaves a pad or prompt token inside the response mask.
+
+The sampling distribution is `Sampling`'s alone (temperature, top-p, top-k; nothing else): nothing of
+a checkpoint's own `generation_config` (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...)
+applies, so PPO's log-probs are those of the distribution the responses were drawn from.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
 
 from amrlhf.data.collate import pad_rows
 from amrlhf.segmenters.rules import first_response_index
@@ -23,7 +28,33 @@ class Sampling:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0: no top-k filtering
+
+
+def generation_config(sampling: Sampling, *, n: int, max_new_tokens: int, eos_id: int, pad_id: int
+                      ) -> GenerationConfig:
+    """The complete generation config of a rollout: every field that shapes the distribution set from
+    `sampling` or to its neutral value."""
+    return GenerationConfig(
+        do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, typical_p=1.0,
+        min_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True)
+
+
+@contextlib.contextmanager
+def own_generation_config(model):
+    """transformers fills whatever a passed GenerationConfig leaves unset (None) from the model's own
+    `generation_config`, the checkpoint's: blank it for the call (on every wrapped model), then put it back."""
+    holders = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    saved = [m.generation_config for m in holders]
+    for m in holders:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, config in zip(holders, saved, strict=True):
+            m.generation_config = config
 
 
 def prompts_of(batch: dict) -> list[list[int]]:
@@ -73,13 +104,11 @@ def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos
     new = sampling.max_new_tokens if max_length is None else min(sampling.max_new_tokens, max_length - width)
     if new < 1:
         raise ValueError(f"prompts of {width} tokens leave no room to generate under max_length={max_length}")
+    config = generation_config(sampling, n=n, max_new_tokens=new, eos_id=eos_id, pad_id=pad_id)
     was_training = model.training
     model.eval()
-    out: Tensor = model.generate(
-        input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, num_return_sequences=n,
-        max_new_tokens=new, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
-        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
-    )
+    with own_generation_config(model):
+        out: Tensor = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config)
     model.train(was_training)
     gen = out[:, width:].tolist()
     result: list[list[list[int]]] = []

@@ -117,6 +117,28 @@ def test_rollout_keeps_eos_flags_and_masks_right(letters):
         assert int(batch["attention_mask"][i].sum()) == len(p) + n
 
 
+def test_sampling_ignores_the_checkpoint_generation_config(tokenizer):
+    """Only `Sampling` shapes the distribution: a checkpoint's repetition_penalty, no_repeat_ngram_size,
+    min_new_tokens, top_k or suppress_tokens leave the samples as they were."""
+    from amrlhf.models import load_causal_lm
+    from amrlhf.rollout import generate
+
+    model = load_causal_lm(ModelSpec("local:tiny-llama"))
+    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("a")["input_ids"]]
+
+    def draw():
+        with seeded(0):
+            return generate(model, prompts, 4, Sampling(max_new_tokens=8), eos_id=tokenizer.eos_token_id,
+                            pad_id=tokenizer.pad_token_id)
+
+    plain = draw()
+    config = model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens, config.top_k = 5.0, 1, 8, 3
+    config.suppress_tokens = list(range(0, 300, 2))  # a field whose neutral value is None (unset)
+    assert draw() == plain
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
 def test_prompt_rows_and_too_long_prompts_are_counted(tmp_path):
     import json
 
