@@ -81,6 +81,37 @@ def test_sample_wise_segmenter_is_bit_identical_to_ppo(letters):
         assert torch.equal(pa[name], pb[name]), name
 
 
+def test_am_ppo_labels_come_from_the_raw_score_not_the_eos_penalised_one(letters):
+    """l = sign(raw score - running mean) (METHOD.md): `missing_eos_penalty` shapes the reward, not the label."""
+    from amrlhf.losses.ppo import last_index
+
+    seen = {}
+
+    class Reward(TargetTokenReward):
+        def score(self, module, batch, split):
+            ts = super().score(module, batch, split)
+            last = last_index(batch["response_mask"])
+            rows = torch.arange(last.shape[0])
+            seen.setdefault("raw", ts.scores[rows, last].float())
+            eos = module.trainer.datamodule.tokenizer.eos_token_id
+            seen.setdefault("ended", batch["input_ids"][rows, last + 1] == eos)
+            return ts
+
+    class Segmenter(SampleWiseSegmenter):
+        def segment(self, **kw):
+            seen.setdefault("labels", kw["labels"].clone())
+            return super().segment(**kw)
+
+    module = letters_ppo(letters, reward=Reward("x"), segmenter=Segmenter(), missing_eos_penalty=10.0)
+    fit(module, letters, rollouts=1)
+    raw, ended = seen["raw"], seen["ended"]
+    penalised = raw - 10.0 * (~ended).float()
+    assert 0 < int(ended.sum()) < len(ended)  # both kinds in the rollout: the two rules disagree
+    expected = torch.where(raw >= raw.mean(), 1, -1)  # the first rollout's baseline is its own mean
+    assert not torch.equal(expected, torch.where(penalised >= penalised.mean(), 1, -1))
+    assert torch.equal(seen["labels"], expected)
+
+
 def test_lora_policy_with_adapter_reference_and_a_critic_on_its_own_backbone(letters):
     model = str(letters[0])
     module = letters_ppo(letters, policy=ModelSpec(model, lora=LoraSpec(r=4, alpha=8)), reference=AdapterReference(),

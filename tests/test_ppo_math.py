@@ -8,6 +8,7 @@ import torch
 from amrlhf.losses import AdaptiveKL, FixedKL
 from amrlhf.losses.logprobs import entropy_from_logits
 from amrlhf.losses.ppo import (
+    eos_penalised,
     gae,
     kl_estimate,
     last_index,
@@ -31,6 +32,12 @@ def test_kl_estimators():
     assert (kl_estimate(t([-3.0, 0.0]), t([0.0, -3.0]), "k3") >= 0).all()
     with pytest.raises(ValueError, match="k2"):
         kl_estimate(logp, ref, "k2")
+
+
+def test_eos_penalised_subtracts_only_where_the_response_was_cut():
+    scores, ended = torch.tensor([0.5, 0.5]), torch.tensor([True, False])
+    assert eos_penalised(scores, ended, 2.0).tolist() == [0.5, -1.5]
+    assert eos_penalised(scores, ended, None) is scores
 
 
 def test_shape_rewards_adds_the_score_at_the_last_response_token():

@@ -34,6 +34,11 @@ def last_index(resp: Tensor) -> Tensor:
     return (resp.bool() * pos).amax(-1)
 
 
+def eos_penalised(scores: Tensor, ended: Tensor, penalty: float | None) -> Tensor:
+    """Sequence scores [N] less `penalty` where the response has no EOS (ended [N] False); None: unchanged."""
+    return scores if penalty is None else scores - penalty * (~ended).to(scores.dtype)
+
+
 def shape_rewards(scores: Tensor, kl: Tensor, resp: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """r_t = -beta * kl_t on response tokens, plus the sequence score at the last response token.
     -> (rewards [N, T-1], non-score rewards [N, T-1])."""

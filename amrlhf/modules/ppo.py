@@ -28,6 +28,7 @@ from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.logprobs import entropy_from_logits
 from amrlhf.losses.ppo import (
+    eos_penalised,
     gae,
     kl_estimate,
     last_index,
@@ -112,8 +113,8 @@ class PPOModule(AlignmentModule):
             ppo_epochs: passes over each rollout batch; mini_batch_size: rows per optimizer step
                 (default: the whole rollout batch; must divide it).
             max_grad_norm: gradient norm clipping (None: off).
-            label_momentum: momentum of the running mean of sequence scores that sets each
-                response's label l = sign(score - mean) (AM-PPO).
+            label_momentum: momentum of the running mean of raw sequence scores (before
+                `missing_eos_penalty`) that sets each response's label l = sign(score - mean) (AM-PPO).
             segment_warmup_rollouts: rollouts trained sample-wise before segmenting (useful with
                 CriticScorer: an untrained critic gives random masks).
             seed: sampling seed (default: the run's seed_everything).
@@ -201,12 +202,11 @@ class PPOModule(AlignmentModule):
         return {k: v.to(self.device) for k, v in batch.items()}, ended.to(self.device)
 
     @torch.no_grad()
-    def sequence_scores(self, batch: dict, ended: Tensor, split: str) -> tuple[Tensor, TokenScores]:
+    def sequence_scores(self, batch: dict, ended: Tensor, split: str) -> tuple[Tensor, Tensor, TokenScores]:
+        """-> (raw sequence scores [N], scores after `missing_eos_penalty` [N], the reward's token scores)."""
         ts = self.reward.score(self, batch, split)
-        scores = gather_rows(ts.scores, last_index(batch["response_mask"])).float()
-        if self.missing_eos_penalty is not None:
-            scores = scores - self.missing_eos_penalty * (~ended).float()
-        return scores, ts
+        raw = gather_rows(ts.scores, last_index(batch["response_mask"])).float()
+        return raw, eos_penalised(raw, ended, self.missing_eos_penalty), ts
 
     @torch.no_grad()
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
@@ -215,16 +215,17 @@ class PPOModule(AlignmentModule):
         resp = roll["response_mask"]
         logps, values = self.old_outputs(roll)
         ref = self.reference.logps(self, roll, "train")
-        scores, ts = self.sequence_scores(roll, ended, "train")
+        raw, scores, ts = self.sequence_scores(roll, ended, "train")
         kl = kl_estimate(logps, ref, self.kl_estimator) * resp
         rewards, non_score = shape_rewards(scores, kl, resp, self.kl_ctl.value)
         old_values = values[:, :-1] * resp
         adv, returns = gae(rewards, old_values, resp, self.gamma, self.lam)
         roll.update(old_logps=logps * resp, old_values=old_values, returns=returns, advantages=whiten(adv, resp),
                     values=values[:, 1:] * resp, prompt_values=gather_rows(values, first_response_index(resp)))
-        baseline = self.label_baseline.mean if self.label_baseline.count else float(scores.mean())
-        roll["labels"] = torch.where(scores >= baseline, 1, -1).long()
-        self.label_baseline.update(scores[:, None], torch.ones_like(scores)[:, None])
+        # AM-PPO's label: the raw score against the running mean of raw scores (the penalty is the reward's only)
+        baseline = self.label_baseline.mean if self.label_baseline.count else float(raw.mean())
+        roll["labels"] = torch.where(raw >= baseline, 1, -1).long()
+        self.label_baseline.update(raw[:, None], torch.ones_like(raw)[:, None])
         roll["actor_mask"], seg = self.actor_mask(roll, ts)
         stats = {
             "objective/kl": kl.sum(-1).mean(), "objective/entropy": (-logps * resp).sum(-1).mean(),
@@ -315,7 +316,7 @@ class PPOModule(AlignmentModule):
         resp = roll["response_mask"]
         logps = policy_forward(self.policy, roll)[0]
         kl = kl_estimate(logps, self.reference.logps(self, roll, "val"), self.kl_estimator) * resp
-        scores, _ = self.sequence_scores(roll, ended, "val")
+        _, scores, _ = self.sequence_scores(roll, ended, "val")
         self.log_stats({"objective/scores": scores.mean(), "objective/kl": kl.sum(-1).mean(),
                         "rollout/eos_frac": ended.float().mean(), "rollout/response_len": resp.sum(-1).mean()},
                        "val", resp.shape[0])
