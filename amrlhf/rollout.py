@@ -45,8 +45,10 @@ def generation_config(sampling: Sampling, *, n: int, max_new_tokens: int, eos_id
 @contextlib.contextmanager
 def own_generation_config(model):
     """transformers fills whatever a passed GenerationConfig leaves unset (None) from the model's own
-    `generation_config`, the checkpoint's: blank it for the call (on every wrapped model), then put it back."""
-    holders = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    `generation_config`, the checkpoint's: blank it for the call (on every wrapped model), then put it
+    back."""
+    holders = [m for m in model.modules()
+               if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
     saved = [m.generation_config for m in holders]
     for m in holders:
         m.generation_config = GenerationConfig()
@@ -108,7 +110,8 @@ def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos
     was_training = model.training
     model.eval()
     with own_generation_config(model):
-        out: Tensor = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config)
+        out: Tensor = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                     generation_config=config)
     model.train(was_training)
     gen = out[:, width:].tolist()
     result: list[list[list[int]]] = []
