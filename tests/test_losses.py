@@ -81,7 +81,7 @@ def test_dpo_stats_hand_values_and_ties():
     assert s["rewards/chosen"].tolist() == pytest.approx([0.1, 0.0])
     assert s["rewards/rejected"].tolist() == pytest.approx([-0.1, 0.0])
     assert s["rewards/margins"].tolist() == pytest.approx([0.2, 0.0])
-    assert s["rewards/accuracies"].tolist() == [1.0, 0.5]
+    assert s["rewards/accuracies"].tolist() == [1.0, 0.0]  # TRL's: chosen > rejected, a tie counts 0
 
 
 def test_nll_sums_token_mean_hand_value():

@@ -103,6 +103,26 @@ def test_response_logps_equals_full_forward_on_response_tokens(tokenizer):
     assert logits.shape[1] < batch["input_ids"].shape[1]  # prompt-side logits were never computed
 
 
+def test_dpo_logits_metrics_are_trl_s_token_weighted_means(tokenizer):
+    """`logits/chosen|rejected` = the mean logit over every response token of the batch's chosen (rejected)
+    side and the vocabulary (TRL's definition), as logged: not a mean of per-row means."""
+    batch = _batch(tokenizer)
+    m = DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference())
+    m.configure_model()
+    m.reference.setup(m)
+    m.policy.eval()
+    with torch.no_grad():
+        _, stats = m.model_step(batch, "train")
+        full = m.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    resp, B = batch["response_mask"].bool(), batch["index"].shape[0]
+    lengths = resp.sum(-1)
+    assert len(set(lengths[:B].tolist())) > 1 and len(set(lengths[B:].tolist())) > 1  # the definitions differ
+    for key, rows in (("logits/chosen", slice(0, B)), ("logits/rejected", slice(B, None))):
+        expected = full[rows][resp[rows]].mean()
+        logged = stats[key].float().mean()  # what log_stats sends
+        torch.testing.assert_close(logged, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sft_with_every_example_dropped_is_a_zero_loss_that_still_has_a_graph(tokenizer):
     from amrlhf.scorers import TokenScores
     from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline

@@ -84,9 +84,9 @@ def dpo_stats(
     ref_chosen: Tensor,
     ref_rejected: Tensor,
 ) -> dict[str, Tensor]:
-    """TRL's metric keys, from UNMASKED sequence log-prob sums [B]; detached per-pair values.
+    """TRL's metric keys and definitions, from UNMASKED sequence log-prob sums [B]; detached per-pair values.
 
-    rewards/* = beta * (log pi - log pi_ref); accuracy counts ties as 0.5.
+    rewards/* = beta * (log pi - log pi_ref); rewards/accuracies = 1[chosen > rejected] (a tie counts 0).
     """
     rc = beta * (policy_chosen - ref_chosen).detach()
     rr = beta * (policy_rejected - ref_rejected).detach()
@@ -94,7 +94,7 @@ def dpo_stats(
         "rewards/chosen": rc,
         "rewards/rejected": rr,
         "rewards/margins": rc - rr,
-        "rewards/accuracies": (rc > rr).float() + 0.5 * (rc == rr).float(),
+        "rewards/accuracies": (rc > rr).float(),
         "logps/chosen": policy_chosen.detach(),
         "logps/rejected": policy_rejected.detach(),
     }

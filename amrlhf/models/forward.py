@@ -43,9 +43,10 @@ def token_layout(part: Tensor, T: int) -> Tensor:
 
 
 def mean_response_logits(logits: Tensor, response_mask: Tensor) -> Tensor:
-    """Mean raw logit over response positions and the vocabulary, per row (TRL's `logits/*`). [N].
-    `logits` are the kept logits of `response_logps` (the last K positions)."""
+    """Mean raw logit over every response token of the rows given and the vocabulary, one scalar
+    (TRL's `logits/*`: token-weighted, a long response counts for its length). `logits` are the
+    kept logits of `response_logps` (the last K positions)."""
     keep = logits.shape[1]
     per_pos = logits[:, :-1].detach().mean(-1, dtype=torch.float32)  # no float32 copy of the logits
     m = response_mask[:, response_mask.shape[1] - keep + 1:].to(per_pos.dtype)
-    return (per_pos * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return (per_pos * m).sum() / m.sum().clamp(min=1)

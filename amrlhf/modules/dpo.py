@@ -18,7 +18,8 @@ class DPOModule(AlignmentModule):
 
     The same mask applies to policy and reference terms. `nll_alpha` > 0 adds
     alpha * (token-mean NLL of the chosen response's kept tokens), against falling chosen log-probs.
-    The `rewards/*` and `logps/*` metrics use unmasked sums (TRL's definitions).
+    The `rewards/*`, `logps/*` and `logits/*` metrics are TRL's definitions (unmasked sums; logits
+    token-weighted over the batch).
     """
 
     progress_keys = ("rewards/accuracies", "rewards/margins")
@@ -80,8 +81,8 @@ class DPOModule(AlignmentModule):
             loss = loss * keep / keep.sum().clamp(min=1) * B
         pol, refs = sequence_logps(logps.detach(), resp), sequence_logps(ref, resp)
         stats = dpo_stats(self.loss_fn.beta, pol[:B], pol[B:], refs[:B], refs[B:])
-        mean_logits = mean_response_logits(logits, resp)
-        stats["logits/chosen"], stats["logits/rejected"] = mean_logits[:B], mean_logits[B:]
+        stats["logits/chosen"] = mean_response_logits(logits[:B], resp[:B])
+        stats["logits/rejected"] = mean_response_logits(logits[B:], resp[B:])
         if seg is not None:
             stats.update(segment_stats(seg, resp, batch["labels"]))
         return loss.mean(), stats
