@@ -146,6 +146,47 @@ def test_sft_with_every_example_dropped_is_a_zero_loss_that_still_has_a_graph(to
     assert stats["segments/fallback_frac"].item() == 1.0
 
 
+def test_best_of_n_with_every_prompt_below_min_score_is_a_zero_loss_that_keeps_the_graph():
+    """Not None (Lightning raises under DDP): a zero loss through the policy, zero gradients everywhere,
+    and the batch counted as skipped."""
+    from amrlhf.data import SFTDataModule
+    from amrlhf.modules import BestOfN
+    from amrlhf.rollout import Sampling
+    from amrlhf.scorers import TokenScores
+
+    class Flat:  # every sample scores 0, below min_score
+        def setup(self, module):
+            pass
+
+        def score(self, module, batch, split):
+            return TokenScores(torch.zeros_like(batch["response_mask"]))
+
+    class Tap(L.Callback):
+        def __init__(self):
+            self.outputs, self.grads, self.skipped = [], [], []
+
+        def on_after_backward(self, trainer, pl_module):
+            self.grads.append([p.grad for p in pl_module.policy.parameters() if p.requires_grad])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.outputs.append(outputs)
+            self.skipped.append(trainer.callback_metrics.get("arj/skipped_batch"))
+
+    L.seed_everything(0, verbose=False)
+    module = SFTModule(ModelSpec("local:tiny-llama"), scorer=Flat(),
+                       rollout=BestOfN(n=2, sampling=Sampling(max_new_tokens=4), min_score=1.0))
+    dm = SFTDataModule(train="local:tiny-arith/sft_train", tokenizer="local:tiny-llama", max_length=64,
+                       batch_size=2)
+    tap = Tap()
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, log_every_n_steps=1, limit_val_batches=0,
+              callbacks=[tap]).fit(module, dm)
+    assert len(tap.outputs) == 2
+    assert all("loss" in o and o["loss"].item() == 0.0 for o in tap.outputs), tap.outputs
+    assert len(tap.grads) == 2 and all(g is not None and not g.any() for step in tap.grads for g in step)
+    assert [None if v is None else float(v) for v in tap.skipped] == [1.0, 1.0]
+
+
 def test_reward_centring_term_is_trl_s_mean_of_squared_pair_sums():
     """coef * mean((r_w + r_l)^2), not coef * mean(r^2): scores worked out by hand through model_step."""
     import math

@@ -15,7 +15,8 @@ class BestOfN:
 
     N responses are sampled per prompt, scored by the module's scorer (a reward model: the
     sequence score is its prefix score at the last response token), the best is kept with label
-    +1; a prompt whose best score is below `min_score` is skipped (counted in `arj/skipped_frac`).
+    +1; a prompt whose best score is below `min_score` is skipped (counted in `arj/skipped_frac`);
+    a batch of which every prompt is skipped trains on nothing (`arj/skipped_batch` = 1 at that step).
     """
 
     def __init__(self, n: int = 4, sampling: Sampling | None = None, min_score: float | None = None):
@@ -38,9 +39,10 @@ class BestOfN:
         seq = scores[torch.arange(len(rows), device=scores.device), last].view(len(prompts), self.n)
         best_score, best = seq.max(-1)
         keep = torch.ones_like(best_score, dtype=torch.bool) if self.min_score is None else best_score >= self.min_score
-        stats = {"arj/best_score": best_score.mean().detach(), "arj/mean_score": seq.mean().detach(),
-                 "arj/skipped_frac": 1 - keep.float().mean()}
         chosen = [i * self.n + int(b) for i, b in enumerate(best) if keep[i]]
+        stats = {"arj/best_score": best_score.mean().detach(), "arj/mean_score": seq.mean().detach(),
+                 "arj/skipped_frac": 1 - keep.float().mean(),
+                 "arj/skipped_batch": torch.tensor(float(not chosen))}
         if not chosen:
             return None, stats
         out = {k: v.to(module.device) for k, v in pad_rows([rows[i] for i in chosen], tok.pad_token_id).items()}

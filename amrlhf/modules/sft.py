@@ -65,13 +65,24 @@ class SFTModule(AlignmentModule):
                          betas)
         self.rollout = rollout
 
+    def zero_loss(self, batch: dict) -> torch.Tensor:
+        """0 with the policy's graph, for a batch with nothing to train on. Under DDP every rank must
+        backpropagate through the same parameters, and take part in the all-device token count that
+        the other ranks' model_step gathers (with 0 tokens)."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            self.all_gather(torch.zeros((), device=self.device))  # float32, as model_step's count
+        out = self.policy(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                          logits_to_keep=1, use_cache=False)
+        return out.logits.sum() * 0
+
     def training_step(self, batch: dict, batch_idx: int):
         extra = {}
         if self.rollout is not None:
-            batch, extra = self.rollout.make_batch(self, batch)
-            if batch is None:  # every prompt's best sample scored below min_score
+            kept, extra = self.rollout.make_batch(self, batch)
+            if kept is None:  # every prompt's best sample scored below min_score (arj/skipped_batch = 1)
                 self.log_stats(extra, "train", 1)
-                return None
+                return self.zero_loss(batch)
+            batch = kept
         loss, stats = self.model_step(batch, "train")
         stats.update(extra)
         self.log_stats({"loss": loss.detach(), **stats}, "train", batch["input_ids"].shape[0])
