@@ -1,4 +1,4 @@
-"""The one entry point: `amrlhf fit|validate|test|prepare|run|export`.
+"""The one entry point: `amrlhf fit|validate|test|prepare|run|study|eval|compare|segments|export`.
 
 An expected mistake (bad path, bad config, missing asset, malformed data) is printed as one
 `error:` line with exit code 2; a traceback means a bug.
@@ -49,6 +49,12 @@ def _run(args: argparse.Namespace) -> None:
     run_pipeline(Path(args.pipeline))
 
 
+def _study(args: argparse.Namespace) -> None:
+    from amrlhf.study.runner import run_study
+
+    run_study(Path(args.study))
+
+
 def _export(args: argparse.Namespace) -> None:
     from amrlhf.export import export
 
@@ -93,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("run", help="run a multi-stage pipeline YAML (e.g. the quickstart)")
     pr.add_argument("pipeline")
     pr.set_defaults(func=_run)
+    pst = sub.add_parser("study", help="methods x seeds at one budget: held-out metrics, paired deltas, report")
+    pst.add_argument("study", help="a study YAML, recipes/study/*.yaml")
+    pst.set_defaults(func=_study)
     pv = sub.add_parser("eval", help="evaluation-only mode: an lm-eval suite on a checkpoint, folder or hub id")
     pv.add_argument("--config", required=True, help="a suite, recipes/eval/*.yaml")
     pv.add_argument("--model", required=True, help="Lightning .ckpt, HF folder, LoRA adapter folder, local: id or hub id")

@@ -18,11 +18,13 @@ RUN_FILE = "mlflow_run.json"
 @dataclass
 class Tracking:
     """uri: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs>/mlflow.db).
-    experiment: MLflow experiment name. log_checkpoint: log the final weights as an artifact."""
+    experiment: MLflow experiment name. log_checkpoint: log the final weights as an artifact.
+    parent_run: an MLflow run id this run is nested under (a study's cells set it)."""
 
     uri: str | None = None
     experiment: str = "amrlhf"
     log_checkpoint: bool = True
+    parent_run: str | None = None
 
 
 def default_uri(runs_root: Path) -> str:
@@ -57,8 +59,9 @@ def make_logger(cfg: Tracking, run_dir: Path, run_name: str, resume: bool):
             run_id = saved["run_id"]
             log.info("resuming: reattaching to MLflow run %s", run_id)
     artifacts = None if uri.startswith("http") else (run_dir.parent / "mlartifacts").resolve().as_uri()
+    tags = {"mlflow.parentRunId": cfg.parent_run} if cfg.parent_run else None
     logger = MLFlowLogger(experiment_name=cfg.experiment, run_name=run_name, tracking_uri=uri, run_id=run_id,
-                          artifact_location=artifacts, log_model=False)
+                          artifact_location=artifacts, log_model=False, tags=tags)
     return logger
 
 

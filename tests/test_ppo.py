@@ -235,7 +235,7 @@ def test_ppo_resume_after_crash_is_exact(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("--model.init_args.reward.init_args.model.name={letters}", "different tokenizer"),
-    ("--model.init_args.sampling.max_new_tokens=300", "exceeds the policy's maximum of 256"),
+    ("--model.init_args.sampling.max_new_tokens=600", "exceeds the policy's maximum of 512"),
     ("--checkpoint_every=6", "checkpoint_every=6 counts optimizer steps"),
 ])
 def test_bad_ppo_configuration_is_refused_before_training(tmp_path, letters, override, message):

@@ -13,9 +13,12 @@ from amrlhf.data.records import Example
 from amrlhf.data.tokenize import ChatEncoder
 
 
-def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids: list[int]) -> list[bool] | None:
+def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids: list[int],
+                    through_end: bool = False) -> list[bool] | None:
     """Per rejected-response token: does it overlap a differing character span? None when the
-    template's response text does not start with the raw response (offsets would not line up)."""
+    template's response text does not start with the raw response (offsets would not line up).
+    `through_end`: a span that reaches the end of the text also covers the end-of-turn token(s) after
+    it (for spans defined as "from the error to the end of the response")."""
     enc = ChatEncoder(tokenizer)
     ptext = enc.prompt_text(ex)
     rtext = enc.response_text(ex, ptext, ex.rejected, "rejected")
@@ -28,7 +31,10 @@ def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids
     out = []
     for start, end in got["offset_mapping"][: len(response_ids)]:
         end = min(end, limit)
-        out.append(any(start < b and a < end for a, b in spans) if start < limit else False)
+        if start >= limit:
+            out.append(through_end and any(b >= limit for _, b in spans))
+        else:
+            out.append(any(start < b and a < end for a, b in spans))
     return out
 
 

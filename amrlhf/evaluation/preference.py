@@ -59,15 +59,20 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
     return values.float().mean().item(), se
 
 
-def heldout_summary(base: PairLogps, policy: PairLogps, beta: float) -> dict[str, float]:
+def per_pair(base: PairLogps, policy: PairLogps, beta: float) -> dict[str, Tensor]:
+    """The module docstring's per-pair values [N], before averaging (paired comparisons need them)."""
     margin = beta * ((policy.chosen - base.chosen) - (policy.rejected - base.rejected))
-    per_pair = {
+    return {
         "implicit_acc": _acc(margin),
         "implicit_margin": margin,
         "lognorm_acc": _acc(policy.chosen / policy.chosen_len - policy.rejected / policy.rejected_len),
         "length_rule_acc": _acc(policy.rejected_len - policy.chosen_len),
     }
-    out: dict[str, float] = {"pairs": float(margin.numel())}
-    for key, vals in per_pair.items():
+
+
+def heldout_summary(base: PairLogps, policy: PairLogps, beta: float) -> dict[str, float]:
+    pairs = per_pair(base, policy, beta)
+    out: dict[str, float] = {"pairs": float(pairs["implicit_acc"].numel())}
+    for key, vals in pairs.items():
         out[key], out[f"{key}_se"] = _mean_se(vals)
     return out

@@ -1,0 +1,233 @@
+"""`amrlhf study STUDY.yaml`: every (method, seed) cell is an ordinary tracked fit, nested in MLflow under
+one parent study run; a cell that finished is skipped when the study is started again, and an
+unfinished one resumes from its last checkpoint. Each cell is scored on the held-out split, then one
+report (table, markdown, PNG) compares the methods with paired deltas against the baseline."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from amrlhf.errors import AmrlhfError
+from amrlhf.study.config import Fit, Study, load_study
+from amrlhf.study.heldout import generation_items, localisation, preference_items
+
+log = logging.getLogger(__name__)
+STATE = "study.json"
+CELL_DONE = "cell.json"
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class StudyRun:
+    def __init__(self, study: Study):
+        import mlflow
+
+        from amrlhf.tracking import check_reachable, default_uri
+
+        self.study = study
+        study.dir.mkdir(parents=True, exist_ok=True)
+        self.uri = default_uri(study.runs_root)
+        check_reachable(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.parent = self._parent_run()
+        self.base: dict | None = None
+        self._held = None  # (tokenizer, encoded pairs, base log-probs)
+
+    # ------------------------------------------------------------------ tracking
+    def _parent_run(self) -> str:
+        state_file = self.study.dir / STATE
+        if state_file.exists():
+            saved = json.loads(state_file.read_text())
+            if saved.get("uri") == self.uri:
+                log.info("study %s: continuing (MLflow parent run %s)", self.study.name, saved["parent_run"])
+                self.client.update_run(saved["parent_run"], status="RUNNING")
+                return saved["parent_run"]
+        exp = self.client.get_experiment_by_name(self.study.name)
+        if exp is None:
+            local = not self.uri.startswith("http")
+            exp_id = self.client.create_experiment(
+                self.study.name, artifact_location=(self.study.runs_root / "mlartifacts").resolve().as_uri()
+                if local else None)
+        else:
+            exp_id = exp.experiment_id
+        run = self.client.create_run(exp_id, run_name=self.study.name, tags={"amrlhf.kind": "study"})
+        self.client.log_artifact(run.info.run_id, str(self.study.path))
+        _write_atomic(state_file, {"uri": self.uri, "parent_run": run.info.run_id, "experiment_id": exp_id})
+        return run.info.run_id
+
+    def _fit_args(self, fit: Fit, run_name: str, extra: list[str]) -> list[str]:
+        args = ["fit", "--config", fit.config, *extra, f"--run_name={run_name}", f"--runs_root={self.study.dir}",
+                f"--tracking.uri={self.uri}", f"--tracking.experiment={self.study.name}",
+                f"--tracking.parent_run={self.parent}"]
+        if not self.study.keep_checkpoints and not (fit in self.study.setup):
+            args.append("--tracking.log_checkpoint=false")  # cells are scored in memory: no final weights
+        if (self.study.dir / run_name / "checkpoints" / "last.ckpt").exists():
+            log.info("%s: resuming from its last checkpoint", run_name)
+            args.append("--ckpt_path=last")
+        return args
+
+    # ------------------------------------------------------------------ stages
+    def run_setup(self, fit: Fit) -> None:
+        from amrlhf.cli import run_lightning
+
+        done = self.study.dir / fit.name / "setup.json"
+        if done.exists():
+            log.info("setup %s: done before, skipped", fit.name)
+            return
+        t = time.perf_counter()
+        cli = run_lightning(self._fit_args(fit, fit.name, list(map(str, fit.args))))
+        if fit.export:
+            from amrlhf.export import export
+
+            export(self.study.dir / fit.name / "final.ckpt", self.study.dir / fit.name / "hf")
+        del cli
+        gc.collect()
+        _write_atomic(done, {"name": fit.name, "seconds": time.perf_counter() - t})
+
+    def heldout_data(self, policy_name: str):
+        """Tokenizer, encoded held-out pairs and the base's log-probs (the DPO reference), once per study."""
+        if self._held is not None:
+            return self._held
+        import torch
+
+        from amrlhf.evaluation.preference import pair_logps
+        from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer
+
+        spec, tok = self.study.heldout, load_tokenizer(policy_name)
+        data = spec.load(tok)
+        cache = self.study.dir / "base_heldout.pt"
+        base_model = None
+        if cache.exists():
+            base_lp = torch.load(cache, weights_only=False)
+        else:
+            base_model = load_causal_lm(ModelSpec(name=policy_name), trainable=False)
+            base_lp = pair_logps(base_model, data, tok.pad_token_id, spec.batch_size, desc="held-out: base")
+            torch.save(base_lp, cache)
+        self._held = (tok, data, base_lp)
+        self.base = self._base_metrics(policy_name, base_model)
+        return self._held
+
+    def _base_metrics(self, policy_name: str, base_model) -> dict:
+        """The untrained policy's generations and lm-eval scores (a row of the report, not a method)."""
+        path = self.study.dir / "base.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from amrlhf.models import ModelSpec, load_causal_lm
+
+        tok, data, _ = self._held
+        model = base_model or load_causal_lm(ModelSpec(name=policy_name), trainable=False)
+        metrics, items = {}, {}
+        if self.study.heldout.generate is not None:
+            gen, texts = generation_items(model, tok, data, self.study.heldout, "generate: base")
+            items.update(gen)
+            metrics.update({f"eval/gen/{k}": _mean(v) for k, v in gen.items()})
+        metrics.update(self._lm_eval(model, tok, self.study.dir / "base_lm_eval"))
+        base = {"policy": policy_name, "metrics": metrics, "items": items}
+        _write_atomic(path, base)
+        for key, value in metrics.items():
+            self.client.log_metric(self.parent, f"base/{key}", value)
+        return base
+
+    def _lm_eval(self, model, tok, out_dir: Path, run_id: str | None = None) -> dict[str, float]:
+        if not self.study.eval:
+            return {}
+        from amrlhf.evaluation.harness import evaluate, log_to_mlflow
+        from amrlhf.evaluation.suites import load_suite
+
+        report = evaluate(model, tok, load_suite(self.study.eval["suite"]), out_dir=out_dir,
+                          limit=self.study.eval.get("limit"))
+        if run_id is not None:
+            log_to_mlflow(self.client, run_id, report)
+        return {k: v for k, v in report.metrics.items() if not k.endswith("_stderr")}
+
+    def run_cell(self, method: Fit, seed: int) -> dict:
+        from amrlhf.cli import run_lightning
+        from amrlhf.pipeline import training_means
+
+        name = f"{method.name}-seed{seed}"
+        cell_dir = self.study.dir / name
+        if (cell_dir / CELL_DONE).exists():
+            return json.loads((cell_dir / CELL_DONE).read_text())
+        t = time.perf_counter()
+        cli = run_lightning(self._fit_args(method, name, self.study.cell_args(method, seed)))
+        module, logger = cli.model, cli.trainer.logger
+        tok, data, base_lp = self.heldout_data(module.policy_spec.name)
+        spec = self.study.heldout
+        items = {f"eval/heldout/{k}": v for k, v in
+                 preference_items(module.policy, base_lp, data, tok.pad_token_id, spec, f"held-out: {name}").items()}
+        if spec.generate is not None:
+            gen, texts = generation_items(module.policy, tok, data, spec, f"generate: {name}")
+            items.update({f"eval/gen/{k}": v for k, v in gen.items()})
+            (cell_dir / "generations.jsonl").write_text("".join(json.dumps({"row": e.index, "text": x}) + "\n"
+                                                                for e, x in zip(data, texts, strict=False)))
+        metrics = {k: _mean(v) for k, v in items.items()}
+        loc = localisation(module, tok, data, spec)
+        metrics.update({f"eval/loc/{k}": v for k, v in (loc or {}).items()})
+        metrics.update(training_means(logger, ("segments/kept_frac_chosen", "segments/kept_frac_rejected")))
+        metrics.update(self._lm_eval(module.policy, tok, cell_dir / "lm_eval", logger.run_id))
+        for key, value in metrics.items():
+            if key.startswith("eval/"):
+                self.client.log_metric(logger.run_id, key, value)
+        cell = {"method": method.name, "seed": seed, "run_id": logger.run_id, "metrics": metrics, "items": items,
+                "seconds": time.perf_counter() - t}
+        del cli, module
+        gc.collect()
+        if not self.study.keep_checkpoints:
+            shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
+        _write_atomic(cell_dir / CELL_DONE, cell)
+        return cell
+
+
+def run_study(path: str | Path) -> dict:
+    from amrlhf.assets import prepare
+    from amrlhf.pipeline import check_recipes
+    from amrlhf.study.report import write_report
+
+    study = load_study(path)
+    if study.prepare:
+        prepare(study.prepare)
+    check_recipes(Path(path), [{"config": f.config, "args": f.args} for f in study.setup] +
+                  [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])
+    run = StudyRun(study)
+    for fit in study.setup:
+        run.run_setup(fit)
+    cells = [(m, s) for s in study.seeds for m in study.methods]  # seed-major: an early stop leaves whole seeds
+    results: list[dict] = []
+    times: list[float] = []
+    for i, (method, seed) in enumerate(cells, 1):
+        done = (study.dir / f"{method.name}-seed{seed}" / CELL_DONE).exists()
+        eta = f", ETA {_mean(times) * (len(cells) - i + 1) / 60:.1f} min" if times else ""
+        log.info("study %s: cell %d/%d: %s, seed %d%s%s", study.name, i, len(cells), method.name, seed,
+                 " (finished before: skipped)" if done else "", eta)
+        cell = run.run_cell(method, seed)
+        if not done:
+            times.append(cell["seconds"])
+        results.append(cell)
+    if run.base is None:  # every cell was finished before: read the stored base row
+        base_file = study.dir / "base.json"
+        run.base = json.loads(base_file.read_text()) if base_file.exists() else {"metrics": {}, "items": {}}
+    report = write_report(study, results, run.base)
+    for artefact in report["files"]:
+        run.client.log_artifact(run.parent, str(artefact))
+    for key, value in report["parent_metrics"].items():
+        run.client.log_metric(run.parent, key, value)
+    run.client.set_terminated(run.parent)
+    print(report["table"])
+    print(f"\nreport: {report['files'][0]}\nMLflow parent run {run.parent} in {run.uri}")
+    return report
+
+
+__all__ = ["run_study", "AmrlhfError"]

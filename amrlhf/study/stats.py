@@ -1,0 +1,79 @@
+"""Pure statistics for a study: mean ± standard error over seeds, and deltas against a baseline
+method paired across seeds and across held-out items.
+
+For a method m and the baseline b, seeds s = 1..S and held-out items i = 1..N (the same items for
+every cell), with per-item values x_{s,i}:
+  per-seed delta      D_s = mean_i x^m_{s,i} - mean_i x^b_{s,i};   delta = mean_s D_s
+  seed SE             se_seed = sd(D_s) / sqrt(S)              (training randomness, paired by seed)
+  item SE             se_item = sd(d_i) / sqrt(N), d_i = mean_s (x^m_{s,i} - x^b_{s,i})
+                                                               (which items happened to be held out)
+  95% interval        delta ± sqrt((t_{S-1} se_seed)^2 + (1.96 se_item)^2)
+with t_{S-1} Student's 97.5% quantile (12.71 for 2 seeds, 4.30 for 3). The verdict is `better` /
+`worse` when the interval excludes 0, else `within noise`. A metric measured per cell only (mask
+localisation, lm-eval scores) has no item term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5% quantile for df degrees of freedom (1.96 beyond the table)."""
+    return T975.get(df, 1.96) if df >= 1 else float("nan")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample sd / sqrt(n)); the SE is nan for fewer than 2 values."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+@dataclass(frozen=True)
+class Delta:
+    delta: float
+    se_seed: float
+    se_item: float | None
+    half_width: float  # of the 95% interval
+    seeds: int
+
+    @property
+    def verdict(self) -> str:
+        if not math.isfinite(self.half_width):
+            return "n/a (1 seed)"
+        if self.delta - self.half_width > 0:
+            return "better"
+        if self.delta + self.half_width < 0:
+            return "worse"
+        return "within noise"
+
+
+def paired_delta(method: list[float], base: list[float], method_items: list[list[float]] | None = None,
+                 base_items: list[list[float]] | None = None) -> Delta:
+    """method/base: per-seed values, in the same seed order; *_items: per seed, per-item values in the
+    same item order (optional). See the module docstring for the estimator."""
+    if len(method) != len(base):
+        raise ValueError(f"paired over seeds: {len(method)} vs {len(base)} seeds")
+    diffs = [m - b for m, b in zip(method, base, strict=True)]
+    delta, se_seed = mean_se(diffs)
+    se_item = None
+    if method_items is not None and base_items is not None:
+        if len(method_items) != len(base_items) or any(len(a) != len(b) for a, b in
+                                                       zip(method_items, base_items, strict=True)):
+            raise ValueError("paired over items: the cells were scored on different held-out items")
+        n = len(method_items[0])
+        per_item = [sum(method_items[s][i] - base_items[s][i] for s in range(len(method_items))) / len(method_items)
+                    for i in range(n)]
+        se_item = mean_se(per_item)[1]
+    seed_part = t975(len(diffs) - 1) * se_seed if len(diffs) > 1 else float("nan")
+    item_part = 1.96 * se_item if se_item is not None and math.isfinite(se_item) else 0.0
+    return Delta(delta, se_seed, se_item, math.sqrt(seed_part ** 2 + item_part ** 2), len(diffs))

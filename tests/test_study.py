@@ -1,0 +1,216 @@
+"""The controlled task's generator and checker, the study statistics worked by hand, the oracle step
+scorer, and a tiny study end to end: killed mid-cell, started again, report checked against MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from amrlhf.data.arithmetic import SPLITS, ArithmeticGrader, check_solution, generate, start_value, step_verdicts
+from amrlhf.errors import AmrlhfError
+from amrlhf.study import load_study, mean_se, paired_delta
+from tests.conftest import ROOT, amrlhf
+
+
+# ---------------------------------------------------------------- the task and its checker
+@pytest.mark.parametrize("variant", ["clean", "conflicting"])
+def test_checker_finds_exactly_the_planted_step(variant):
+    rows = generate(variant, "train", 400)
+    for r in rows:
+        rej = check_solution(r["rejected"], r["answer"], r["start"])
+        assert rej.first_wrong == r["rejected_error_step"], r
+        assert rej.correct is False
+        ch = check_solution(r["chosen"], r["answer"], r["start"])
+        assert ch.correct is True
+        assert (ch.first_wrong is None) == (not r["chosen_flaw_spans"]), r  # only a flaw makes chosen imperfect
+        (start, end), = r["rejected_spans"]
+        a, b = r["rejected_error_number"]
+        assert start == a and end == len(r["rejected"])  # from the wrong number to the end
+        assert r["rejected"][a:b].isdigit() or r["rejected"][a:b].lstrip("-").isdigit()
+        # the prefix before the error is identical arithmetic: the checker sees no error there
+        assert check_solution(r["rejected"][:a] + "0", start=r["start"]).first_wrong in (None, r["rejected_error_step"])
+        assert start_value(r["prompt"]) == r["start"]
+    if variant == "clean":
+        assert all(not r["chosen_flaw_spans"] for r in rows)
+        assert all(r["chosen"].startswith("Step 1:") and r["rejected"].startswith("Step 1:") for r in rows)
+    else:
+        flawed = sum(bool(r["chosen_flaw_spans"]) for r in rows) / len(rows)
+        assert 0.2 < flawed < 0.4
+        differ = sum(r["chosen"][:5] != r["rejected"][:5] for r in rows) / len(rows)
+        assert 0.3 < differ < 0.7  # wording drawn independently per side
+
+
+def test_generator_is_seeded_and_splits_do_not_share_rows():
+    a, b = generate("conflicting", "train", 50), generate("conflicting", "train", 50)
+    assert a == b
+    assert generate("conflicting", "train", 60)[:50] == a  # a row never changes with the size
+    train = {r["prompt"] + r["chosen"] for r in generate("conflicting", "train", SPLITS["train"])}
+    held = [r["prompt"] + r["chosen"] for r in generate("conflicting", "heldout", SPLITS["heldout"])]
+    assert sum(h in train for h in held) / len(held) < 0.05  # independent draws (a rare exact collision allowed)
+
+
+def test_step_verdicts_and_grader_by_hand():
+    text = "Step 1: 10 + 5 = 15.\nStep 2: 15 * 2 = 31.\nStep 3: 31 - 1 = 30.\nThe answer is 30."
+    # true totals: 15, 30, 29 -> right, wrong, wrong (carried)
+    assert [v for _, v in step_verdicts(text, 10)] == [1, -1, -1]
+    assert check_solution(text, 29, 10).first_wrong == 2
+    row = {"answer": 29, "start": 10}
+    assert ArithmeticGrader().grade(row, text) == {"answer_correct": 0.0, "steps_right": 0.0}
+    good = "First, 10 + 5 = 15. Then, 15 * 2 = 30. Finally, 30 - 1 = 29. The answer is 29."
+    assert ArithmeticGrader().grade(row, good) == {"answer_correct": 1.0, "steps_right": 1.0}
+    assert ArithmeticGrader().grade(row, "I think it is 29.") == {"answer_correct": 1.0, "steps_right": 0.0}
+
+
+def test_oracle_scorer_flags_exactly_the_wrong_span(tokenizer):
+    """The step-checker scorer with a zero baseline: every rejected token from the wrong number on scores
+    -1, every token before it 0 or +1, and the localisation truth of the same rows agrees."""
+    from types import SimpleNamespace
+
+    from amrlhf.data import Collator, encode_examples
+    from amrlhf.data.records import preference_example
+    from amrlhf.evaluation.localization import diff_token_mask
+    from amrlhf.scorers import ArithmeticStepScorer
+
+    rows = generate("clean", "val", 6)
+    examples = [preference_example("mem", i + 1, r) for i, r in enumerate(rows)]
+    encoded, _ = encode_examples(examples, tokenizer, 512)
+    scorer = ArithmeticStepScorer()
+    scorer.tokenizer = tokenizer
+    batch = Collator(tokenizer.pad_token_id)(encoded)
+    s = scorer.score(SimpleNamespace(), batch, "train").scores
+    n = len(rows)
+    for i, (ex, e, r) in enumerate(zip(examples, encoded, rows, strict=True)):
+        truth = torch.tensor(diff_token_mask(tokenizer, ex, r["rejected_spans"], e.responses[1], through_end=True))
+        got = s[n + i][batch["response_mask"][n + i].bool()]
+        assert truth[-1] and truth.sum() < len(truth)  # the end-of-turn token closes the wrong span
+        assert (got[truth] == -1).all()
+        assert (got[~truth] >= 0).all()
+        assert (s[i][batch["response_mask"][i].bool()] >= 0).all()  # a clean chosen answer is never wrong
+
+
+# ---------------------------------------------------------------- statistics, by hand
+def test_mean_se_and_paired_delta_by_hand():
+    mean, se = mean_se([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    assert se == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2 / 3))
+    assert math.isnan(mean_se([3.0])[1])
+    # per-seed means: method 0.6, 0.8, 0.7; baseline 0.5, 0.6, 0.7 -> D = 0.1, 0.2, 0.0
+    m_items = [[1.0, 0.2], [1.0, 0.6], [0.8, 0.6]]
+    b_items = [[0.8, 0.2], [0.8, 0.4], [0.8, 0.6]]
+    d = paired_delta([0.6, 0.8, 0.7], [0.5, 0.6, 0.7], m_items, b_items)
+    assert d.delta == pytest.approx(0.1)
+    assert d.se_seed == pytest.approx(0.1 / math.sqrt(3))  # sd(D) = 0.1
+    # item deltas averaged over seeds: 0.4/3 and 0.2/3 -> sd = 0.1/3 * sqrt(2) / ... = 0.04714, se = 0.03333
+    assert d.se_item == pytest.approx(1 / 30)
+    assert d.half_width == pytest.approx(math.sqrt((4.303 * 0.1 / math.sqrt(3)) ** 2 + (1.96 / 30) ** 2))
+    assert d.verdict == "within noise"
+    clear = paired_delta([0.9, 0.91, 0.92], [0.5, 0.5, 0.5])
+    assert clear.verdict == "better" and clear.se_item is None
+    assert paired_delta([0.1, 0.11], [0.5, 0.52]).verdict == "worse"
+    with pytest.raises(ValueError, match="different held-out items"):
+        paired_delta([0.5], [0.5], [[1.0, 0.0]], [[1.0]])
+
+
+def test_batch_mean_baseline_by_hand():
+    from amrlhf.segmenters import BatchMeanBaseline
+
+    scores = torch.tensor([[1.0, 3.0, 9.0], [2.0, 0.0, 0.0]])
+    resp = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert BatchMeanBaseline().value(scores, resp, None).tolist() == [2.0, 2.0]  # (1 + 3 + 2) / 3
+
+
+# ---------------------------------------------------------------- the study command
+def _study_yaml(tmp_path: Path, crash_marker: Path | None) -> Path:
+    cfg = yaml.safe_load((ROOT / "recipes" / "smoke" / "study.yaml").read_text())
+    cfg["runs_root"] = str(tmp_path / "runs")
+    for m in cfg["methods"]:
+        m["config"] = str(ROOT / m["config"])
+    if crash_marker is not None:  # the second method's first cell is killed once, after step 2's checkpoint
+        cfg["methods"][1]["args"] = cfg["methods"][1].get("args", []) + [
+            "--trainer.callbacks+=amrlhf.callbacks.CrashAtStep", "--trainer.callbacks.step=2",
+            f"--trainer.callbacks.once={crash_marker}"]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_tiny_study_killed_and_continued_reports_what_mlflow_holds(tmp_path):
+    marker = tmp_path / "crashed"
+    study = _study_yaml(tmp_path, marker)
+    first = amrlhf("study", str(study), cwd=tmp_path)
+    assert first.returncode == 17, first.stderr[-3000:]  # CrashAtStep's hard exit, mid-study
+    root = tmp_path / "runs" / "smoke-study"
+    assert (root / "dpo-seed0" / "cell.json").exists()
+    assert (root / "am-dpo-oracle-seed0" / "checkpoints" / "last.ckpt").exists()
+    assert not (root / "am-dpo-oracle-seed0" / "cell.json").exists()
+    done_before = (root / "dpo-seed0" / "cell.json").stat().st_mtime_ns
+    crashed_run = json.loads((root / "am-dpo-oracle-seed0" / "mlflow_run.json").read_text())["run_id"]
+
+    second = amrlhf("study", str(study), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "finished before: skipped" in second.stderr and "resuming from its last checkpoint" in second.stderr
+    assert (root / "dpo-seed0" / "cell.json").stat().st_mtime_ns == done_before  # not recomputed
+    assert not (root / "dpo-seed0" / "checkpoints").exists()  # a finished cell's checkpoints are removed
+
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db")
+    exp = client.get_experiment_by_name("smoke-study")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("amrlhf.kind") == "study"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    cells = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert sorted(cells) == ["am-dpo-oracle-seed0", "am-dpo-oracle-seed1", "dpo-seed0", "dpo-seed1"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in cells.values())
+    assert cells["am-dpo-oracle-seed0"].info.run_id == crashed_run  # the resumed cell reattached
+    steps = {m.step for m in client.get_metric_history(crashed_run, "loss")}
+    assert max(steps) == 4 - 1 or max(steps) == 4  # trained to the end, once per step
+    assert len([m for m in client.get_metric_history(crashed_run, "loss")]) == len(steps)
+
+    results = json.loads((root / "results.json").read_text())
+    for key in ("eval/heldout/implicit_acc", "eval/gen/answer_correct", "eval/loc/f1"):
+        for method in ("dpo", "am-dpo-oracle"):
+            mine = [cells[f"{method}-seed{s}"].data.metrics[key] for s in (0, 1)]
+            assert results["summary"][key][method]["mean"] == pytest.approx(sum(mine) / 2, abs=1e-9), key
+        dpo = [cells[f"dpo-seed{s}"].data.metrics[key] for s in (0, 1)]
+        am = [cells[f"am-dpo-oracle-seed{s}"].data.metrics[key] for s in (0, 1)]
+        assert results["summary"][key]["am-dpo-oracle"]["delta"] == pytest.approx(
+            (am[0] - dpo[0] + am[1] - dpo[1]) / 2, abs=1e-9)
+    # sample-wise DPO flags every rejected token: its localisation precision is the span base rate, recall 1
+    assert results["summary"]["eval/loc/recall"]["dpo"]["mean"] == pytest.approx(1.0)
+    assert results["summary"]["eval/loc/precision"]["am-dpo-oracle"]["mean"] > \
+        results["summary"]["eval/loc/precision"]["dpo"]["mean"]
+    assert (root / "report.md").read_text().startswith("# Study `smoke-study`")
+    assert (root / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artefacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"report.md", "report.png", "results.json"} <= artefacts
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"baseline": "nope"}, "baseline 'nope' is not one of the methods"),
+    ({"methods": [{"name": "a", "config": "missing.yaml"}]}, "methods[0].config: recipe not found"),
+    ({"seeds": [1, 1]}, "'seeds' must be a non-empty list of distinct integers"),
+    ({"colour": "red"}, "unknown key(s) colour"),
+    ({"heldout": {"limit": 3}}, "'heldout' needs at least 'data'"),
+])
+def test_bad_study_files_are_named_errors(tmp_path, change, message):
+    cfg = yaml.safe_load((ROOT / "recipes" / "smoke" / "study.yaml").read_text())
+    for m in cfg["methods"]:
+        m["config"] = str(ROOT / m["config"])
+    cfg.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AmrlhfError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        load_study(path)
+
+
+def test_study_cli_missing_file_is_one_error_line(tmp_path):
+    proc = amrlhf("study", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: study file not found")
+    assert "Traceback" not in proc.stderr
