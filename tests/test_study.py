@@ -12,7 +12,14 @@ import pytest
 import torch
 import yaml
 
-from amrlhf.data.arithmetic import SPLITS, ArithmeticGrader, check_solution, generate, start_value, step_verdicts
+from amrlhf.data.arithmetic import (
+    SPLITS,
+    ArithmeticGrader,
+    check_solution,
+    generate,
+    start_value,
+    step_verdicts,
+)
 from amrlhf.errors import AmrlhfError
 from amrlhf.study import load_study, mean_se, paired_delta
 from tests.conftest import ROOT, amrlhf

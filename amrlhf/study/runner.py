@@ -72,7 +72,7 @@ class StudyRun:
         args = ["fit", "--config", fit.config, *extra, f"--run_name={run_name}", f"--runs_root={self.study.dir}",
                 f"--tracking.uri={self.uri}", f"--tracking.experiment={self.study.name}",
                 f"--tracking.parent_run={self.parent}"]
-        if not self.study.keep_checkpoints and not (fit in self.study.setup):
+        if not self.study.keep_checkpoints and fit not in self.study.setup:
             args.append("--tracking.log_checkpoint=false")  # cells are scored in memory: no final weights
         if (self.study.dir / run_name / "checkpoints" / "last.ckpt").exists():
             log.info("%s: resuming from its last checkpoint", run_name)
