@@ -83,7 +83,7 @@ def seeded(seed: int, device: torch.device | None = None):
 
 def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int,
                      max_length: int | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """One sampled response per prompt, collated (right-padded, masks per CONTRACTS.md).
+    """One sampled response per prompt, collated (right-padded, masks per docs/method.md).
     -> (batch with input_ids / attention_mask / response_mask, ended_with_eos [N] bool)."""
     responses = [group[0] for group in generate(model, prompts, 1, sampling, eos_id=eos_id, pad_id=pad_id,
                                                 max_length=max_length)]

@@ -82,7 +82,7 @@ def test_sample_wise_segmenter_is_bit_identical_to_ppo(letters):
 
 
 def test_am_ppo_labels_come_from_the_raw_score_not_the_eos_penalised_one(letters):
-    """l = sign(raw score - running mean) (METHOD.md): `missing_eos_penalty` shapes the reward, not the label."""
+    """l = sign(raw score - running mean) (docs/method.md): `missing_eos_penalty` shapes the reward, not the label."""
     from amrlhf.losses.ppo import last_index
 
     seen = {}

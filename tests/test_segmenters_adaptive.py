@@ -1,4 +1,4 @@
-"""The adaptive pivot segmenter and the baselines, one hand-worked test per rule of METHOD.md,
+"""The adaptive pivot segmenter and the baselines, one hand-worked test per rule of docs/method.md,
 plus vectorised-vs-slow-loop checks on random batches."""
 
 import random
@@ -161,7 +161,7 @@ def test_entropy_segments_start_where_entropy_is_high():
 
 
 def slow_adaptive(u, resp, label, delta, first_token):
-    """METHOD.md read literally, one token at a time (delta compared at float32, as the tensors are)."""
+    """docs/method.md read literally, one token at a time (delta compared at float32, as the tensors are)."""
     delta = float(torch.tensor(delta, dtype=torch.float32))
     sigma, prev, started = [0] * len(u), None, False
     for t, (x, r) in enumerate(zip(u, resp, strict=True)):

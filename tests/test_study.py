@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from conftest import ROOT, amrlhf
 
 from amrlhf.data.arithmetic import (
     SPLITS,
@@ -22,7 +23,6 @@ from amrlhf.data.arithmetic import (
 )
 from amrlhf.errors import AmrlhfError
 from amrlhf.study import load_study, mean_se, paired_delta
-from tests.conftest import ROOT, amrlhf
 
 
 # ---------------------------------------------------------------- the task and its checker

@@ -1,4 +1,4 @@
-"""Right-padding collation with masks aligned to `input_ids[:, 1:]` (CONTRACTS.md)."""
+"""Right-padding collation with masks aligned to `input_ids[:, 1:]` (docs/method.md, conventions)."""
 
 from __future__ import annotations
 

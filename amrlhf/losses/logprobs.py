@@ -1,4 +1,4 @@
-"""Per-token log-probabilities, aligned as CONTRACTS.md says.
+"""Per-token log-probabilities, aligned as docs/method.md says.
 
 Position t of every per-token tensor ([B, T-1]) describes token t+1 of `input_ids`:
 log pi(y_t) comes from the logits at the position before y_t.

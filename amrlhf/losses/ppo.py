@@ -1,6 +1,6 @@
 """PPO's pure tensor functions: KL estimators, reward shaping, GAE, whitening, clipped losses.
 
-Every per-token tensor is [N, T-1], aligned with input_ids[:, 1:] (CONTRACTS.md); `resp` is the
+Every per-token tensor is [N, T-1], aligned with input_ids[:, 1:] (docs/method.md, conventions); `resp` is the
 response mask (1 on response tokens). Positions outside the response hold zeros in every output.
 Conventions follow the usual RLHF PPO (Ziegler et al. 2019; TRL's PPOTrainer): the KL penalty is
 per token, the score is added at the last response token, variances are unbiased (Bessel).

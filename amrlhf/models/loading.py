@@ -141,7 +141,7 @@ def load_causal_lm(spec: ModelSpec, trainable: bool = True):
 def load_reward_model(spec: ModelSpec, trainable: bool = True):
     """A scalar head on every position: `AutoModelForTokenClassification(num_labels=1)`.
 
-    One forward pass gives the prefix score s_t at every token (METHOD.md); the sequence score is
+    One forward pass gives the prefix score s_t at every token (docs/method.md); the sequence score is
     the head's output at the last response token. Loaded from a causal-LM checkpoint, the head is
     new (randomly initialised); loaded from a saved reward model, it is restored.
     """

@@ -1,6 +1,6 @@
 """What every module shares: the policy slot, the segmenter slot, the optimizer, and logging.
 
-A module's step is: forward -> segmenter -> pure loss function -> log (ARCHITECTURE.md rule 3).
+A module's step is: forward -> segmenter -> pure loss function -> log (docs/method.md, conventions).
 """
 
 from __future__ import annotations

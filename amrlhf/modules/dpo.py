@@ -14,7 +14,7 @@ from amrlhf.segmenters import PivotSegmenter, segment_stats
 
 
 class DPOModule(AlignmentModule):
-    """L = loss(sum_t m^w_t d^w_t, sum_t m^l_t d^l_t) with d_t = log pi - log pi_ref (METHOD.md).
+    """L = loss(sum_t m^w_t d^w_t, sum_t m^l_t d^l_t) with d_t = log pi - log pi_ref (docs/method.md).
 
     The same mask applies to policy and reference terms. `nll_alpha` > 0 adds
     alpha * (token-mean NLL of the chosen response's kept tokens), against falling chosen log-probs.

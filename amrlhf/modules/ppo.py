@@ -3,7 +3,7 @@
 One training batch of prompts = one rollout: sample responses (KV cache), score them, shape the
 rewards with a per-token KL penalty, GAE, whiten the advantages over every valid token, then
 `ppo_epochs` passes over shuffled mini-batches, one optimizer step each. With a segmenter the
-actor loss is averaged over response_mask * m_t (METHOD.md, AM-PPO); the critic and GAE use every
+actor loss is averaged over response_mask * m_t (docs/method.md, AM-PPO); the critic and GAE use every
 response token. With the sample-wise segmenter it is bit-identical to PPO.
 
 Step counting: `trainer.global_step` (max_steps, checkpoint_every, CrashAtStep) counts optimizer

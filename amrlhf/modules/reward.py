@@ -1,7 +1,7 @@
 """Bradley-Terry reward model with a scalar head at EVERY position (prefix scores in one pass).
 
 The sequence score r(x, y) is the head's output at the last response token; the prefix score
-s_t (CONTRACTS.md) is its output at token y_t's own position; s_0 is at the last prompt token.
+s_t (docs/method.md, conventions) is its output at token y_t's own position; s_0 is at the last prompt token.
 There is no segmenter slot here: the Bradley-Terry loss has no per-token term to mask.
 """
 

@@ -1,4 +1,4 @@
-"""The adaptive pivot segmenter (this method) and the token-wise baseline (METHOD.md)."""
+"""The adaptive pivot segmenter (this method) and the token-wise baseline (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class _ScoredSegmenter:
 
 
 class AdaptivePivotSegmenter(_ScoredSegmenter):
-    """Hysteresis segments between pivot tokens (METHOD.md 2-8).
+    """Hysteresis segments between pivot tokens (docs/method.md 2-8).
 
     u_t = signal / scale; sigma_t = +1 if u_t > delta, -1 if u_t < -delta, else sigma_{t-1}.
     The first response token, in band, takes the label (`first_token: label`) or sign(u_1) with 0

@@ -2,7 +2,7 @@
 
 A segmenter turns a sequence-level label (+1 chosen / -1 rejected) and, optionally, per-token
 scores into a token mask for the loss. Everything is a batch tensor aligned with
-`input_ids[:, 1:]` ([B, T-1], CONTRACTS.md). Implementations copy `segment`'s signature
+`input_ids[:, 1:]` ([B, T-1], docs/method.md). Implementations copy `segment`'s signature
 exactly (jsonargparse checks a Protocol by signature) and never loop over tokens in Python.
 """
 

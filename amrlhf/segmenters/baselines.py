@@ -1,4 +1,4 @@
-"""Baselines b for the `level` signal u_t = s_t - b (METHOD.md 3). Components, chosen by class_path.
+"""Baselines b for the `level` signal u_t = s_t - b (docs/method.md 3). Components, chosen by class_path.
 
 A Bradley-Terry reward is defined only up to an offset, so b carries the meaning of "neutral".
 """

@@ -70,7 +70,7 @@ def pivots_and_segments(sigma: Tensor, resp: Tensor) -> tuple[Tensor, Tensor]:
 
 def finish(sigma: Tensor, resp: Tensor, labels: Tensor, *, fallback: Fallback, min_kept_frac: float,
            pivot: Tensor | None = None, segment_id: Tensor | None = None) -> Segmentation:
-    """mask = 1[sigma == label] on the response, then the fully-masked fallback (METHOD.md 7-8)."""
+    """mask = 1[sigma == label] on the response, then the fully-masked fallback (docs/method.md 7-8)."""
     if fallback not in ("ones", "drop"):
         raise ValueError(f"fallback must be 'ones' or 'drop', got {fallback!r}")
     keep = (sigma == labels[:, None]) & resp

@@ -1,4 +1,4 @@
-"""Segment-level baselines: fixed boundaries, one sign per segment (METHOD.md, baselines).
+"""Segment-level baselines: fixed boundaries, one sign per segment (docs/method.md, baselines).
 
 - StepWiseSegmenter: a segment ends at a punctuation / newline token (the delimiter ids are
   derived ONCE from the tokenizer at `setup`, never per batch).

@@ -1,4 +1,4 @@
-"""`segments/*` statistics of CONTRACTS.md, from one Segmentation."""
+"""`segments/*` statistics of docs/method.md, from one Segmentation."""
 
 from __future__ import annotations
 
