@@ -8,7 +8,11 @@ recall, F1 (micro over tokens). Sample-wise flags everything (precision = the ba
     python benchmarks/span_localization.py --rm runs/quickstart-rm/hf [--policy runs/quickstart-dpo/hf] \\
         [--base local:smollm2-135m-instruct] [--limit 120] [--delta 0.3]
 Needs `amrlhf prepare factual_summary_pairs smollm2-135m-instruct` and a trained reward model folder
-(the quickstart exports one to runs/quickstart-rm/hf).
+(the quickstart exports one to runs/quickstart-rm/hf). On the controlled arithmetic task:
+
+    python benchmarks/span_localization.py --rm runs/controlled/rm/hf --data local:arith_steps_conflicting/heldout \\
+        --spans rejected_spans --through-end --oracle
+(`--oracle` adds the step checker, an upper bound; its segmenters use the raw scores and a zero baseline.)
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from amrlhf.data import Collator, encode_examples
 from amrlhf.data.records import iter_rows, preference_example
 from amrlhf.evaluation.localization import Localization, diff_token_mask, flagged_wrong, truth_tensor
 from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer
-from amrlhf.scorers import ImplicitRewardScorer, RewardModelScorer, next_token_entropy
+from amrlhf.scorers import ArithmeticStepScorer, ImplicitRewardScorer, RewardModelScorer, next_token_entropy
 from amrlhf.segmenters import (
     AdaptivePivotSegmenter,
+    ConstantBaseline,
     EntropySegmenter,
     SampleWiseSegmenter,
     StepWiseSegmenter,
@@ -55,6 +60,10 @@ def main() -> None:
     p.add_argument("--data", default="local:factual_summary_pairs/test")
     p.add_argument("--limit", type=int, default=120)
     p.add_argument("--delta", type=float, default=0.3)
+    p.add_argument("--spans", default="rejected_diff_spans", help="row field with the rejected side's wrong spans")
+    p.add_argument("--through-end", action="store_true",
+                   help="a span reaching the end of the text also covers the end-of-turn token")
+    p.add_argument("--oracle", action="store_true", help="add the arithmetic step checker (an oracle) as scorer")
     p.add_argument("--json", help="write the table as JSON here too")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -65,9 +74,10 @@ def main() -> None:
     for src, line, row in iter_rows(args.data):
         if len(rows) >= args.limit:
             break
-        rows.append((preference_example(src, line, row), row["rejected_diff_spans"]))
+        rows.append((preference_example(src, line, row), row[args.spans]))
     encoded, _ = encode_examples([ex for ex, _ in rows], tok, 256)
-    truths = [diff_token_mask(tok, rows[e.index][0], rows[e.index][1], e.responses[1]) for e in encoded]
+    truths = [diff_token_mask(tok, rows[e.index][0], rows[e.index][1], e.responses[1], args.through_end)
+              for e in encoded]
     keep = [i for i, t in enumerate(truths) if t is not None and any(t)]
     encoded, truths = [encoded[i] for i in keep], [truths[i] for i in keep]
 
@@ -75,12 +85,17 @@ def main() -> None:
     scorers = {"reward-model prefix": RewardModelScorer(ModelSpec(args.rm))}
     if args.policy:
         scorers["implicit reward (policy vs base)"] = ImplicitRewardScorer(ModelSpec(args.policy), ModelSpec(args.base))
+    if args.oracle:
+        oracle = ArithmeticStepScorer()
+        oracle.tokenizer = tok
+        scorers["step checker (ORACLE)"] = oracle
     base_lm = load_causal_lm(ModelSpec(args.base)).eval()
     collate = Collator(tok.pad_token_id)
-    segs = segmenters(args.delta, tok)
     table: dict[tuple[str, str], Localization] = {}
     for sname, scorer in scorers.items():
-        scorer.setup(module)
+        if not sname.endswith("(ORACLE)"):
+            scorer.setup(module)
+        segs = segmenters(args.delta, tok)  # fresh per scorer: each is calibrated to its own scores
         batches = []
         for start in range(0, len(encoded), 4):
             items = encoded[start:start + 4]
@@ -92,7 +107,9 @@ def main() -> None:
         flat = torch.cat([o.scores[b["response_mask"].bool()] for _, b, o, _ in batches])
         for gname, seg in segs.items():
             if hasattr(seg, "calibrate"):
-                seg.calibrate(flat.std().item())
+                seg.calibrate(1.0 if sname.endswith("(ORACLE)") else flat.std().item())
+            if sname.endswith("(ORACLE)") and hasattr(seg, "baseline"):
+                seg.baseline = ConstantBaseline(0.0)
             cell = table.setdefault((sname, gname), Localization())
             for items, batch, out, tr in batches:
                 s = seg.segment(response_mask=batch["response_mask"], labels=batch["labels"],
@@ -102,7 +119,7 @@ def main() -> None:
                 cell.tokens += int(batch["response_mask"][rows_rej].sum())
                 cell.add(flagged_wrong(s.sigma[rows_rej], batch["response_mask"][rows_rej]), truth,
                          s.fell_back[rows_rej])
-        scorer._models.clear()
+        getattr(scorer, "_models", {}).clear()
     span_frac = sum(map(sum, truths)) / sum(map(len, truths))
     print(f"\nspan localisation on {args.data}: {len(encoded)} pairs, {span_frac:.1%} of rejected tokens are in "
           f"the differing span (the precision of flagging everything)")
