@@ -6,10 +6,18 @@ import pytest
 from conftest import ROOT
 
 from amrlhf.lightning_cli import AmrlhfCLI
-from amrlhf.pipeline import _load
+from amrlhf.pipeline import _load, check_recipes
+from amrlhf.study import load_study
 
-TRAIN = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name not in ("quickstart", "eval"))
+
+def _is_study(p: Path) -> bool:
+    return p.read_text().startswith("# amrlhf study ")
+
+
+TRAIN = sorted(p for p in (ROOT / "recipes").rglob("*.yaml")
+               if p.parent.name not in ("quickstart", "eval") and not _is_study(p))
 PIPELINES = sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
+STUDIES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if _is_study(p))
 
 
 def test_the_contract_smoke_recipes_exist():
@@ -35,3 +43,16 @@ def test_pipeline_parses_and_names_its_command(path: Path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = _load(path.relative_to(ROOT))
     assert cfg["fit"] and cfg["heldout"]["data"].endswith("/heldout")
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_study_and_every_cell_recipe_parse(path: Path, monkeypatch):
+    """A study names its command, and every setup fit and method (with its overrides and the seed's)
+    parses as a recipe, as `amrlhf study` checks before it trains anything."""
+    rel = path.relative_to(ROOT)
+    assert path.read_text().splitlines()[0] == f"# amrlhf study {rel}"
+    monkeypatch.chdir(ROOT)
+    study = load_study(rel)
+    assert len(study.seeds) >= 2 and study.baseline in [m.name for m in study.methods]
+    check_recipes(rel, [{"config": f.config, "args": f.args} for f in study.setup] +
+                  [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])
