@@ -105,6 +105,27 @@ def test_resume_after_crash_is_exact(tmp_path):
     assert list(ea.values()) == pytest.approx(list(eb.values()), rel=1e-6)
 
 
+def test_resume_at_an_epoch_boundary_trains_every_epoch(tmp_path):
+    """8 rows, batch 4: 2 steps an epoch. A crash after step 2 (the end of epoch 0) resumes at the start
+    of epoch 1 in its own order, not skipping it: 6 optimizer steps in all, the same losses."""
+    common = ["--config", recipe("dpo"), "--data.init_args.limit_train=8", "--trainer.max_steps=-1",
+              "--trainer.max_epochs=3", "--trainer.limit_val_batches=0", "--checkpoint_every=1",
+              "--tracking.log_checkpoint=false"]
+    ok(amrlhf("fit", *common, "--runs_root", str(tmp_path / "a"), cwd=tmp_path))
+    crashed = amrlhf("fit", *common, "--runs_root", str(tmp_path / "b"),
+                     "--trainer.callbacks+=amrlhf.callbacks.CrashAtStep", "--trainer.callbacks.step=2", cwd=tmp_path)
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    ok(amrlhf("fit", *common, "--runs_root", str(tmp_path / "b"), "--ckpt_path", "last", cwd=tmp_path))
+    ha = history(tmp_path / "a", runs_df(tmp_path / "a").loc[0, "run_id"], "loss")
+    hb = history(tmp_path / "b", runs_df(tmp_path / "b").loc[0, "run_id"], "loss")
+    assert len(ha) == 6 and sorted(hb) == sorted(ha), (ha, hb)
+    for step in ha:
+        assert hb[step] == pytest.approx(ha[step], rel=1e-6, abs=1e-7), step
+    ckpt = torch.load(tmp_path / "b" / "smoke-dpo" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["global_step"] == 6
+
+
 def test_ddp_two_cpu_processes_reduce_metrics_across_ranks(tmp_path):
     runs = tmp_path / "runs"
     ok(amrlhf("fit", "--config", recipe("dpo"), "--runs_root", str(runs), "--trainer.devices=2",

@@ -101,3 +101,22 @@ def test_pad_equal_to_eos_does_not_break_masks(tmp_path, tokenizer):
     a = Collator(tokenizer.pad_token_id)(enc)
     b = Collator(eos)(enc)  # pad id == eos id
     assert torch.equal(a["response_mask"], b["response_mask"])
+
+
+def test_resumed_sampler_skips_only_within_the_epoch_it_was_saved_in():
+    from amrlhf.data.sampler import ResumableSampler
+
+    def epoch_order(epoch):
+        s = ResumableSampler(8, seed=0, shuffle=True)
+        s.set_epoch(epoch)
+        return list(s)
+
+    s = ResumableSampler(8, seed=0, shuffle=True)
+    s.resume(0, 4)  # saved mid-epoch 0: the rest of epoch 0, then epoch 1 whole
+    assert list(s) == epoch_order(0)[4:]
+    s.set_epoch(1)
+    assert list(s) == epoch_order(1)
+    s = ResumableSampler(8, seed=0, shuffle=True)
+    s.resume(0, 8)  # saved at epoch 0's last batch: Lightning goes on with epoch 1, nothing skipped
+    s.set_epoch(1)
+    assert list(s) == epoch_order(1)

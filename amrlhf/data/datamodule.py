@@ -103,8 +103,7 @@ class _TextDataModule(L.LightningDataModule):
             raise AmrlhfError(f"{len(self.train_data)} training examples are fewer than one batch "
                               f"({self.batch_size} x {world} devices)")
         if self._resume:
-            self._sampler.set_epoch(self._resume["epoch"])
-            self._sampler.skip = self._resume["batches"] * self.batch_size
+            self._sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = None
         return DataLoader(self.train_data, batch_size=self.batch_size, sampler=self._sampler,
                           collate_fn=self._collator(), drop_last=True)
@@ -122,7 +121,8 @@ class _TextDataModule(L.LightningDataModule):
         return DataLoader(self.val_data, batch_size=self.eval_batch_size, sampler=sampler,
                           collate_fn=self._collator())
 
-    # Exact resume: remember how many batches of the current epoch were trained on.
+    # Exact resume: remember how many batches of the current epoch were trained on (skipped on resume
+    # only if Lightning resumes in that same epoch).
     def state_dict(self) -> dict:
         if self.trainer is None:
             return {}

@@ -1,5 +1,6 @@
 """A seeded, resumable sampler: the permutation of epoch e depends only on (seed, e), and a
-resumed run skips exactly the batches it had already trained on."""
+resumed run skips exactly the batches it had already trained on, in the epoch it had trained them
+in only (a checkpoint at an epoch's last batch resumes at the start of the next epoch: nothing to skip)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ class ResumableSampler(Sampler[int]):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.skip = 0  # samples (of this rank) to skip once, after a resume
+        self.skip = 0  # samples (of this rank) to skip once, after a resume ...
+        self.skip_epoch = 0  # ... if the first epoch iterated is this one
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, samples: int) -> None:
+        """A checkpoint taken after `samples` samples of epoch `epoch`: skip them, if that epoch goes on."""
+        self.epoch, self.skip, self.skip_epoch = epoch, samples, epoch
 
     def _order(self) -> list[int]:
         if self.shuffle:
@@ -28,7 +34,8 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self):
         order = self._order()
-        skip, self.skip = self.skip, 0
+        skip = self.skip if self.epoch == self.skip_epoch else 0
+        self.skip = 0
         return iter(order[skip:])
 
     def __len__(self) -> int:
