@@ -80,8 +80,11 @@ def preference_items(policy, base_lp, data, pad_id: int, spec: Heldout, desc: st
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
     """Greedy continuations (decoded, special tokens removed). The generation config is built here
-    alone, never inherited from the checkpoint's generation_config."""
+    alone; the checkpoint's generation_config is blanked for the call (transformers would fill unset
+    fields from it)."""
     from transformers import GenerationConfig
+
+    from amrlhf.rollout import own_generation_config
 
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -97,7 +100,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
         for i, p in enumerate(chunk):
             ids[i, width - len(p):] = torch.tensor(p)
             attn[i, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config)
+        with own_generation_config(model):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config)
         for seq in gen[:, width:].tolist():
             seq = seq[: seq.index(eos) + 1] if eos in seq else seq
             out.append(tokenizer.decode(seq, skip_special_tokens=True))
