@@ -15,8 +15,10 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from amrlhf.callbacks import TrackRun
+from amrlhf.errors import AmrlhfError
 from amrlhf.modules import AlignmentModule
 from amrlhf.tracking import Tracking, make_logger
 
@@ -95,4 +97,9 @@ class AmrlhfCLI(LightningCLI):
             # rich draws only on a terminal; tqdm also shows progress in logs and CI output
             ours.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=1))
         kwargs["callbacks"] = extra + ours
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as exc:
+            # Lightning refuses an impossible trainer set-up (strategy / accelerator / devices /
+            # precision, a negative max_steps) while building the Trainer: an expected mistake
+            raise AmrlhfError(f"trainer: {' '.join(str(exc).split())}") from None

@@ -192,6 +192,16 @@ def test_expected_mistakes_are_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "error: pipeline file not found" in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["--trainer.strategy=fsdp"], ["--trainer.max_steps=-5"],
+                                  ["--trainer.strategy=no_such_strategy"]],
+                         ids=["fsdp-on-cpu", "negative-max-steps", "unknown-strategy"])
+def test_a_strategy_lightning_refuses_is_one_error_line(tmp_path, args):
+    proc = amrlhf("fit", "--config", recipe("dpo"), "--runs_root", str(tmp_path / "runs"), *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: trainer: ")], proc.stderr[-3000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
