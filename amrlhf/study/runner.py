@@ -6,6 +6,7 @@ report (table, markdown, PNG) compares the methods with paired deltas against th
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import shutil
@@ -108,7 +109,9 @@ class StudyRun:
 
         spec, tok = self.study.heldout, load_tokenizer(policy_name)
         data = spec.load(tok)
-        cache = self.study.dir / "base_heldout.pt"
+        key = hashlib.sha256(json.dumps([policy_name, spec.data, spec.limit, spec.max_length,
+                                         [e.prompt_ids + sum(e.responses, []) for e in data]]).encode()).hexdigest()
+        cache = self.study.dir / f"base_heldout-{key[:16]}.pt"  # keyed: a changed held-out spec recomputes
         base_model = None
         if cache.exists():
             base_lp = torch.load(cache, weights_only=False)
@@ -124,7 +127,9 @@ class StudyRun:
         """The untrained policy's generations and lm-eval scores (a row of the report, not a method)."""
         path = self.study.dir / "base.json"
         if path.exists():
-            return json.loads(path.read_text())
+            saved = json.loads(path.read_text())
+            if saved.get("heldout") == self._spec_key():
+                return saved
         from amrlhf.models import ModelSpec, load_causal_lm
 
         tok, data, _ = self._held
@@ -135,11 +140,17 @@ class StudyRun:
             items.update(gen)
             metrics.update({f"eval/gen/{k}": _mean(v) for k, v in gen.items()})
         metrics.update(self._lm_eval(model, tok, self.study.dir / "base_lm_eval"))
-        base = {"policy": policy_name, "metrics": metrics, "items": items}
+        base = {"policy": policy_name, "heldout": self._spec_key(), "metrics": metrics, "items": items}
         _write_atomic(path, base)
         for key, value in metrics.items():
             self.client.log_metric(self.parent, f"base/{key}", value)
         return base
+
+    def _spec_key(self) -> dict:
+        h, g = self.study.heldout, self.study.heldout.generate
+        return {"data": h.data, "limit": h.limit, "max_length": h.max_length, "eval": self.study.eval,
+                "generate": None if g is None else {"limit": g.limit, "max_new_tokens": g.max_new_tokens,
+                                                    "grader": g.grader}}
 
     def _lm_eval(self, model, tok, out_dir: Path, run_id: str | None = None) -> dict[str, float]:
         if not self.study.eval:
