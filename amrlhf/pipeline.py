@@ -33,15 +33,21 @@ ROWS = (
 )
 
 
-def _load(path: Path) -> dict:
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping, or one clear error naming the file."""
     if not path.is_file():
-        raise AmrlhfError(f"pipeline file not found: {path}")
+        raise AmrlhfError(f"{what} file not found: {path}")
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise AmrlhfError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(cfg, dict):
         raise AmrlhfError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def _load(path: Path) -> dict:
+    cfg = read_mapping(path, "pipeline")
     unknown = set(cfg) - {"name", "prepare", "heldout", "fit", "runs_root"}
     if unknown:
         raise AmrlhfError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")

@@ -92,17 +92,24 @@ def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos
     return batch, ended
 
 
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos_id: int, pad_id: int,
-             max_length: int | None = None) -> list[list[list[int]]]:
-    """n sampled responses per prompt -> [prompt][sample] token ids, trimmed after the first EOS."""
-    device = next(model.parameters()).device
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts -> (input_ids, attention_mask) [N, longest], left-padded, ready to generate from."""
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos_id: int, pad_id: int,
+             max_length: int | None = None) -> list[list[list[int]]]:
+    """n sampled responses per prompt -> [prompt][sample] token ids, trimmed after the first EOS."""
+    device = next(model.parameters()).device
+    ids, attn = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     new = sampling.max_new_tokens if max_length is None else min(sampling.max_new_tokens, max_length - width)
     if new < 1:
         raise ValueError(f"prompts of {width} tokens leave no room to generate under max_length={max_length}")

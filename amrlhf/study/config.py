@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from amrlhf.errors import AmrlhfError
 from amrlhf.study.heldout import Generation, Heldout
 
@@ -106,15 +104,10 @@ def _heldout(path: Path, value) -> Heldout:
 
 
 def load_study(path: str | Path) -> Study:
+    from amrlhf.pipeline import read_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise AmrlhfError(f"study file not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AmrlhfError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise AmrlhfError(f"{path}: expected a mapping at the top level")
+    cfg = read_mapping(path, "study")
     unknown = set(cfg) - KEYS
     if unknown:
         raise AmrlhfError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")

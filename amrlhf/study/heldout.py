@@ -84,7 +84,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     fields from it)."""
     from transformers import GenerationConfig
 
-    from amrlhf.rollout import own_generation_config
+    from amrlhf.rollout import left_pad, own_generation_config
 
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -93,13 +93,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     model.eval()
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
-        chunk = prompts[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
+        ids, attn = left_pad(prompts[start:start + batch_size], pad)
+        width = ids.shape[1]
         with own_generation_config(model):
             gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config)
         for seq in gen[:, width:].tolist():
