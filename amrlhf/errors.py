@@ -15,3 +15,8 @@ class DataError(AmrlhfError):
         where = source if line is None else f"{source}:{line}"
         what = f" field '{field}'" if field else ""
         super().__init__(f"{where}:{what} {problem}")
+
+
+class ConfigError(AmrlhfError, ValueError):
+    """A setting no run can use (a negative learning rate, a batch of 0), refused where it is given: at
+    construction. Also a ValueError, for code that builds the classes directly."""

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -36,6 +37,45 @@ def _module_class(class_path: str):
 
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def expected_cause(exc: BaseException) -> AmrlhfError | None:
+    """The AmrlhfError an exception was raised from, if any: jsonargparse re-raises an error of a class's
+    constructor as a ValueError per level of nesting ("Does not validate against any of the Union subtypes")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, AmrlhfError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before anything runs when the run's folder cannot be created or written to."""
+    probe = folder / ".amrlhf-write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AmrlhfError(f"cannot write to the runs folder {folder} ({exc.strerror or exc}): "
+                          "choose another with --runs_root") from None
+
+
+class CheckedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with a missing or unreadable checkpoint (`--ckpt_path`, resume,
+    validate) reported as one line naming the file."""
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        if not Path(path).is_file():
+            raise AmrlhfError(f"checkpoint not found: {path}")
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as exc:
+            line = (str(exc).strip().splitlines() or [""])[0]
+            raise AmrlhfError(f"{path}: not a readable checkpoint, damaged or incomplete ({type(exc).__name__}: "
+                              f"{line}); use another checkpoint, or start again without --ckpt_path") from None
 
 
 class AmrlhfCLI(LightningCLI):
@@ -73,8 +113,26 @@ class AmrlhfCLI(LightningCLI):
                 cfg.model.class_path.rsplit(".", 1)[-1]
         self.run_dir = Path(cfg.runs_root) / cfg.run_name
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning torch.loads a `--ckpt_path` file here, to read the module's saved hyper_parameters into the
+        config: ours save none (the recipe is the run's config.yaml), so that would only load the file twice
+        (and fail on a damaged one with a traceback); the trainer's load (CheckedCheckpointIO) is the one."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except AmrlhfError:
+            raise
+        except Exception as exc:
+            cause = expected_cause(exc)
+            if cause is None:
+                raise
+            raise AmrlhfError(str(cause)) from None
+
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
+        if self.subcommand:
+            check_writable(self.run_dir)
         resume = self.subcommand == "fit" and cfg.get("ckpt_path") is not None
         if cfg.trainer.get("logger") in (None, True):
             kwargs["logger"] = make_logger(cfg.tracking, self.run_dir, cfg.run_name, resume)
@@ -98,8 +156,12 @@ class AmrlhfCLI(LightningCLI):
             ours.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=1))
         kwargs["callbacks"] = extra + ours
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as exc:
             # Lightning refuses an impossible trainer set-up (strategy / accelerator / devices /
             # precision, a negative max_steps) while building the Trainer: an expected mistake
             raise AmrlhfError(f"trainer: {' '.join(str(exc).split())}") from None
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default, not one the user chose
+            trainer.strategy.checkpoint_io = CheckedCheckpointIO()
+        return trainer
+

@@ -40,6 +40,7 @@ def resolve_local(name: str, kind: str) -> Path:
     root = assets.asset_dir(asset)
     if not assets.is_prepared(asset):
         raise AmrlhfError(f"asset '{asset}' is not prepared under {home()}: run `amrlhf prepare {asset}`")
+    assets.check_intact(asset)
     if kind == "data":
         path = root / f"{part or 'train'}.jsonl"
         if not path.exists():

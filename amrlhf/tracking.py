@@ -32,8 +32,17 @@ def default_uri(runs_root: Path) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail before training, with a clear message, when the tracking server does not answer."""
+    """Fail before training, with a clear message, when the tracking server does not answer or the
+    store cannot be opened (a `file:` store MLflow refuses, a database it cannot create)."""
     if not uri.startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # any failure to open the store: the user's URI, not a bug here
+            line = " ".join(str(exc).split())
+            raise AmrlhfError(f"MLflow tracking URI {uri} cannot be used ({exc.__class__.__name__}: {line}); "
+                              "unset MLFLOW_TRACKING_URI / tracking.uri to use the local sqlite store") from None
         return
     import requests
 

@@ -202,6 +202,91 @@ def test_a_strategy_lightning_refuses_is_one_error_line(tmp_path, args):
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: trainer: ")], proc.stderr[-3000:]
 
 
+def _damaged_home(tmp_path: Path, file: str, size: int | None) -> dict:
+    """A copy of the prepared tiny assets with one file of tiny-llama cut to `size` bytes (None: half)."""
+    import shutil
+
+    from amrlhf.paths import home
+
+    for kind, name in (("models", "tiny-llama"), ("data", "tiny-arith")):
+        shutil.copytree(home() / kind / name, tmp_path / "home" / kind / name)
+    target = tmp_path / "home" / "models" / "tiny-llama" / file
+    os.truncate(target, target.stat().st_size // 2 if size is None else size)
+    return {"AMRLHF_HOME": str(tmp_path / "home")}
+
+
+def _truncated_checkpoint(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.zeros(4096)}}, path)
+    os.truncate(path, path.stat().st_size // 2)
+    return path
+
+
+def _eval_suite(tmp_path: Path, limit) -> str:
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"slots: [adversarial]\nlimit: {limit}\nbatch_size: 2\nmax_gen_toks: 4\nmax_length: 256\n")
+    return str(path)
+
+
+def _a_file(path: Path) -> Path:
+    path.write_text("")  # a folder under a file can never be created, even by root (unlike a read-only one)
+    return path
+
+
+def _not_a_model(tmp_path: Path) -> str:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model\n")
+    return str(tmp_path / "notes")
+
+
+FIT = ("fit", "--config", recipe("dpo"))
+MISTAKES = {  # case -> tmp_path -> (command line, environment, what the error line must say)
+    "negative-lr": lambda t: ([*FIT, "--model.init_args.lr=-1"], {}, ["lr", "-1"]),
+    "batch-size-0": lambda t: ([*FIT, "--data.init_args.batch_size=0"], {}, ["batch_size", "0"]),
+    "negative-delta": lambda t: (["fit", "--config", recipe("am_dpo"),
+                                  "--model.init_args.segmenter.init_args.delta=-1"], {}, ["delta", "-1"]),
+    "truncated-weights": lambda t: (FIT, _damaged_home(t, "model.safetensors", None),
+                                    ["model.safetensors", "amrlhf prepare tiny-llama --force"]),
+    "zero-byte-weights": lambda t: (FIT, _damaged_home(t, "model.safetensors", 0),
+                                    ["model.safetensors", "amrlhf prepare tiny-llama --force"]),
+    "truncated-tokenizer": lambda t: (FIT, _damaged_home(t, "tokenizer.json", None),
+                                      ["tokenizer.json", "amrlhf prepare tiny-llama --force"]),
+    "folder-not-a-model": lambda t: ([*FIT, f"--model.init_args.policy.name={_not_a_model(t)}"], {},
+                                     [str(t / "notes"), "config.json"]),
+    "file-tracking-uri": lambda t: ([*FIT, f"--tracking.uri=file:{t}/mlruns"], {}, [f"file:{t}/mlruns"]),
+    "eval-limit-0": lambda t: (["eval", "--config", _eval_suite(t, 2), "--model", "local:tiny-llama", "--limit",
+                                "0"], {}, ["limit", "0"]),
+    "eval-limit-negative": lambda t: (["eval", "--config", _eval_suite(t, 2), "--model", "local:tiny-llama",
+                                       "--limit=-3"], {}, ["limit", "-3"]),
+    "eval-limit-string": lambda t: (["eval", "--config", _eval_suite(t, "abc"), "--model", "local:tiny-llama"], {},
+                                    ["suite.yaml", "limit", "abc"]),
+    "ckpt-path-missing": lambda t: ([*FIT, "--ckpt_path", str(t / "missing.ckpt")], {},
+                                    ["checkpoint not found", "missing.ckpt"]),
+    "resume-truncated-last": lambda t: (  # the run's own last.ckpt, cut in half
+        _truncated_checkpoint(t / "runs" / "smoke-dpo" / "checkpoints" / "last.ckpt") and [*FIT, "--ckpt_path", "last"],
+        {}, ["last.ckpt", "damaged"]),
+    "validate-truncated": lambda t: (["validate", "--config", recipe("dpo"), "--ckpt_path",
+                                      str(_truncated_checkpoint(t / "old.ckpt"))], {}, ["old.ckpt", "damaged"]),
+    "runs-folder-unwritable": lambda t: ([*FIT, f"--runs_root={_a_file(t / 'a-file')}/runs"], {},
+                                         ["runs folder", "a-file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_expected_mistake_is_one_error_line(tmp_path, case):
+    args, env, says = MISTAKES[case](tmp_path)
+    if not any(a.startswith("--runs_root") for a in args):
+        args = [*args, "--runs_root", str(tmp_path / "runs")]
+    proc = amrlhf(*args, cwd=tmp_path, env=env)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    print(f"\n[{case}] {errors[0]}")  # TEMP
+    for part in says:
+        assert part in errors[0], errors[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ class LmEval(L.Callback):
         from amrlhf.evaluation.suites import load_suite
 
         self.suite_path, self.limit, self.every = suite, limit, every_n_epochs
-        self.suite = load_suite(suite)  # fail at start, not after hours of training
+        self.suite = load_suite(suite, limit)  # fail at start, not after hours of training
 
     def _run(self, trainer, pl_module, tag: str) -> None:
         if not trainer.is_global_zero:

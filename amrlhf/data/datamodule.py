@@ -16,7 +16,7 @@ from amrlhf.data.collate import Collator, PromptCollator
 from amrlhf.data.records import read_examples
 from amrlhf.data.sampler import ResumableSampler
 from amrlhf.data.tokenize import encode_examples, encode_prompts
-from amrlhf.errors import AmrlhfError
+from amrlhf.errors import AmrlhfError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ class _TextDataModule(L.LightningDataModule):
             token_scores: rows carry per-token scores (`chosen_token_scores`, ...) for DatasetScorer.
         """
         super().__init__()
+        for name, value in (("max_length", max_length), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size), ("limit_train", limit_train),
+                            ("limit_val", limit_val)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
         self.train_source, self.val_source = train, val
         self.tokenizer_name = tokenizer
         self.max_length, self.batch_size = max_length, batch_size

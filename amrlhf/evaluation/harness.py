@@ -15,7 +15,7 @@ from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
 from amrlhf.evaluation.sandbox import ALLOW_ENV
-from amrlhf.evaluation.suites import EvalSuite
+from amrlhf.evaluation.suites import EvalSuite, check_limit
 from amrlhf.evaluation.tasks import render_tasks
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, out_dir: Path, limit: int | 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    check_limit(limit)
     resolved = suite.resolve()
     include = [p for p in (render_tasks(suite), suite.include_path) if p]
     manager = TaskManager(include_path=[str(p) for p in include] or None)

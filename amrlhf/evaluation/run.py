@@ -45,7 +45,7 @@ def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "
 
     from amrlhf.tracking import check_reachable, default_uri
 
-    suite = load_suite(config)
+    suite = load_suite(config, limit)
     uri = tracking_uri or default_uri(Path(runs_root))
     check_reachable(uri)
     model, tok = load_for_eval(model_name)

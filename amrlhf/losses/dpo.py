@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amrlhf.errors import ConfigError
+
 
 @runtime_checkable
 class DPOLoss(Protocol):
@@ -26,7 +28,7 @@ class DPOLoss(Protocol):
 
 def _check_smoothing(eps: float) -> float:
     if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {eps}")
     return eps
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from amrlhf.errors import ConfigError
+
 
 @runtime_checkable
 class KLController(Protocol):
@@ -38,7 +40,7 @@ class AdaptiveKL:
 
     def __init__(self, value: float = 0.05, target: float = 6.0, horizon: int = 10000):
         if target <= 0 or horizon <= 0:
-            raise ValueError("AdaptiveKL needs target > 0 and horizon > 0")
+            raise ConfigError(f"AdaptiveKL needs target > 0 and horizon > 0, got target={target} horizon={horizon}")
         self.value, self.target, self.horizon = float(value), float(target), int(horizon)
 
     def update(self, kl: float, n_steps: int) -> None:

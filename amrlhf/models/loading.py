@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.paths import is_local_id, resolve_local
+from amrlhf.paths import LOCAL_PREFIX, is_local_id, resolve_local
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,30 @@ def torch_dtype(dtype: str, trainable: bool = True) -> torch.dtype:
         raise AmrlhfError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16") from None
 
 
+def load_error(what: str, name: str, exc: Exception) -> str:
+    """One line for a model or tokenizer that did not load: a prepared asset names the command that
+    rebuilds it, a local folder says whether it is a model folder at all, a hub id suggests offline use."""
+    why = f"{exc.__class__.__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    if is_local_id(name):
+        asset = name[len(LOCAL_PREFIX):].partition("/")[0]
+        return f"could not load {what} '{name}' ({why}): the asset may be damaged; run `amrlhf prepare {asset} --force`"
+    path = Path(name).expanduser()
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "config.json").exists() and path.suffix != ".gguf":
+            return f"{name} is not a Hugging Face model folder (it has no config.json): could not load {what} ({why})"
+        return f"could not load {what} from {name} ({why})"
+    return (f"could not load {what} '{name}': {why}. "
+            "Offline? Use a prepared copy (`amrlhf prepare`, then `local:...`) or a local folder.")
+
+
 def _hub_call(what: str, name: str, fn, *args, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return fn(*args, **kwargs)
-    except OSError as exc:
-        raise AmrlhfError(
-            f"could not load {what} '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
-            "Offline? Use a prepared copy (`amrlhf prepare`, then `local:...`) or a local folder."
-        ) from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or foreign files
+        raise AmrlhfError(load_error(what, name, exc)) from exc
 
 
 def load_tokenizer(name: str, revision: str | None = None):

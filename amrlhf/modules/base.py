@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from amrlhf.errors import ConfigError
 from amrlhf.models import ModelSpec
 from amrlhf.modules.masking import segment_batch, setup_segmentation
 from amrlhf.scorers import TokenScorer
@@ -23,6 +24,18 @@ log = logging.getLogger(__name__)
 def _writes_logs_now(trainer) -> bool:
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
+
+
+def check_optimizer(lr: float, weight_decay: float, warmup_steps: int, betas: tuple[float, float]) -> None:
+    """Refuse optimizer settings AdamW would refuse only at the first step (or never, for warm-up)."""
+    if lr < 0:
+        raise ConfigError(f"lr must be >= 0, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+    if warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
 
 
 class AlignmentModule(L.LightningModule):
@@ -41,6 +54,7 @@ class AlignmentModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
     ):
         super().__init__()
+        check_optimizer(lr, weight_decay, warmup_steps, betas)
         self.policy_spec = policy
         # None = the unmasked path (m = response mask): the reference for parity tests.
         self.segmenter = segmenter

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from amrlhf.errors import AmrlhfError
+from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.logprobs import entropy_from_logits
@@ -132,7 +132,7 @@ class PPOModule(AlignmentModule):
         self.gamma, self.lam = gamma, lam
         self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
         if ppo_epochs < 1:
-            raise ValueError("ppo_epochs must be >= 1")
+            raise ConfigError(f"PPOModule: ppo_epochs must be >= 1, got {ppo_epochs}")
         self.ppo_epochs, self.mini_batch_size, self.max_grad_norm = ppo_epochs, mini_batch_size, max_grad_norm
         self.label_baseline = RunningMeanBaseline(momentum=label_momentum)
         self.segment_warmup_rollouts = segment_warmup_rollouts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from amrlhf.data.collate import pad_rows
-from amrlhf.errors import AmrlhfError
+from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.rollout import Sampling, generate, prompts_of
 from amrlhf.segmenters.rules import last_response_index
 
@@ -21,7 +21,7 @@ class BestOfN:
 
     def __init__(self, n: int = 4, sampling: Sampling | None = None, min_score: float | None = None):
         if n < 1:
-            raise ValueError("n must be >= 1")
+            raise ConfigError(f"BestOfN: n must be >= 1, got {n}")
         self.n, self.sampling, self.min_score = n, sampling or Sampling(), min_score
 
     def make_batch(self, module, batch: dict) -> tuple[dict | None, dict]:

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from amrlhf.errors import ConfigError
 from amrlhf.segmenters.base import Segmentation, check_inputs
 from amrlhf.segmenters.baselines import Baseline, PromptScoreBaseline, RunningMeanBaseline
 from amrlhf.segmenters.rules import Fallback, finish, first_response_index, hold_last, sign_agreeing, signal
@@ -20,7 +21,7 @@ class _ScoredSegmenter:
         self.signal, self.baseline = signal, baseline or PromptScoreBaseline()
         self.scale, self.fallback, self.min_kept_frac = scale, fallback, min_kept_frac
         if scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+            raise ConfigError(f"{type(self).__name__}: scale must be > 0, got {scale}")
 
     def _u(self, scores: Tensor | None, resp: Tensor, prompt_scores: Tensor | None) -> Tensor:
         if scores is None:
@@ -73,9 +74,9 @@ class AdaptivePivotSegmenter(_ScoredSegmenter):
                  min_kept_frac: float = 0.0):
         super().__init__(signal, baseline, scale, fallback, min_kept_frac)
         if delta < 0:
-            raise ValueError(f"delta must be >= 0, got {delta}")
+            raise ConfigError(f"{type(self).__name__}: delta must be >= 0, got {delta}")
         if first_token not in ("label", "sign"):
-            raise ValueError(f"first_token must be 'label' or 'sign', got {first_token!r}")
+            raise ConfigError(f"{type(self).__name__}: first_token must be 'label' or 'sign', got {first_token!r}")
         self.delta, self.first_token = delta, first_token
 
     def segment(
