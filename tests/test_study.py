@@ -221,3 +221,9 @@ def test_study_cli_missing_file_is_one_error_line(tmp_path):
     proc = amrlhf("study", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: study file not found")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_metric_equal_on_every_seed_without_items_gets_no_verdict():
+    d = paired_delta([0.49, 0.49, 0.49], [0.48, 0.48, 0.48])
+    assert d.delta == pytest.approx(0.01) and d.half_width == 0
+    assert d.verdict.startswith("no uncertainty estimate")

@@ -10,7 +10,8 @@ every cell), with per-item values x_{s,i}:
   95% interval        delta ± sqrt((t_{S-1} se_seed)^2 + (1.96 se_item)^2)
 with t_{S-1} Student's 97.5% quantile (12.71 for 2 seeds, 4.30 for 3). The verdict is `better` /
 `worse` when the interval excludes 0, else `within noise`. A metric measured per cell only (mask
-localisation, lm-eval scores) has no item term.
+localisation, lm-eval scores) has no item term; when it is also the same on every seed (a fixed scorer's
+localisation on a fixed held-out split) there is no uncertainty estimate at all, and no verdict.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Delta:
     def verdict(self) -> str:
         if not math.isfinite(self.half_width):
             return "n/a (1 seed)"
+        if self.half_width == 0 and self.se_item is None:
+            return "no uncertainty estimate (same on every seed, no per-item values)"
         if self.delta - self.half_width > 0:
             return "better"
         if self.delta + self.half_width < 0:
