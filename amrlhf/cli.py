@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from amrlhf.errors import AmrlhfError
+from amrlhf.errors import AmrlhfError, Interrupted
 
 log = logging.getLogger("amrlhf")
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except AmrlhfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGTERM / SIGINT: the message says where the checkpoint is and how to resume
+        print(f"\n{exc}", file=sys.stderr)  # on a line of its own, after any progress bar
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

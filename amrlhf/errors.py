@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class AmrlhfError(Exception):
     """An expected mistake (bad path, bad config, missing asset, malformed data)."""
@@ -20,3 +22,13 @@ class DataError(AmrlhfError):
 class ConfigError(AmrlhfError, ValueError):
     """A setting no run can use (a negative learning rate, a batch of 0), refused where it is given: at
     construction. Also a ValueError, for code that builds the classes directly."""
+
+
+class Interrupted(BaseException):
+    """A stop signal (SIGTERM, SIGINT) ended the command: the CLI prints the message (where the checkpoint
+    is and how to resume) and exits with 128 + the signal number. A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        self.signum = int(signum)
+        super().__init__(message or f"interrupted by {signal.Signals(self.signum).name}")

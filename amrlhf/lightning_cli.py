@@ -9,6 +9,8 @@ defaulting to the policy's tokenizer.
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import lightning as L
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from amrlhf.callbacks import TrackRun
-from amrlhf.errors import AmrlhfError
+from amrlhf.callbacks.interrupt import StopOnSignal
+from amrlhf.errors import AmrlhfError, Interrupted
 from amrlhf.modules import AlignmentModule
 from amrlhf.tracking import Tracking, make_logger
 
@@ -78,8 +81,23 @@ class CheckedCheckpointIO(TorchCheckpointIO):
                               f"{line}); use another checkpoint, or start again without --ckpt_path") from None
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes a run: the same arguments, with `--ckpt_path last`."""
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        args.append(arg)
+    return shlex.join(["amrlhf", *args, "--ckpt_path", "last"])
+
+
 class AmrlhfCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
+        self.argv = list(sys.argv[1:] if args is None else args)
         super().__init__(
             model_class=AlignmentModule,
             datamodule_class=L.LightningDataModule,
@@ -138,7 +156,9 @@ class AmrlhfCLI(LightningCLI):
             kwargs["logger"] = make_logger(cfg.tracking, self.run_dir, cfg.run_name, resume)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         ckpt_dir = self.run_dir / "checkpoints"
+        self.stop = StopOnSignal(ckpt_dir)
         ours = [
+            self.stop,
             ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                             every_n_train_steps=cfg.checkpoint_every),
             TrackRun(self.run_dir, self.parser.dump(cfg, skip_none=False) if not self.subcommand
@@ -165,3 +185,45 @@ class AmrlhfCLI(LightningCLI):
             trainer.strategy.checkpoint_io = CheckedCheckpointIO()
         return trainer
 
+    # `amrlhf fit|validate|test` run through these (LightningCLI calls a method of the subcommand's name)
+    def fit(self, **kwargs) -> None:
+        self._stoppable(self.trainer.fit, **kwargs)
+
+    def validate(self, **kwargs) -> None:
+        self._stoppable(self.trainer.validate, **kwargs)
+
+    def test(self, **kwargs) -> None:
+        self._stoppable(self.trainer.test, **kwargs)
+
+    def _stoppable(self, call, **kwargs) -> None:
+        """A stop signal ends the call with Interrupted, whose message says how to resume; the MLflow run
+        is marked KILLED (Lightning marks an interrupted run FAILED)."""
+        try:
+            with self.stop.handling_signals():
+                call(**kwargs)
+        except (SIGTERMException, Interrupted):
+            signum = self.stop.signum or signal.SIGTERM
+            self._mark_killed()
+            raise Interrupted(signum, self._interrupted_message(signum)) from None
+
+    def _mark_killed(self) -> None:
+        logger = self.trainer.logger
+        if not hasattr(logger, "run_id") or not (self.run_dir / "mlflow_run.json").exists():
+            return  # no MLflow run was started
+        try:
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
+        except Exception as exc:  # the tracking store may be what is going away
+            log.warning("could not mark MLflow run %s KILLED: %s", logger.run_id, exc)
+
+    def _interrupted_message(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        if self.subcommand != "fit":
+            return f"interrupted by {name} during {self.subcommand}: nothing to resume"
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if self.stop.saved is not None:
+            where = f"saved {self.stop.saved} (step {self.stop.step})"
+        elif last.exists():
+            where = f"no checkpoint could be saved now; the latest is {last}"
+        else:
+            return f"interrupted by {name} before any checkpoint was saved: run the same command to start again"
+        return f"interrupted by {name}: {where}; resume with: {resume_command(self.argv)}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from amrlhf.errors import AmrlhfError
+from amrlhf.errors import AmrlhfError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,12 @@ def run_pipeline(path: Path) -> dict:
     for entry in cfg.get("fit") or []:
         run_name = entry.get("name") or Path(entry["config"]).stem
         t = time.perf_counter()
-        cli = run_lightning(["fit", "--config", entry["config"], f"--run_name={run_name}",
-                             f"--runs_root={runs_root}", *map(str, entry.get("args", []))])
+        try:
+            cli = run_lightning(["fit", "--config", entry["config"], f"--run_name={run_name}",
+                                 f"--runs_root={runs_root}", *map(str, entry.get("args", []))])
+        except Interrupted as exc:  # the later stages do not run
+            raise Interrupted(exc.signum, f"pipeline '{name}' stopped at stage '{run_name}' ({exc}); "
+                                          "the pipeline itself restarts that stage from the beginning") from None
         timings[f"fit:{run_name}"] = time.perf_counter() - t
         logger = cli.trainer.logger
         tracking[run_name] = {"uri": logger._tracking_uri, "run_id": logger.run_id}

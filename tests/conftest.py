@@ -41,6 +41,35 @@ def amrlhf(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -
                           timeout=timeout, env={**base, **(env or {})})
 
 
+def start_amrlhf(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    """The entry point in a background process, its output to `log` (a pipe could fill and block it)."""
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "amrlhf", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                text=True, env=base)
+
+
+def wait_for_metric(db: Path, key: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """Until a run in the sqlite MLflow store `db` has logged `key` (the process still running)."""
+    import sqlite3
+    import time
+    from contextlib import closing
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if db.exists():
+            try:
+                with closing(sqlite3.connect(db, timeout=5)) as con:
+                    if con.execute("SELECT count(*) FROM metrics WHERE key = ?", (key,)).fetchone()[0]:
+                        return
+            except sqlite3.OperationalError:  # the tables are still being created
+                pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"no '{key}' logged within {timeout} s")
+
+
 def recipe(name: str) -> str:
     return str(ROOT / "recipes" / "smoke" / f"{name}.yaml")
 

@@ -3,6 +3,8 @@ resume after a crash, DDP with 2 CPU processes, export, clear errors for expecte
 
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import amrlhf, recipe
+from conftest import amrlhf, recipe, start_amrlhf, wait_for_metric
 
 pytestmark = pytest.mark.slow
 
@@ -285,6 +287,63 @@ def test_expected_mistake_is_one_error_line(tmp_path, case):
     print(f"\n[{case}] {errors[0]}")  # TEMP
     for part in says:
         assert part in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "sigint"])
+def test_stop_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, sig, status):
+    """SIGTERM (a scheduler's pre-emption, `kill`) or SIGINT mid-training: a resumable last.ckpt, one line
+    with the command that resumes, exit status 128 + signal, the MLflow run KILLED (not FINISHED)."""
+    runs, log = tmp_path / "runs", tmp_path / "fit.log"
+    proc = start_amrlhf("fit", "--config", recipe("dpo"), "--runs_root", str(runs), "--trainer.max_steps=100000",
+                        "--trainer.limit_val_batches=0", "--checkpoint_every=100000", "--tracking.log_checkpoint=false",
+                        cwd=tmp_path, log=log)
+    wait_for_metric(runs / "mlflow.db", "loss", proc, log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=300) == status, log.read_text()[-3000:]
+    out = log.read_text()
+    lines = [line for line in out.splitlines() if line.startswith("interrupted by")]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    last = runs / "smoke-dpo" / "checkpoints" / "last.ckpt"
+    assert f"saved {last}" in lines[0] and lines[0].endswith("--ckpt_path last"), lines[0]
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 1
+    df = runs_df(runs)
+    assert len(df) == 1 and df.loc[0, "status"] == "KILLED"
+    if sig != signal.SIGTERM:
+        return
+    command = shlex.split(lines[0].split("resume with: ")[1])
+    assert command[:2] == ["amrlhf", "fit"]
+    ok(amrlhf(*command[1:], f"--trainer.max_steps={step + 2}", cwd=tmp_path))
+    df = runs_df(runs)
+    assert len(df) == 1 and df.loc[0, "status"] == "FINISHED"  # the same MLflow run, now finished
+    assert sorted(history(runs, df.loc[0, "run_id"], "loss")) == list(range(step + 2))  # went on from `step`
+
+
+def test_stop_signal_outside_the_training_loop_stops_at_once_and_sigint_takes_the_sigterm_path(tmp_path):
+    """Before Lightning listens (loading, caching) a signal stops at once; while it listens, SIGINT goes through
+    Lightning's SIGTERM handler (trainer.received_sigterm, its safe stopping points), and a second one stops
+    at once."""
+    from amrlhf.callbacks.interrupt import StopOnSignal
+    from amrlhf.errors import Interrupted
+
+    def deliver(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.2)  # the handler runs in the main thread, at the next bytecode
+
+    stop = StopOnSignal(tmp_path)
+    with stop.handling_signals(), pytest.raises(Interrupted) as raised:
+        deliver(signal.SIGTERM)
+    assert raised.value.signum == signal.SIGTERM
+    stop, seen = StopOnSignal(tmp_path), []
+    with stop.handling_signals():
+        ours = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), ours(s, f)))  # as Lightning composes it
+        deliver(signal.SIGINT)
+        assert seen == [signal.SIGTERM] and stop.signum == signal.SIGINT
+        with pytest.raises(Interrupted) as raised:
+            deliver(signal.SIGINT)
+    assert raised.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def _free_port() -> int:

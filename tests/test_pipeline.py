@@ -1,12 +1,13 @@
 """The pipeline (the quickstart's shape) end to end on tiny assets, and the held-out summary math."""
 
 import json
+import signal
 
 import mlflow
 import pytest
 import torch
 import yaml
-from conftest import ROOT, amrlhf
+from conftest import ROOT, amrlhf, start_amrlhf, wait_for_metric
 
 from amrlhf.evaluation import PairLogps, heldout_summary
 
@@ -54,6 +55,25 @@ def test_pipeline_runs_prepare_fit_heldout_and_summary(tmp_path):
     logged = client.get_run(run_id).data.metrics
     assert logged["eval/heldout/implicit_acc"] == pytest.approx(res["implicit_acc"])
     assert logged["eval/heldout/length_rule_acc"] == pytest.approx(res["length_rule_acc"])
+
+
+def test_pipeline_stops_at_the_stage_a_sigterm_interrupted(tmp_path):
+    smoke = str(ROOT / "recipes/smoke/dpo.yaml")
+    long = ["--trainer.max_steps=100000", "--trainer.limit_val_batches=0", "--checkpoint_every=100000",
+            "--tracking.log_checkpoint=false"]
+    pipe = {"name": "stop", "runs_root": str(tmp_path / "runs"),
+            "fit": [{"name": "first", "config": smoke, "args": long},
+                    {"name": "second", "config": smoke, "args": ["--trainer.max_steps=1"]}]}
+    path, log = tmp_path / "pipe.yaml", tmp_path / "run.log"
+    path.write_text(yaml.safe_dump(pipe))
+    proc = start_amrlhf("run", str(path), cwd=tmp_path, log=log)
+    wait_for_metric(tmp_path / "runs" / "mlflow.db", "loss", proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("pipeline 'stop' stopped at stage")]
+    assert len(lines) == 1 and "'first'" in lines[0] and "--ckpt_path last" in lines[0], log.read_text()[-3000:]
+    assert (tmp_path / "runs" / "first" / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "runs" / "second").exists() and not (tmp_path / "runs" / "stop").exists()
 
 
 def test_bad_pipeline_is_refused_with_a_clear_message(tmp_path):
