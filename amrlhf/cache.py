@@ -1,6 +1,6 @@
 """Per-token values (reference log-probs, token scores) computed once per example and cached on
-disk, keyed by what produced them and by the exact tokenized data, so a changed model, tokenizer,
-data set or max_length never reuses a stale cache. Values are stored PER TOKEN (masks need tokens,
+disk, keyed by what produced them and by the exact tokenized data, so a changed model (name, revision,
+dtype, loading arguments, files), tokenizer, data set or max_length never reuses a stale cache. Values are stored PER TOKEN (masks need tokens,
 not sums), per response of each example."""
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 ComputeFn = Callable[[dict], dict[str, Tensor]]
 
 
-def model_fingerprint(name: str) -> dict:
-    """Identity of a model for cache keys: its name, and size + mtime of its files if local."""
-    from amrlhf.models.loading import resolve_model
+def model_fingerprint(spec) -> dict:
+    """Identity of a frozen model (a ModelSpec) for cache keys: what its outputs depend on (name, revision,
+    the dtype its weights load in, extra loading arguments), and size + mtime of its files if local."""
+    from amrlhf.models.loading import resolve_model, torch_dtype
 
-    path, gguf = resolve_model(name)
+    path, gguf = resolve_model(spec.name)
     p = Path(path)
     files = {}
     if p.is_dir():
@@ -35,7 +36,8 @@ def model_fingerprint(name: str) -> dict:
             if f.is_file() and f.suffix in {".safetensors", ".bin", ".gguf", ".json"}:
                 st = f.stat()
                 files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"name": name, "path": path, "gguf": gguf, "files": files}
+    return {"name": spec.name, "revision": spec.revision, "dtype": str(torch_dtype(spec.dtype, trainable=False)),
+            "extra": spec.extra, "path": path, "gguf": gguf, "files": files}
 
 
 def cache_key(meta: dict, data) -> str:

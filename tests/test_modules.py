@@ -237,6 +237,49 @@ def test_cached_reference_equals_the_frozen_model_and_is_reused(tmp_path):
     assert [f.stat().st_mtime_ns for f in sorted(tmp_path.glob("*.pt"))] == mtimes  # a cache hit: nothing rewritten
 
 
+def test_default_reference_loads_the_policy_as_the_policy_is_loaded(monkeypatch):
+    """The default FrozenReference is the policy's model with the policy's revision, dtype and extra loading
+    arguments, without LoRA (it must compute what the initial policy computes)."""
+    from amrlhf.models import LoraSpec
+    from amrlhf.modules import reference as reference_module
+
+    loaded = []
+    monkeypatch.setattr(reference_module, "load_causal_lm",
+                        lambda spec, trainable=True: loaded.append(spec) or torch.nn.Linear(1, 1))
+    policy = ModelSpec("local:tiny-llama", dtype="float32", revision="v2", extra={"attn_implementation": "eager"},
+                       lora=LoraSpec(r=4), gradient_checkpointing=True)
+    module = DPOModule(policy, reference=FrozenReference())
+    module.reference.setup(module)
+    (spec,) = loaded
+    assert (spec.name, spec.dtype, spec.revision, spec.extra) == (policy.name, "float32", "v2", policy.extra)
+    assert spec.lora is None and not spec.gradient_checkpointing
+
+
+def test_reference_and_score_cache_keys_see_revision_and_dtype(monkeypatch):
+    from amrlhf.modules import CachedReference
+    from amrlhf.scorers import CachedScorer, RewardModelScorer
+
+    def cache_meta(cached, module) -> dict:
+        metas = []
+        monkeypatch.setattr(cached.cache, "fill", lambda module, meta, *args, **kwargs: metas.append(meta))
+        cached.setup(module)
+        return metas[0]
+
+    def reference_meta(**policy):
+        cached = CachedReference()
+        return cache_meta(cached, DPOModule(ModelSpec("local:tiny-llama", **policy), reference=cached))
+
+    def scorer_meta(**scorer):
+        cached = CachedScorer(RewardModelScorer(ModelSpec("local:tiny-llama", **scorer)))
+        return cache_meta(cached, DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), scorer=cached))
+
+    for meta in (reference_meta, scorer_meta):
+        assert meta() == meta()
+        assert meta() != meta(revision="v2")
+        assert meta() != meta(dtype="bfloat16")
+        assert meta(revision="v2") != meta(revision="v3")
+
+
 def test_auto_dtype_keeps_trained_weights_fp32_and_frozen_ones_bf16_on_cuda(monkeypatch):
     from amrlhf.models.loading import torch_dtype
 
@@ -245,3 +288,4 @@ def test_auto_dtype_keeps_trained_weights_fp32_and_frozen_ones_bf16_on_cuda(monk
     assert torch_dtype("auto", trainable=True) == torch.float32
     assert torch_dtype("auto", trainable=False) == torch.bfloat16
     assert torch_dtype("bfloat16") == torch.bfloat16
+

@@ -1,17 +1,20 @@
 """Where the DPO reference log-probs come from: components injected by `class_path`.
 
-- `FrozenReference`: a frozen copy (of the policy's model, or another one).
+- `FrozenReference`: a frozen copy (of the policy's model, loaded as the policy is: the same name,
+  revision, dtype and extra loading arguments, without LoRA; or another model).
 - `AdapterReference`: the LoRA policy with its adapters disabled (no second model in memory).
   The reference is then whatever the adapters sit on: train LoRA on top of the SFT model's
   weights, not the raw base, if the reference must be the SFT model.
 - `CachedReference`: per-token log-probs computed once with another reference and cached on
-  disk PER TOKEN (masks need tokens, not sums), keyed by model, tokenizer, data and max_length.
+  disk PER TOKEN (masks need tokens, not sums), keyed by model (name, revision, dtype, extra, files),
+  tokenizer, data and max_length.
 The reference model is never a registered submodule, so it is never in a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -49,10 +52,15 @@ class FrozenReference:
         self.spec = model
         self._model: list = []  # a list, so the model is not registered (not checkpointed)
 
+    def reference_spec(self, module) -> ModelSpec:
+        """What this reference loads: `model`, else the policy's spec (name, revision, dtype, extra) without
+        LoRA or gradient checkpointing, so that it computes what the initial policy computes."""
+        return self.spec or replace(module.policy_spec, lora=None, gradient_checkpointing=False)
+
     def setup(self, module) -> None:
         if self._model:
             return
-        spec = self.spec or ModelSpec(name=module.policy_spec.name, dtype=module.policy_spec.dtype)
+        spec = self.reference_spec(module)
         model = load_causal_lm(spec, trainable=False).eval().requires_grad_(False)
         self._model.append(model.to(module.device))
 
@@ -87,9 +95,9 @@ class CachedReference:
 
     def setup(self, module) -> None:
         self.cache.root = self.cache.root or cache_dir("reflogps")
-        spec = getattr(self.source, "spec", None)
-        meta = {"source": type(self.source).__name__,
-                "model": model_fingerprint(spec.name if spec else module.policy_spec.name)}
+        # AdapterReference: the policy's own base model
+        spec = self.source.reference_spec(module) if hasattr(self.source, "reference_spec") else module.policy_spec
+        meta = {"source": type(self.source).__name__, "model": model_fingerprint(spec)}
         self.cache.fill(module, meta, lambda: self.source.setup(module),
                         lambda b, split: {"logps": self.source.logps(module, b, split)},
                         batch_size=self.batch_size, desc="reference log-probs")

@@ -1,10 +1,11 @@
-"""Token scores precomputed once per example and cached per token (keyed by scorer, data, tokenizer)."""
+"""Token scores precomputed once per example and cached per token (keyed by scorer, its models, data, tokenizer)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from amrlhf.cache import PerTokenCache, model_fingerprint
+from amrlhf.models import ModelSpec
 from amrlhf.paths import cache_dir
 from amrlhf.scorers.base import TokenScorer, TokenScores
 
@@ -20,8 +21,7 @@ class CachedScorer:
 
     def setup(self, module) -> None:
         self.cache.root = self.cache.root or cache_dir("scores")
-        models = {k: model_fingerprint(v.name) for k, v in vars(self.source).items()
-                  if hasattr(v, "name") and hasattr(v, "dtype")}
+        models = {k: model_fingerprint(v) for k, v in vars(self.source).items() if isinstance(v, ModelSpec)}
         meta = {"scorer": type(self.source).__name__, "models": models,
                 "params": {k: v for k, v in vars(self.source).items() if isinstance(v, int | float | str)}}
 
