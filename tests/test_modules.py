@@ -289,3 +289,37 @@ def test_auto_dtype_keeps_trained_weights_fp32_and_frozen_ones_bf16_on_cuda(monk
     assert torch_dtype("auto", trainable=False) == torch.bfloat16
     assert torch_dtype("bfloat16") == torch.bfloat16
 
+
+def test_dropout_is_off_in_trained_policies(tmp_path, tokenizer):
+    """A checkpoint whose config has dropout 0.1 (attention, and LoRA dropout 0.1): train-mode and eval-mode
+    log-probs are equal, as PPO's ratio (old log-probs in eval mode) and DPO's eval-mode reference assume;
+    `disable_dropout: false` keeps the checkpoint's dropout (and then they differ)."""
+    import json
+    import shutil
+
+    from amrlhf.models import LoraSpec, load_causal_lm
+    from amrlhf.models.forward import response_logps
+    from amrlhf.paths import home
+
+    folder = tmp_path / "dropout-llama"
+    shutil.copytree(home() / "models" / "tiny-llama", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    batch = _batch(tokenizer)
+
+    def train_eval_gap(spec: ModelSpec) -> float:
+        model = load_causal_lm(spec)
+        assert model.training
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # trained adapters (fresh ones output 0, dropout or not)
+                p.data.normal_(0, 0.5)
+        with torch.no_grad():
+            train = response_logps(model, batch)[0]
+            eval_ = response_logps(model.eval(), batch)[0]
+        return (train - eval_).abs().max().item()
+
+    assert train_eval_gap(ModelSpec(str(folder))) == 0.0
+    assert train_eval_gap(ModelSpec(str(folder), lora=LoraSpec(r=4, dropout=0.1))) == 0.0
+    assert train_eval_gap(ModelSpec(str(folder), disable_dropout=False)) > 1e-3
+    assert train_eval_gap(ModelSpec("local:tiny-llama", lora=LoraSpec(r=4, dropout=0.1), disable_dropout=False)) > 1e-3

@@ -35,6 +35,13 @@ class ModelSpec:
     name: hub id, local HF folder, `.gguf` file, or `local:ID`.
     dtype: `auto` = float32 for a trained model (bf16 compute via `trainer.precision: bf16-mixed`),
         bfloat16 for a frozen one on CUDA; or `float32` / `bfloat16` / `float16`.
+    disable_dropout: every dropout of the model off (default, as TRL does): each `nn.Dropout` (LoRA's
+        too) at p=0 and the probabilities read from config fields and layer attributes (`attention_dropout`,
+        `hidden_dropout`, ...) at 0, so a training-mode forward pass computes what an eval-mode one does:
+        PPO's ratio compares update-time log-probs (train mode) with rollout-time ones (eval mode), and
+        DPO's policy is compared with an eval-mode reference. `false` keeps the checkpoint's dropout (and
+        LoRA's `dropout`) as a regulariser, at the price of those mismatches. The config saved by
+        `amrlhf export` then carries the zeros the model was trained with.
     """
 
     name: str
@@ -44,6 +51,7 @@ class ModelSpec:
     revision: str | None = None
     tokenizer: str | None = None
     extra: dict = field(default_factory=dict)
+    disable_dropout: bool = True
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
@@ -118,6 +126,36 @@ def load_tokenizer(name: str, revision: str | None = None):
     return tok
 
 
+DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+            torch.nn.FeatureAlphaDropout)
+
+
+def _is_dropout_field(name: str, value) -> bool:
+    return ("dropout" in name or "pdrop" in name) and isinstance(value, float)
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of `model` off: dropout modules at p=0, and the probabilities that layers read from their
+    own attributes (Llama's `attention_dropout`, copied from the config at construction) or from the config
+    at 0 (nested configs included)."""
+    for module in model.modules():
+        if isinstance(module, DROPOUTS):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_field(name, value):
+                setattr(module, name, 0.0)
+    configs = [getattr(model, "config", None)]
+    while configs:
+        config = configs.pop()
+        if config is None or not hasattr(config, "to_dict"):
+            continue
+        for name, value in list(vars(config).items()):
+            if _is_dropout_field(name, value):
+                setattr(config, name, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config (text_config, ...)
+                configs.append(value)
+
+
 def _finish(model, spec: ModelSpec):
     model.train()  # from_pretrained returns eval mode; trainable models start in train mode
     if spec.gradient_checkpointing:
@@ -138,6 +176,8 @@ def _finish(model, spec: ModelSpec):
         if spec.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, cfg)
+    if spec.disable_dropout:
+        disable_dropout(model)
     return model
 
 
