@@ -36,7 +36,7 @@ def model_fingerprint(spec) -> dict:
             if f.is_file() and f.suffix in {".safetensors", ".bin", ".gguf", ".json"}:
                 st = f.stat()
                 files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"name": spec.name, "revision": spec.revision, "dtype": str(torch_dtype(spec.dtype, trainable=False)),
+    return {"name": spec.name, "revision": spec.revision, "dtype": str(torch_dtype(spec.dtype)),
             "extra": spec.extra, "path": path, "gguf": gguf, "files": files}
 
 
@@ -87,17 +87,21 @@ class PerTokenCache:
     def fill(self, module, meta: dict, prepare: Callable[[], None], compute: Callable[[dict, str], dict[str, Tensor]],
              *, batch_size: int, desc: str) -> None:
         """Cache every split of the module's datamodule; `prepare` (load the producing model) runs
-        only when some split misses the cache."""
-        dm = module.trainer.datamodule
-        meta = {**meta, "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length}
+        only when some split misses the cache. Values are computed under the trainer's precision (the
+        autocast of `bf16-mixed`, as the training step's own forward passes are), part of the key."""
+        trainer = module.trainer
+        dm = trainer.datamodule
+        meta = {**meta, "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length,
+                "precision": str(trainer.precision)}
         for split, data in (("train", dm.train_data), ("val", dm.val_data)):
             if data is None or self.has(split):
                 continue
             key = cache_key({**meta, "split": split}, data)
             if not (self.root / f"{key}.pt").exists():
                 prepare()
-            self.build(split, key, data, dm._collator(), lambda b, s=split: compute(b, s), device=module.device,
-                       batch_size=batch_size, desc=desc, write=module.trainer.is_global_zero)
+            with trainer.precision_plugin.forward_context():
+                self.build(split, key, data, dm._collator(), lambda b, s=split: compute(b, s), device=module.device,
+                           batch_size=batch_size, desc=desc, write=trainer.is_global_zero)
 
     def lookup(self, batch: dict, split: str, name: str) -> Tensor:
         table = self.tables.get(split)

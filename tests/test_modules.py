@@ -280,15 +280,51 @@ def test_reference_and_score_cache_keys_see_revision_and_dtype(monkeypatch):
         assert meta(revision="v2") != meta(revision="v3")
 
 
-def test_auto_dtype_keeps_trained_weights_fp32_and_frozen_ones_bf16_on_cuda(monkeypatch):
-    from amrlhf.models.loading import torch_dtype
+def test_frozen_models_default_to_the_policy_dtype_on_cuda(monkeypatch):
+    """`dtype: auto` on CUDA: frozen models (a reference, scorers) load in float32 like the trained policy,
+    not in bf16 (at step 0 the reference must compute what the policy computes); bf16 only when asked."""
+    from amrlhf.models import load_causal_lm, load_reward_model
 
-    assert torch_dtype("auto", trainable=True) == torch_dtype("auto", trainable=False) == torch.float32  # CPU
+    def dtypes(model) -> set:
+        return {p.dtype for p in model.parameters()}
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert torch_dtype("auto", trainable=True) == torch.float32
-    assert torch_dtype("auto", trainable=False) == torch.bfloat16
-    assert torch_dtype("bfloat16") == torch.bfloat16
+    auto = ModelSpec("local:tiny-llama")
+    assert dtypes(load_causal_lm(auto)) == {torch.float32}
+    assert dtypes(load_causal_lm(auto, trainable=False)) == {torch.float32}
+    assert dtypes(load_reward_model(auto, trainable=False)) == {torch.float32}
+    reference = FrozenReference()
+    reference.setup(DPOModule(auto, reference=reference))
+    assert dtypes(reference._model[0]) == {torch.float32}
+    bf16 = ModelSpec("local:tiny-llama", dtype="bfloat16")
+    assert dtypes(load_causal_lm(bf16, trainable=False)) == {torch.bfloat16}  # the explicit opt-in
 
+
+def test_cached_reference_is_computed_under_the_trainer_precision(tmp_path):
+    """Under bf16-mixed the policy's step runs in autocast: the cached reference log-probs are computed in the
+    same autocast (so at step 0 they are the policy's own), and a cache made at another precision is not reused."""
+    from amrlhf.models import load_causal_lm
+    from amrlhf.modules import CachedReference
+    from amrlhf.modules.reference import forward_logps
+
+    def fit(precision: str):
+        dm = PreferenceDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", max_length=64,
+                                  batch_size=4, limit_train=8)
+        module = DPOModule(ModelSpec("local:tiny-llama"), reference=CachedReference(cache=str(tmp_path)),
+                           segmenter=SampleWiseSegmenter(), lr=1e-3)
+        L.Trainer(accelerator="cpu", precision=precision, max_steps=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False).fit(module, dm)
+        return module, dm
+
+    module, dm = fit("bf16-mixed")
+    batch = next(iter(dm.train_dataloader()))
+    base = load_causal_lm(ModelSpec("local:tiny-llama")).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = forward_logps(base, batch).float()
+    resp = batch["response_mask"].bool()
+    torch.testing.assert_close(module.reference.logps(module, batch, "train")[resp], expected[resp])
+    fit("32-true")
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # one cache per precision
 
 def test_dropout_is_off_in_trained_policies(tmp_path, tokenizer):
     """A checkpoint whose config has dropout 0.1 (attention, and LoRA dropout 0.1): train-mode and eval-mode

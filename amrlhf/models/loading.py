@@ -33,8 +33,11 @@ class ModelSpec:
     """Which model to load and how.
 
     name: hub id, local HF folder, `.gguf` file, or `local:ID`.
-    dtype: `auto` = float32 for a trained model (bf16 compute via `trainer.precision: bf16-mixed`),
-        bfloat16 for a frozen one on CUDA; or `float32` / `bfloat16` / `float16`.
+    dtype: `auto` = float32, for a trained model and a frozen one (a reference, a scorer) alike: bf16
+        compute comes from `trainer.precision: bf16-mixed`, whose autocast the frozen models' forward
+        passes share, so the default reference computes exactly what the initial policy computes. Or
+        `float32` / `bfloat16` / `float16`: `bfloat16` on a frozen model is the explicit opt-in to
+        half-size weights (its log-probs then differ from the fp32 policy's at step 0).
     disable_dropout: every dropout of the model off (default, as TRL does): each `nn.Dropout` (LoRA's
         too) at p=0 and the probabilities read from config fields and layer attributes (`attention_dropout`,
         `hidden_dropout`, ...) at 0, so a training-mode forward pass computes what an eval-mode one does:
@@ -74,12 +77,13 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id
 
 
-def torch_dtype(dtype: str, trainable: bool = True) -> torch.dtype:
-    """`auto`: float32 for a model that trains (its weights are the optimizer's master copy: use
-    `trainer.precision: bf16-mixed` for bf16 compute on a GPU; pure-bf16 weights lose small updates),
-    bfloat16 for a frozen model on CUDA, float32 on CPU."""
+def torch_dtype(dtype: str) -> torch.dtype:
+    """`auto`: float32 on every device, for a model that trains (its weights are the optimizer's master copy:
+    use `trainer.precision: bf16-mixed` for bf16 compute on a GPU; pure-bf16 weights lose small updates)
+    and for a frozen one (the same weights dtype under the same autocast as the policy); other dtypes
+    only when named."""
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and not trainable else torch.float32
+        return torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -156,8 +160,9 @@ def disable_dropout(model) -> None:
                 configs.append(value)
 
 
-def _finish(model, spec: ModelSpec):
-    model.train()  # from_pretrained returns eval mode; trainable models start in train mode
+def _finish(model, spec: ModelSpec, trainable: bool):
+    # from_pretrained returns eval mode; trainable models start in train mode, frozen ones stay in eval mode
+    model.train(trainable)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -178,10 +183,13 @@ def _finish(model, spec: ModelSpec):
         model = get_peft_model(model, cfg)
     if spec.disable_dropout:
         disable_dropout(model)
+    if not trainable:
+        model.requires_grad_(False)
     return model
 
 
 def load_causal_lm(spec: ModelSpec, trainable: bool = True):
+    """The model of `spec`, in train mode; `trainable=False`: frozen (eval mode, no gradients)."""
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve_model(spec.name)
@@ -189,9 +197,9 @@ def load_causal_lm(spec: ModelSpec, trainable: bool = True):
     log.info("loading causal LM %s (%s)", spec.name, "gguf, dequantised" if gguf else "HF weights")
     model = _hub_call(
         "model", spec.name, AutoModelForCausalLM.from_pretrained, path,
-        dtype=torch_dtype(spec.dtype, trainable), revision=spec.revision, **kwargs, **spec.extra,
+        dtype=torch_dtype(spec.dtype), revision=spec.revision, **kwargs, **spec.extra,
     )
-    return _finish(model, spec)
+    return _finish(model, spec, trainable)
 
 
 def load_reward_model(spec: ModelSpec, trainable: bool = True):
@@ -210,6 +218,6 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True):
     config.num_labels, config.classifier_dropout = 1, 0.0
     model = _hub_call(
         "reward model", spec.name, AutoModelForTokenClassification.from_pretrained, path, config=config,
-        dtype=torch_dtype(spec.dtype, trainable), revision=spec.revision, **kwargs, **spec.extra,
+        dtype=torch_dtype(spec.dtype), revision=spec.revision, **kwargs, **spec.extra,
     )
-    return _finish(model, spec)
+    return _finish(model, spec, trainable)
