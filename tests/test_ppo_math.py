@@ -114,3 +114,62 @@ def test_entropy_and_kept_layout():
     assert torch.allclose(entropy_from_logits(torch.zeros(1, 3, 2)), torch.full((1, 3), math.log(2)))
     kept = t([10.0, 20.0, 30.0])  # K = 3 kept positions of a T = 5 sequence: positions 2, 3, 4
     assert token_layout(kept[:, :-1], 5).tolist() == [[0.0, 0.0, 10.0, 20.0]]
+
+
+def _ppo_rank(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: a rollout whose KL, raw scores and token scores are this rank's own."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from amrlhf.models import ModelSpec
+    from amrlhf.modules import PPOModule
+    from amrlhf.scorers import TokenScores
+    from amrlhf.segmenters import AdaptivePivotSegmenter
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        module = PPOModule(ModelSpec("local:tiny-llama"), reward=None, kl=AdaptiveKL(value=0.1, target=1.0, horizon=4),
+                           segmenter=AdaptivePivotSegmenter(), seed=0)
+        resp = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+        roll = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4),
+                "response_mask": resp}
+        kl_per_token = 0.5 if rank == 0 else 2.5  # sequence KL 1 on rank 0, 5 on rank 1: mean 3 over the ranks
+        raw = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([5.0, 6.0])  # mean 3.5 over the ranks
+        seen = {}
+        module.sample = lambda prompts, seed: ({k: v.clone() for k, v in roll.items()}, torch.ones(2, dtype=torch.bool))
+        module.old_outputs = lambda r: (torch.zeros(2, 3), torch.zeros(2, 4))
+        module.reference = SimpleNamespace(logps=lambda m, r, split: torch.full((2, 3), -kl_per_token))
+        module.sequence_scores = lambda r, ended, split: (raw, raw, None)
+
+        def actor_mask(r, ts):
+            seen["labels"] = r["labels"].clone()
+            return resp, None
+
+        module.actor_mask = actor_mask
+        module.ppo_update = lambda r: {}
+        module.lr_schedulers = lambda: None
+        module.log_stats = module.log_sometimes = lambda *args, **kwargs: None
+        module.training_step({}, 0)
+        fresh = PPOModule(ModelSpec("local:tiny-llama"), reward=None, segmenter=AdaptivePivotSegmenter(), seed=0)
+        scores = torch.tensor([[0.0, 1.0, 3.0], [0.0, 2.0, 4.0]]) * (1 if rank == 0 else 10)
+        fresh.actor_mask({**roll, "labels": torch.tensor([1, -1])}, TokenScores(scores, torch.zeros(2)))
+        torch.save({"kl_coef": module.kl_ctl.value, "labels": seen["labels"], "scale": fresh.segmenter.scale},
+                   f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ppo_rollout_statistics_are_pooled_over_ranks(tmp_path):
+    """Under DDP each rank samples its own rollout: AdaptiveKL's update, AM-PPO's first label baseline and the
+    score scale (measured on the first segmented rollout) come from every rank's rollout, so every rank holds
+    the same state (and a checkpoint, rank 0's, is every rank's)."""
+    torch.multiprocessing.spawn(_ppo_rank, args=(f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    expected = AdaptiveKL(value=0.1, target=1.0, horizon=4)
+    expected.update(3.0, 4)  # the mean sequence KL and the number of sequences of both ranks
+    for state in ranks:
+        assert state["kl_coef"] == pytest.approx(expected.value)
+    assert ranks[0]["labels"].tolist() == [-1, -1] and ranks[1]["labels"].tolist() == [1, 1]  # against 3.5
+    pooled = torch.tensor([1.0, 3.0, 2.0, 4.0, 10.0, 30.0, 20.0, 40.0]).std().item()
+    assert ranks[0]["scale"] == pytest.approx(pooled) and ranks[1]["scale"] == pytest.approx(pooled)

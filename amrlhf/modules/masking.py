@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import Tensor
 
+from amrlhf.distributed import pooled_std
 from amrlhf.segmenters import Segmentation
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,14 @@ def calibrate(module, dm) -> None:
     record_scale(module, torch.cat(values))
 
 
-def record_scale(module, flat: torch.Tensor) -> None:
-    """Give the segmenter the scale (std of these response-token scores) and log their distribution."""
-    std = flat.std().item() if flat.numel() > 1 else 1.0
+def record_scale(module, flat: torch.Tensor, pooled: bool = False) -> None:
+    """Give the segmenter the scale (std of these response-token scores) and log their distribution.
+    `pooled`: the scores are this rank's own (a PPO rollout): the std is over every rank's (the logged
+    quantiles are this rank's); without it every rank scored the same examples."""
+    if pooled:
+        std = pooled_std(flat.to(module.device))  # on the device the process group communicates on
+    else:
+        std = flat.std().item() if flat.numel() > 1 else 1.0
     module.segmenter.calibrate(std)
     module._calibrated = True
     q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95])).tolist()

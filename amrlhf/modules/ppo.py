@@ -6,6 +6,9 @@ rewards with a per-token KL penalty, GAE, whiten the advantages over every valid
 actor loss is averaged over response_mask * m_t (docs/method.md, AM-PPO); the critic and GAE use every
 response token. With the sample-wise segmenter it is bit-identical to PPO.
 
+Under DDP each rank samples its own rollout; what updates state every rank keeps (the KL controller,
+the first label baseline, the score scale) is pooled over the ranks first (amrlhf/distributed.py).
+
 Step counting: `trainer.global_step` (max_steps, checkpoint_every, CrashAtStep) counts optimizer
 steps = rollouts x ppo_epochs x mini-batches per rollout; logged metrics are indexed by rollout.
 Sampling and mini-batch order are seeded from (seed, rollout number), so a resumed run draws the
@@ -23,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from amrlhf.distributed import mean_and_count
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import FixedKL, KLController
@@ -222,8 +226,9 @@ class PPOModule(AlignmentModule):
         adv, returns = gae(rewards, old_values, resp, self.gamma, self.lam)
         roll.update(old_logps=logps * resp, old_values=old_values, returns=returns, advantages=whiten(adv, resp),
                     values=values[:, 1:] * resp, prompt_values=gather_rows(values, first_response_index(resp)))
-        # AM-PPO's label: the raw score against the running mean of raw scores (the penalty is the reward's only)
-        baseline = self.label_baseline.mean if self.label_baseline.count else float(raw.mean())
+        # AM-PPO's label: the raw score against the running mean of raw scores (the penalty is the reward's only);
+        # the first rollout's own mean is every rank's rollouts' mean (the running mean's update is reduced too)
+        baseline = self.label_baseline.mean if self.label_baseline.count else mean_and_count(raw)[0]
         roll["labels"] = torch.where(raw >= baseline, 1, -1).long()
         self.label_baseline.update(raw[:, None], torch.ones_like(raw)[:, None])
         roll["actor_mask"], seg = self.actor_mask(roll, ts)
@@ -260,7 +265,7 @@ class PPOModule(AlignmentModule):
             return resp, None
         ts = self.scorer.score(self, roll, "train") if self.scorer is not None else reward_scores
         if hasattr(self.segmenter, "calibrate") and not self._calibrated:
-            record_scale(self, ts.scores[resp.bool()].float().cpu())  # once, on the first segmented rollout
+            record_scale(self, ts.scores[resp.bool()].float(), pooled=True)  # once, on the first segmented rollout
         seg = self.segmenter.segment(response_mask=resp, labels=roll["labels"], input_ids=roll["input_ids"],
                                      **ts.as_kwargs())
         if hasattr(self.segmenter, "observe"):
@@ -301,7 +306,9 @@ class PPOModule(AlignmentModule):
     def training_step(self, batch: dict, batch_idx: int):
         roll, stats = self.make_rollout(batch)
         stats.update(self.ppo_update(roll))
-        self.kl_ctl.update(float(stats["objective/kl"]), roll["input_ids"].shape[0])
+        # the mean sequence KL and the number of sequences of every rank's rollout (equal shares per rank)
+        kl, sequences = mean_and_count(stats["objective/kl"].expand(roll["input_ids"].shape[0]))
+        self.kl_ctl.update(kl, sequences)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()

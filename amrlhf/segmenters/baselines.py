@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from amrlhf.distributed import all_sum
 
 
 @runtime_checkable
@@ -60,9 +61,7 @@ class RunningMeanBaseline:
 
     @torch.no_grad()
     def update(self, scores: Tensor, resp: Tensor) -> None:
-        stats = torch.stack([(scores * resp).sum(), resp.sum()]).double()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        stats = all_sum(torch.stack([(scores * resp).sum(), resp.sum()]))
         if stats[1] == 0:
             return
         batch_mean = (stats[0] / stats[1]).item()
