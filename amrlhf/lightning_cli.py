@@ -3,12 +3,16 @@
 Adds to plain LightningCLI: runs write to `<runs_root>/<run_name>/` (default run name: the
 recipe's folder and file name, e.g. `dpo-smollm2`, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
 resume), last/best checkpoints, the resolved recipe saved with the run, and `data.tokenizer`
-defaulting to the policy's tokenizer.
+defaulting to the policy's tokenizer. Expected mistakes (a setting a class refuses, a trainer set-up
+Lightning refuses, a missing or damaged checkpoint, a runs folder that cannot be written) end as one
+AmrlhfError; SIGTERM / SIGINT during fit end as Interrupted after a resumable last.ckpt
+(callbacks/interrupt.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -56,11 +60,11 @@ def expected_cause(exc: BaseException) -> AmrlhfError | None:
 
 def check_writable(folder: Path) -> None:
     """Fail before anything runs when the run's folder cannot be created or written to."""
-    probe = folder / ".amrlhf-write-test"
+    probe = folder / f".amrlhf-write-test-{os.getpid()}"  # one per process: DDP ranks probe at once
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise AmrlhfError(f"cannot write to the runs folder {folder} ({exc.strerror or exc}): "
                           "choose another with --runs_root") from None
