@@ -196,9 +196,9 @@ class StudyRun:
                 "seconds": time.perf_counter() - t}
         del cli, module
         gc.collect()
+        _write_atomic(cell_dir / CELL_DONE, cell)  # first: a kill in between must not lose the trained cell
         if not self.study.keep_checkpoints:
             shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
-        _write_atomic(cell_dir / CELL_DONE, cell)
         return cell
 
 
