@@ -1,4 +1,4 @@
-"""Generation for rejection sampling and PPO: no Lightning in here.
+"""Generation for rejection sampling, PPO and GRPO: no Lightning in here.
 
 Prompts are left-padded, sampled with the KV cache, stopped at EOS; each response keeps its EOS
 (the model generated it, so it is a response token) and nothing after it. A response cut by
@@ -82,13 +82,14 @@ def seeded(seed: int, device: torch.device | None = None):
 
 
 def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int,
-                     max_length: int | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """One sampled response per prompt, collated (right-padded, masks per docs/method.md).
+                     max_length: int | None = None, n: int = 1) -> tuple[dict[str, Tensor], Tensor]:
+    """n sampled responses per prompt, collated (right-padded, masks per docs/method.md), prompt-major:
+    rows g*n .. g*n+n-1 answer prompt g (a GRPO group).
     -> (batch with input_ids / attention_mask / response_mask, ended_with_eos [N] bool)."""
-    responses = [group[0] for group in generate(model, prompts, 1, sampling, eos_id=eos_id, pad_id=pad_id,
-                                                max_length=max_length)]
-    batch = pad_rows(list(zip(prompts, responses, strict=True)), pad_id)
-    ended = torch.tensor([r[-1] == eos_id for r in responses], dtype=torch.bool)
+    groups = generate(model, prompts, n, sampling, eos_id=eos_id, pad_id=pad_id, max_length=max_length)
+    pairs = [(p, r) for p, group in zip(prompts, groups, strict=True) for r in group]
+    batch = pad_rows(pairs, pad_id)
+    ended = torch.tensor([r[-1] == eos_id for _, r in pairs], dtype=torch.bool)
     return batch, ended
 
 

@@ -137,23 +137,24 @@ def _ppo_rank(rank: int, init: str, out: str) -> None:
         kl_per_token = 0.5 if rank == 0 else 2.5  # sequence KL 1 on rank 0, 5 on rank 1: mean 3 over the ranks
         raw = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([5.0, 6.0])  # mean 3.5 over the ranks
         seen = {}
-        module.sample = lambda prompts, seed: ({k: v.clone() for k, v in roll.items()}, torch.ones(2, dtype=torch.bool))
+        module.sample = lambda prompts, seed: ({k: v.clone() for k, v in roll.items()}, torch.ones(2, dtype=torch.bool),
+                                               [{}, {}])
         module.old_outputs = lambda r: (torch.zeros(2, 3), torch.zeros(2, 4))
         module.reference = SimpleNamespace(logps=lambda m, r, split: torch.full((2, 3), -kl_per_token))
-        module.sequence_scores = lambda r, ended, split: (raw, raw, None)
+        module.sequence_scores = lambda r, ended, rows, split: (raw, raw, None)
 
-        def actor_mask(r, ts):
+        def actor_mask(r, ts, rows):
             seen["labels"] = r["labels"].clone()
             return resp, None
 
         module.actor_mask = actor_mask
-        module.ppo_update = lambda r: {}
+        module.optimise = lambda r: {}
         module.lr_schedulers = lambda: None
         module.log_stats = module.log_sometimes = lambda *args, **kwargs: None
         module.training_step({}, 0)
         fresh = PPOModule(ModelSpec("local:tiny-llama"), reward=None, segmenter=AdaptivePivotSegmenter(), seed=0)
         scores = torch.tensor([[0.0, 1.0, 3.0], [0.0, 2.0, 4.0]]) * (1 if rank == 0 else 10)
-        fresh.actor_mask({**roll, "labels": torch.tensor([1, -1])}, TokenScores(scores, torch.zeros(2)))
+        fresh.actor_mask({**roll, "labels": torch.tensor([1, -1])}, TokenScores(scores, torch.zeros(2)), [{}, {}])
         torch.save({"kl_coef": module.kl_ctl.value, "labels": seen["labels"], "scale": fresh.segmenter.scale},
                    f"{out}/{rank}.pt")
     finally:

@@ -49,8 +49,9 @@ class Collator:
 
 
 class PromptCollator:
-    """Prompt-only batches (PPO): `prompt_ids` [B, P] LEFT-padded (ready to generate from),
-    `prompt_mask` [B, P], and `index`."""
+    """Prompt-only batches (PPO, GRPO): `prompt_ids` [B, P] LEFT-padded (ready to generate from),
+    `prompt_mask` [B, P], `index`, and `rows` (each prompt's {"source", "line", "prompt", "fields"}: what a
+    verifiable reward checks against, and where an error points)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -63,4 +64,5 @@ class PromptCollator:
             ids[i, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids, dtype=torch.long)
             mask[i, width - len(it.prompt_ids):] = 1
         return {"prompt_ids": ids, "prompt_mask": mask,
-                "index": torch.tensor([it.index for it in items], dtype=torch.long)}
+                "index": torch.tensor([it.index for it in items], dtype=torch.long),
+                "rows": [it.row or {} for it in items]}

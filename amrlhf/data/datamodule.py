@@ -70,7 +70,8 @@ class _TextDataModule(L.LightningDataModule):
         self.tokenizer = None
 
     def _load(self, source: str, limit: int | None, name: str):
-        examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores)
+        examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores,
+                                 prompt_template=getattr(self, "prompt_template", None))
         encode = encode_prompts if self.kind == "prompt" else encode_examples
         encoded, rep = encode(examples, self.tokenizer, self.max_length)
         log.info(rep.describe(f"{name} ({source})", self.max_length))
@@ -153,12 +154,41 @@ class SFTDataModule(_TextDataModule):
 
 
 class PromptDataModule(_TextDataModule):
-    """Prompts for PPO: rows with `prompt` (text or chat messages), or chat rows (`messages`,
-    `chosen`) whose turns before the last assistant turn are the prompt; responses are ignored.
+    """Prompts for PPO and GRPO: rows with `prompt` (text or chat messages), or chat rows (`messages`,
+    `chosen`) whose turns before the last assistant turn are the prompt, or any rows with
+    `prompt_template` (a format string over the row's fields, e.g. "{question}"); responses are
+    ignored, the other fields travel with the prompt (a verifiable reward's reference answer).
     `max_length` here bounds the PROMPT (longer prompts are dropped and counted); the policy adds
     up to its sampling.max_new_tokens."""
 
     kind = "prompt"
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 512,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        prompt_template: str | None = None,
+    ):
+        """
+        Args:
+            train, val, tokenizer, eval_batch_size, limit_train, limit_val, seed, shuffle: as for
+                the other data modules.
+            max_length: the longest PROMPT, in tokens (longer ones are dropped and counted).
+            batch_size: prompts per rollout and device (GRPO samples num_generations of each).
+            prompt_template: build each prompt as `prompt_template.format(**row)` (chat-templated like
+                a text prompt); a row without a named field is an error naming its file and line.
+        """
+        super().__init__(train, val, tokenizer, max_length, batch_size, eval_batch_size, limit_train, limit_val,
+                         seed, shuffle)
+        self.prompt_template = prompt_template
 
     def _collator(self) -> PromptCollator:
         return PromptCollator(self.tokenizer.pad_token_id)

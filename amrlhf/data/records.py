@@ -32,6 +32,7 @@ class Example:
     rejected: str | None = None
     token_scores: dict[str, list[float]] | None = None  # per response token, from the data set
     prompt_score: float | None = None
+    fields: dict | None = None  # a prompt row's own fields (reference answers for verifiable rewards)
 
 
 def iter_rows(source: str) -> Iterator[tuple[str, int, dict]]:
@@ -152,17 +153,27 @@ def sft_example(src: str, line: int, row: dict) -> Example:
     return Example(src, line, _prompt(row, None, src, line), completion)
 
 
-def prompt_example(src: str, line: int, row: dict) -> Example:
-    """A prompt to answer (PPO): `prompt` (text or messages), or `messages` (the turns before a final
-    assistant turn, or all of them), or the earlier turns of a chat `chosen`. Responses are ignored."""
+def prompt_example(src: str, line: int, row: dict, template: str | None = None) -> Example:
+    """A prompt to answer (PPO, GRPO): `prompt` (text or messages), or `messages` (the turns before a
+    final assistant turn, or all of them), or the earlier turns of a chat `chosen`; with `template`, the
+    prompt is `template.format(**row)` (e.g. "{question}" for rows without a `prompt`). Responses are
+    ignored; the row's fields are kept (a verifiable reward reads its reference answer there)."""
+    if template is not None:
+        try:
+            return Example(src, line, template.format(**row), None, fields=row)
+        except KeyError as exc:
+            raise DataError(src, line, exc.args[0], f"missing: data.prompt_template {template!r} needs it") from None
+        except (IndexError, ValueError) as exc:
+            raise AmrlhfError(f"data.prompt_template {template!r} is not a format string over row fields: {exc}"
+                              ) from None
     if row.get("prompt") is None:
         for key in ("messages", "chosen"):
             if isinstance(row.get(key), list):
                 msgs = _messages(row[key], src, line, key)
                 turns = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
                 if turns:
-                    return Example(src, line, turns, None)
-    return Example(src, line, _prompt(row, None, src, line), None)
+                    return Example(src, line, turns, None, fields=row)
+    return Example(src, line, _prompt(row, None, src, line), None, fields=row)
 
 
 def _score_list(row: dict, key: str, src: str, line: int) -> list[float]:
@@ -183,10 +194,17 @@ def attach_token_scores(ex: Example, row: dict) -> Example:
     return ex
 
 
-def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False) -> list[Example]:
+def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False,
+                  prompt_template: str | None = None) -> list[Example]:
     """Read and validate every row (up to `limit`); kind is 'preference', 'sft' or 'prompt'.
-    With `token_scores`, rows must carry per-token scores (see `attach_token_scores`)."""
+    With `token_scores`, rows must carry per-token scores (see `attach_token_scores`); `prompt_template`
+    (prompt rows only) builds each prompt from the row's fields."""
     parse = {"preference": preference_example, "sft": sft_example, "prompt": prompt_example}[kind]
+    if prompt_template is not None:
+        if kind != "prompt":
+            raise AmrlhfError("prompt_template applies to prompt rows only")
+        def parse(src, line, row):  # noqa: E306
+            return prompt_example(src, line, row, prompt_template)
     out = []
     for src, line, row in iter_rows(source):
         if limit is not None and len(out) >= limit:

@@ -50,6 +50,7 @@ class Encoded:
     responses: list[list[int]]  # [chosen] for SFT, [chosen, rejected] for preferences
     scores: list[list[float]] | None = None  # dataset token scores, one per response token
     prompt_score: float | None = None
+    row: dict | None = None  # prompt rows: {"source", "line", "prompt", "fields"} for verifiable rewards
 
 
 @dataclass
@@ -113,6 +114,7 @@ def encode_prompts(examples: list[Example], tokenizer, max_length: int) -> tuple
         if len(ids) > max_length:
             rep.dropped_prompt_too_long += 1
             continue
-        out.append(Encoded(i, ids, []))
+        out.append(Encoded(i, ids, [], row={"source": ex.source, "line": ex.line, "prompt": ex.prompt,
+                                            "fields": ex.fields or {}}))
     rep.kept = len(out)
     return out, rep

@@ -1,5 +1,8 @@
 """Pure tensor functions: tensors and keyword hyper-parameters in, losses and detached stats out."""
 
+from amrlhf.losses.advantages import GroupRelative, LeaveOneOut, ReinforcePlusPlus
+from amrlhf.losses.aggregation import ConstantNormalizer, SequenceMean, TokenMean
+from amrlhf.losses.dense import DenseAdvantage
 from amrlhf.losses.dpo import IPO, DPOLoss, HingeDPO, RobustDPO, SigmoidDPO, dpo_stats
 from amrlhf.losses.kl_control import AdaptiveKL, FixedKL, KLController
 from amrlhf.losses.logprobs import sequence_logps, token_logprobs
@@ -8,6 +11,8 @@ from amrlhf.losses.reward import bradley_terry_loss, centring_term, reward_stats
 from amrlhf.losses.sft import nll_sums
 
 __all__ = [
+    "GroupRelative", "LeaveOneOut", "ReinforcePlusPlus", "TokenMean", "SequenceMean", "ConstantNormalizer",
+    "DenseAdvantage",
     "AdaptiveKL", "FixedKL", "KLController",
     "DPOLoss", "SigmoidDPO", "IPO", "HingeDPO", "RobustDPO", "dpo_stats",
     "token_logprobs", "sequence_logps", "masked_sum", "masked_mean",

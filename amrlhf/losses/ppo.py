@@ -81,18 +81,41 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
     return out * m
 
 
+def clipped_surrogate(logps: Tensor, old_logps: Tensor, advantages: Tensor, clip_low: float = 0.2,
+                      clip_high: float | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token clipped surrogate max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = pi / pi_old;
+    clip_high defaults to clip_low (symmetric PPO clipping; a larger one is DAPO's clip-higher).
+    -> (per-token loss [N, T-1], ratio r [N, T-1])."""
+    ratio = (logps - old_logps).exp()
+    high = clip_low if clip_high is None else clip_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + high)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def clip_fractions(ratio: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+                   ) -> dict[str, Tensor]:
+    """TRL GRPO's clip statistics over `mask` (detached): `clip_ratio/low_mean` (r < 1 - clip_low where
+    A < 0), `clip_ratio/high_mean` (r > 1 + clip_high where A > 0), `clip_ratio/region_mean` (either)."""
+    with torch.no_grad():
+        low = (ratio < 1.0 - clip_low) & (advantages < 0)
+        high = (ratio > 1.0 + clip_high) & (advantages > 0)
+        f = ratio.dtype
+        return {"clip_ratio/low_mean": masked_mean(low.to(f), mask), "clip_ratio/high_mean": masked_mean(high.to(f), mask),
+                "clip_ratio/region_mean": masked_mean((low | high).to(f), mask)}
+
+
 def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate: mean over mask of max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old.
     -> (loss, {policy/approxkl, policy/clipfrac, val/ratio}) (stats detached)."""
-    log_ratio = logps - old_logps
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, ratio = clipped_surrogate(logps, old_logps, advantages, clip)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
+        log_ratio = logps - old_logps
+        clipped = per_token > -advantages * ratio
         stats = {"policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
-                 "policy/clipfrac": masked_mean((clipped > unclipped).to(logps.dtype), mask),
+                 "policy/clipfrac": masked_mean(clipped.to(logps.dtype), mask),
                  "val/ratio": masked_mean(ratio, mask)}
     return loss, stats
 

@@ -13,11 +13,13 @@ from amrlhf.errors import AmrlhfError
 @dataclass
 class TokenScores:
     """scores [N, T-1] aligned with input_ids[:, 1:] (s_t after reading y_t); prompt_scores [N] (s_0);
-    ref_entropy [N, T-1] (entropy of the reference's prediction of each token), when available."""
+    ref_entropy [N, T-1] (entropy of the reference's prediction of each token), when available;
+    components: a composite reward's per-component sequence values {name: [N]} (for logging)."""
 
     scores: Tensor
     prompt_scores: Tensor | None = None
     ref_entropy: Tensor | None = None
+    components: dict[str, Tensor] | None = None
 
     def as_kwargs(self) -> dict:
         return {"scores": self.scores, "prompt_scores": self.prompt_scores, "ref_entropy": self.ref_entropy}

@@ -1,0 +1,74 @@
+"""Dense token advantages: a token scorer's per-token signal added to (or replacing) the uniform
+advantage of a critic-free estimator, the alternative to masking (docs/rl.md compares the two).
+
+Masking keeps the uniform advantage and chooses which tokens carry it; a dense advantage changes the
+value each token carries. Per-token signals: `increment` d_t = s_t - s_{t-1} (s_{-1} = the prompt's
+score; "RED"-style redistribution of a reward model's prefix scores: the increments of a response sum to
+its final score minus the prompt's), or `level` d_t = s_t (a process verifier's per-step verdicts).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from amrlhf.errors import AmrlhfError, ConfigError
+from amrlhf.losses.advantages import grouped
+from amrlhf.scorers.base import TokenScorer
+
+
+def token_signal(scores: Tensor, prompt_scores: Tensor | None, resp: Tensor,
+                 signal: Literal["increment", "level"]) -> Tensor:
+    """[N, T-1] per-token signal on response tokens (zero elsewhere)."""
+    m = resp.to(torch.float32)
+    s = scores.float() * m
+    if signal == "level":
+        return s
+    if signal != "increment":
+        raise ValueError(f"unknown signal '{signal}': use increment or level")
+    prev = torch.cat([s.new_zeros(s.shape[0], 1), s[:, :-1]], dim=1)
+    first = (m.cumsum(-1) == 1) & m.bool()  # each row's first response token: its previous score is s_0
+    s0 = prompt_scores.float() if prompt_scores is not None else s.new_zeros(s.shape[0])
+    prev = torch.where(first, s0[:, None].expand_as(prev), prev)
+    return (s - prev) * m
+
+
+def group_normalise(values: Tensor, resp: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """(x - mean) / (std + eps) over every response token of each group of `group_size` rows (unbiased
+    std); zero outside the response."""
+    m = resp.to(torch.float32)
+    v = values.float() * m
+    n = grouped(m.sum(-1), group_size).sum(-1)
+    mean = grouped(v.sum(-1), group_size).sum(-1) / n.clamp(min=1)
+    sq = grouped((v * v).sum(-1), group_size).sum(-1)
+    var = (sq - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
+    mean_r, std_r = mean.repeat_interleave(group_size), var.sqrt().repeat_interleave(group_size)
+    return (v - mean_r[:, None]) / (std_r[:, None] + eps) * m
+
+
+class DenseAdvantage:
+    """A_t <- A_t + weight * d_t (or weight * d_t alone with `replace: true`), d the scorer's per-token
+    signal normalised over each group's response tokens."""
+
+    def __init__(self, scorer: TokenScorer, signal: Literal["increment", "level"] = "increment",
+                 weight: float = 1.0, replace: bool = False):
+        if signal not in ("increment", "level"):
+            raise ConfigError(f"DenseAdvantage: signal must be increment or level, got {signal!r}")
+        self.scorer, self.signal, self.weight, self.replace = scorer, signal, weight, replace
+
+    def setup(self, module) -> None:
+        self.scorer.setup(module)
+
+    @torch.no_grad()
+    def __call__(self, module, batch: dict, advantages: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+        """-> (the new advantages [N, T-1], the normalised dense part)."""
+        ts = self.scorer.score(module, batch, "train")
+        resp = batch["response_mask"]
+        if ts.scores.shape != resp.shape:
+            raise AmrlhfError(f"DenseAdvantage: the scorer gave scores of shape {tuple(ts.scores.shape)} for "
+                              f"responses of shape {tuple(resp.shape)}")
+        dense = group_normalise(token_signal(ts.scores, ts.prompt_scores, resp, self.signal), resp, group_size)
+        dense = self.weight * dense
+        return (dense if self.replace else advantages + dense), dense

@@ -1,0 +1,257 @@
+"""The critic-free family: GRPO, DAPO, Dr. GRPO, RLOO, REINFORCE++ (and, with a segmenter, AM-GRPO /
+AM-RLOO), on the on-policy module's rollout, reference, KL, epochs and exact resume (onpolicy.py).
+
+One rollout: `data.batch_size` prompts x `num_generations` samples each (a group per prompt), the
+reward of every response (a reward model, or verifiable checks: amrlhf.rewards), advantages from the
+injected estimator (group-relative, leave-one-out, REINFORCE++), optionally a dense per-token term,
+then `epochs` passes of clipped-ratio updates (separate low / high clip) whose per-token losses are
+reduced by the injected aggregation (token mean = DAPO, sequence mean = GRPO, constant = Dr. GRPO).
+The KL to the reference goes in the loss (k3 by default, as TRL) or in the reward (k1 per token).
+
+AM variants: each response's label is the sign of its advantage (ties +1); sigma's token scores
+come from `scorer`; the mask multiplies the policy loss only (the KL term keeps every token). With
+the sample-wise segmenter it is bit-identical to plain GRPO (tested).
+
+Metrics carry TRL GRPOTrainer's names and definitions (reward, reward_std, frac_reward_zero_std,
+rewards/<name>/mean|std, kl, entropy, clip_ratio/*, completions/*); the rest are ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from amrlhf.errors import ConfigError
+from amrlhf.losses import masked_mean
+from amrlhf.losses.advantages import AdvantageEstimator, GroupRelative, group_std
+from amrlhf.losses.aggregation import LossAggregation, TokenMean
+from amrlhf.losses.dense import DenseAdvantage
+from amrlhf.losses.kl_control import FixedKL, KLController
+from amrlhf.losses.logprobs import entropy_from_logits
+from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
+from amrlhf.models import ModelSpec
+from amrlhf.models.forward import policy_forward, token_layout
+from amrlhf.modules.onpolicy import VAL, OnPolicyModule
+from amrlhf.modules.reference import ReferenceModel
+from amrlhf.rollout import Sampling
+from amrlhf.scorers import TokenScorer
+from amrlhf.segmenters import PivotSegmenter, segment_stats
+from amrlhf.segmenters.rules import first_response_index
+
+log = logging.getLogger(__name__)
+
+
+def completion_stats(resp: Tensor, ended: Tensor) -> dict[str, Tensor]:
+    """TRL's `completions/*`: lengths (response tokens, EOS included) over every response, the share cut
+    by max_new_tokens (`clipped_ratio`), and the lengths of those that ended (0 when none did)."""
+    lengths = resp.sum(-1).float()
+    done = lengths[ended] if bool(ended.any()) else lengths.new_zeros(1)
+    return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(), "completions/clipped_ratio": (~ended).float().mean(),
+            "completions/mean_terminated_length": done.mean()}
+
+
+def reward_stats(rewards: Tensor, group_size: int, components: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """TRL's reward metrics: `reward` (mean), `reward_std` (std over the rollout, unbiased),
+    `frac_reward_zero_std` (share of responses whose group's rewards are all equal: no signal),
+    `rewards/<name>/mean|std` per component."""
+    stats = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+             "frac_reward_zero_std": torch.isclose(group_std(rewards, group_size),
+                                                   rewards.new_zeros(())).float().mean()}
+    for name, values in (components or {}).items():
+        values = values.float()
+        stats[f"rewards/{name}/mean"] = values.mean()
+        stats[f"rewards/{name}/std"] = values.std() if values.numel() > 1 else values.new_zeros(())
+    return stats
+
+
+class GRPOModule(OnPolicyModule):
+    """GRPO and its relatives for a causal LM policy; the variation points are injected classes."""
+
+    checkpoint_key = "grpo"
+    progress_keys = ("reward", "kl")
+    best_metric = ("eval/reward", "max")
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reward: TokenScorer,
+        num_generations: int = 8,
+        advantage: AdvantageEstimator | None = None,
+        aggregation: LossAggregation | None = None,
+        dense: DenseAdvantage | None = None,
+        reference: ReferenceModel | None = None,
+        segmenter: PivotSegmenter | None = None,
+        scorer: TokenScorer | None = None,
+        sampling: Sampling | None = None,
+        missing_eos_penalty: float | None = None,
+        mask_truncated: bool = False,
+        kl: KLController | None = None,
+        kl_estimator: Literal["k1", "k3"] = "k3",
+        kl_in: Literal["loss", "reward"] = "loss",
+        clip_low: float = 0.2,
+        clip_high: float | None = None,
+        epochs: int = 1,
+        mini_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        segment_warmup_rollouts: int = 0,
+        seed: int | None = None,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ):
+        """
+        Args:
+            policy: the model trained (hub id, folder, gguf, `local:` id; LoRA optional).
+            reward: a TokenScorer whose score at the last response token is the reward:
+                `amrlhf.rewards.VerifiableReward` (programmatic checks), `RewardModelScorer`, ...
+            num_generations: G, responses sampled per prompt (a group); data.batch_size counts prompts.
+            advantage: GroupRelative (default: GRPO, std-scaled), LeaveOneOut (RLOO), ReinforcePlusPlus.
+            aggregation: TokenMean (default: DAPO, TRL's default `dapo`), SequenceMean (GRPO),
+                ConstantNormalizer (Dr. GRPO).
+            dense: DenseAdvantage: a token scorer's per-token increments or levels, normalised per
+                group, added to (or replacing) the uniform advantage.
+            reference: FrozenReference (default) or AdapterReference; not loaded when the KL is off.
+            segmenter: None / SampleWiseSegmenter = plain; AdaptivePivotSegmenter = AM-GRPO (label = sign
+                of the advantage); the mask applies to the policy loss only.
+            scorer: sigma's token scores (RewardModelScorer prefix scores, ImplicitRewardScorer,
+                ArithmeticStepScorer...); None = the reward's own token scores (a reward model's).
+            sampling: max_new_tokens, temperature, top_p, top_k (log-probs are the model's own: keep
+                temperature 1 for on-policy ratios).
+            missing_eos_penalty: subtracted from the reward of a response cut before its EOS.
+            mask_truncated: a response cut before its EOS is left out of the loss (DAPO's overlong mask).
+            kl: beta: FixedKL (default 0.0: no reference, as TRL's default) or AdaptiveKL.
+            kl_estimator: k3 (default, as TRL) or k1, per token.
+            kl_in: `loss` (beta x aggregated per-token KL added to the loss, over every response token)
+                or `reward` (-beta x KL_t as a per-token reward before the advantages).
+            clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high]; clip_high defaults to
+                clip_low (DAPO's clip-higher: 0.2 / 0.28).
+            epochs: passes over each rollout (TRL's num_iterations); mini_batch_size: responses per
+                optimizer step (default: the whole rollout; must divide batch_size x num_generations).
+            max_grad_norm: gradient norm clipping (None: off).
+            segment_warmup_rollouts: rollouts trained without the mask first.
+            seed: sampling seed (default: the run's seed_everything).
+            warmup_steps: linear learning-rate warm-up, in rollouts.
+        """
+        super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
+                         kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,
+                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas)
+        self.advantage = advantage if advantage is not None else GroupRelative()
+        if num_generations < 1 or (num_generations < 2 and getattr(self.advantage, "needs_groups", True)):
+            raise ConfigError(f"GRPOModule: num_generations={num_generations}: {type(self.advantage).__name__} "
+                              "compares the responses to one prompt, so it needs at least 2")
+        if clip_low < 0 or (clip_high is not None and clip_high < 0):
+            raise ConfigError(f"GRPOModule: clip_low / clip_high must be >= 0, got {clip_low} / {clip_high}")
+        if kl_in not in ("loss", "reward"):
+            raise ConfigError(f"GRPOModule: kl_in must be loss or reward, got {kl_in!r}")
+        self.num_generations = num_generations
+        self.aggregation = aggregation if aggregation is not None else TokenMean()
+        self.dense = dense
+        self.mask_truncated = mask_truncated
+        self.kl_estimator, self.kl_in = kl_estimator, kl_in
+        self.clip_low = clip_low
+        self.clip_high = clip_low if clip_high is None else clip_high
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.num_generations
+
+    @property
+    def uses_reference(self) -> bool:
+        return not (isinstance(self.kl_ctl, FixedKL) and self.kl_ctl.value == 0.0)
+
+    def _setup_frozen(self) -> None:
+        super()._setup_frozen()
+        if self.dense is not None:
+            self.dense.setup(self)
+
+    def needs_old_logps(self, rows: int) -> bool:
+        """Old log-probs need their own pass unless the single update is on-policy (one epoch, one
+        mini-batch: the ratio is 1, as in TRL) and nothing at rollout time needs them."""
+        several = self.epochs > 1 or (self.mini_batch_size or rows) < rows
+        return several or (self.uses_reference and (self.kl_in == "reward" or not isinstance(self.kl_ctl, FixedKL)))
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def logps_in_eval(self, roll: dict) -> Tensor:
+        """The rollout policy's log-probs [N, T-1], eval mode, a mini-batch of rows at a time."""
+        was_training = self.training
+        self.eval()
+        n = roll["input_ids"].shape[0]
+        size = self.mini_batch_size or n
+        parts = [policy_forward(self.policy, {k: v[s:s + size] for k, v in roll.items()})[0]
+                 for s in range(0, n, size)]
+        self.train(was_training)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
+        """Sample G per prompt, reward, (KL), advantages, (dense), label, mask. -> (rollout, stats)."""
+        G = self.num_generations
+        roll, ended, rows = self.sample(prompt_batch, self.step_seed(self.rollouts_done), n=G)
+        resp = roll["response_mask"]
+        n = resp.shape[0]
+        raw, scores, ts = self.sequence_scores(roll, ended, rows, "train")
+        loss_mask = resp * ended[:, None].to(resp.dtype) if self.mask_truncated else resp
+        stats = {**reward_stats(raw, G, ts.components), **completion_stats(resp, ended)}
+        non_score = torch.zeros(resp.shape, dtype=torch.float32, device=resp.device)
+        if self.needs_old_logps(n):
+            roll["old_logps"] = self.logps_in_eval(roll) * resp
+        if self.uses_reference:
+            roll["ref_logps"] = self.reference.logps(self, roll, "train") * resp
+            if "old_logps" in roll:
+                kl = kl_estimate(roll["old_logps"], roll["ref_logps"], self.kl_estimator) * resp
+                stats["_sequence_kl"] = kl.sum(-1).mean()
+                if self.kl_in == "reward":
+                    non_score = -self.kl_ctl.value * kl
+                    stats["kl"] = masked_mean(kl, loss_mask)
+        adv = self.advantage(scores, non_score, resp, G) * resp
+        if self.dense is not None:
+            adv, dense = self.dense(self, {**roll, "rows": rows}, adv, G)
+            stats["advantages/dense_abs_mean"] = masked_mean(dense.abs(), resp)
+        roll["advantages"] = adv
+        roll["loss_mask"] = loss_mask
+        # AM label: the sign of the response's advantage at its first token (the whole response's)
+        first = adv[torch.arange(n, device=adv.device), first_response_index(resp)]
+        roll["labels"] = torch.where(first >= 0, 1, -1).long()
+        mask, seg = self.actor_mask(roll, ts, rows)
+        roll["actor_mask"] = mask * loss_mask
+        if seg is not None:
+            stats.update(segment_stats(seg, resp, roll["labels"]))
+        stats["segments/actor_token_frac"] = roll["actor_mask"].sum() / resp.sum().clamp(min=1)
+        stats["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
+        return roll, stats
+
+    # ------------------------------------------------------------------ optimisation
+    def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """aggregate(clipped surrogate, response_mask * m) [+ beta x aggregate(KL_t, response_mask)]."""
+        logps, logits, _ = policy_forward(self.policy, mb)
+        old = mb["old_logps"] if "old_logps" in mb else logps.detach()
+        per_token, ratio = clipped_surrogate(logps, old, mb["advantages"], self.clip_low, self.clip_high)
+        max_len = self.sampling.max_new_tokens
+        loss = self.aggregation(per_token, mb["actor_mask"], max_len)
+        mask = mb["loss_mask"]
+        stats = clip_fractions(ratio, mb["advantages"], mask, self.clip_low, self.clip_high)
+        if self.uses_reference and self.kl_in == "loss":
+            kl = kl_estimate(logps, mb["ref_logps"], self.kl_estimator)
+            loss = loss + self.kl_ctl.value * self.aggregation(kl, mask, max_len)
+            stats["kl"] = masked_mean(kl.detach(), mask)
+        with torch.no_grad():
+            entropy = token_layout(entropy_from_logits(logits)[:, :-1], mask.shape[1] + 1)
+            stats["entropy"] = masked_mean(entropy, mask)
+            stats["loss"] = loss.detach()
+        return loss, stats
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int):
+        """Held-out prompts: one seeded sample each, its reward and length (same weights, same numbers)."""
+        roll, ended, rows = self.sample(batch, self.step_seed(VAL + batch_idx))
+        raw, _, ts = self.sequence_scores(roll, ended, rows, "val")
+        stats = {"reward": raw.mean(), **{f"rewards/{k}/mean": v.float().mean() for k, v in (ts.components or {}).items()},
+                 "completions/mean_length": roll["response_mask"].sum(-1).float().mean(),
+                 "completions/clipped_ratio": (~ended).float().mean()}
+        self.log_stats(stats, "val", raw.shape[0])
