@@ -2,7 +2,7 @@
 
 Every estimator maps one rollout to per-token advantages:
 
-    estimator(scores [N], non_score [N, T-1], resp [N, T-1], group_size G) -> advantages [N, T-1]
+    estimator.estimate(scores [N], non_score [N, T-1], resp [N, T-1], group_size G) -> advantages [N, T-1]
 
 `scores` are the sequence rewards; rows come in groups of G consecutive responses to the same prompt
 (group g = rows g*G .. g*G+G-1). `non_score` holds per-token rewards that are not the score (the KL
@@ -26,7 +26,7 @@ from amrlhf.losses.ppo import last_index, whiten
 class AdvantageEstimator(Protocol):
     needs_groups: bool  # True: refuses G < 2 (the baseline is the other responses to the same prompt)
 
-    def __call__(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
+    def estimate(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
         ...
 
 
@@ -64,7 +64,7 @@ class GroupRelative:
     def __init__(self, scale_by_std: bool = True, eps: float = 1e-4):
         self.scale_by_std, self.eps = scale_by_std, eps
 
-    def __call__(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
+    def estimate(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
         r = sequence_returns(scores, non_score, resp)
         adv = r - grouped(r, group_size).mean(-1).repeat_interleave(group_size)
         if self.scale_by_std:
@@ -78,7 +78,7 @@ class LeaveOneOut:
 
     needs_groups = True
 
-    def __call__(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
+    def estimate(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
         if group_size < 2:
             raise ValueError("leave-one-out needs at least 2 responses per prompt")
         r = sequence_returns(scores, non_score, resp)
@@ -98,7 +98,7 @@ class ReinforcePlusPlus:
         self.baseline, self.gamma = baseline, gamma
         self.needs_groups = baseline
 
-    def __call__(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
+    def estimate(self, scores: Tensor, non_score: Tensor, resp: Tensor, group_size: int) -> Tensor:
         s = scores.float()
         if self.baseline:
             s = s - grouped(s, group_size).mean(-1).repeat_interleave(group_size)

@@ -1,7 +1,7 @@
 """How per-token policy losses become one scalar (chosen by class_path): the choice that separates
 GRPO, DAPO and Dr. GRPO as much as their advantages do.
 
-    aggregate(per_token [N, T-1], mask [N, T-1], max_len) -> scalar
+    aggregation.reduce(per_token [N, T-1], mask [N, T-1], max_len) -> scalar
 
 `mask` is the loss mask (response tokens, times the adaptive mask m_t for AM variants, without
 truncated responses when they are masked); `max_len` is the sampling budget (max_new_tokens).
@@ -18,7 +18,7 @@ from amrlhf.errors import ConfigError
 
 @runtime_checkable
 class LossAggregation(Protocol):
-    def __call__(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
+    def reduce(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
         ...
 
 
@@ -26,7 +26,7 @@ class TokenMean:
     """DAPO (Yu et al. 2025; TRL's default `dapo`, also `bnpo`): sum over every masked token of the
     mini-batch / their number; a long response weighs in proportion to its length."""
 
-    def __call__(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
+    def reduce(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
         m = mask.to(per_token.dtype)
         return (per_token * m).sum() / m.sum().clamp(min=1)
 
@@ -35,7 +35,7 @@ class SequenceMean:
     """Original GRPO (Shao et al. 2024; TRL's `grpo`): each response's mean over its masked tokens, then
     the mean over responses (a response without masked tokens counts as 0)."""
 
-    def __call__(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
+    def reduce(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
         m = mask.to(per_token.dtype)
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
@@ -49,6 +49,6 @@ class ConstantNormalizer:
             raise ConfigError(f"ConstantNormalizer: max_tokens must be >= 1, got {max_tokens}")
         self.max_tokens = max_tokens
 
-    def __call__(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
+    def reduce(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
         m = mask.to(per_token.dtype)
         return (per_token * m).sum() / (per_token.shape[0] * (self.max_tokens or max_len))

@@ -62,7 +62,7 @@ class DenseAdvantage:
         self.scorer.setup(module)
 
     @torch.no_grad()
-    def __call__(self, module, batch: dict, advantages: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    def apply(self, module, batch: dict, advantages: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
         """-> (the new advantages [N, T-1], the normalised dense part)."""
         ts = self.scorer.score(module, batch, "train")
         resp = batch["response_mask"]

@@ -209,9 +209,9 @@ class GRPOModule(OnPolicyModule):
                 if self.kl_in == "reward":
                     non_score = -self.kl_ctl.value * kl
                     stats["kl"] = masked_mean(kl, loss_mask)
-        adv = self.advantage(scores, non_score, resp, G) * resp
+        adv = self.advantage.estimate(scores, non_score, resp, G) * resp
         if self.dense is not None:
-            adv, dense = self.dense(self, {**roll, "rows": rows}, adv, G)
+            adv, dense = self.dense.apply(self, {**roll, "rows": rows}, adv, G)
             stats["advantages/dense_abs_mean"] = masked_mean(dense.abs(), resp)
         roll["advantages"] = adv
         roll["loss_mask"] = loss_mask
@@ -233,12 +233,12 @@ class GRPOModule(OnPolicyModule):
         old = mb["old_logps"] if "old_logps" in mb else logps.detach()
         per_token, ratio = clipped_surrogate(logps, old, mb["advantages"], self.clip_low, self.clip_high)
         max_len = self.sampling.max_new_tokens
-        loss = self.aggregation(per_token, mb["actor_mask"], max_len)
+        loss = self.aggregation.reduce(per_token, mb["actor_mask"], max_len)
         mask = mb["loss_mask"]
         stats = clip_fractions(ratio, mb["advantages"], mask, self.clip_low, self.clip_high)
         if self.uses_reference and self.kl_in == "loss":
             kl = kl_estimate(logps, mb["ref_logps"], self.kl_estimator)
-            loss = loss + self.kl_ctl.value * self.aggregation(kl, mask, max_len)
+            loss = loss + self.kl_ctl.value * self.aggregation.reduce(kl, mask, max_len)
             stats["kl"] = masked_mean(kl.detach(), mask)
         with torch.no_grad():
             entropy = token_layout(entropy_from_logits(logits)[:, :-1], mask.shape[1] + 1)

@@ -1,12 +1,13 @@
 """Reward components: each checks one thing about a response and returns a float.
 
-A component is called as `component(prompt, response, fields) -> float`: `prompt` is the row's prompt
+A component is called as `component.check(prompt, response, fields) -> float`: `prompt` is the row's prompt
 as given (text or chat messages), `response` the decoded response (special tokens removed), `fields`
 the prompt row's own fields (its reference answer). Each has a `name` (the `rewards/<name>/*` metrics).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from amrlhf.data.arithmetic import check_solution, step_verdicts
@@ -28,7 +29,7 @@ class NumberAnswerReward:
     def __init__(self, field: str = "target", name: str = "number_answer"):
         self.field, self.name = field, name
 
-    def __call__(self, prompt, response: str, fields: dict) -> float:
+    def check(self, prompt, response: str, fields: dict) -> float:
         expected = extract_answer(str(_field(fields, self.field, self.name)))
         if expected == NO_ANSWER:
             raise ValueError(f"field '{self.field}' holds no number: {str(fields[self.field])[:80]!r}")
@@ -41,7 +42,7 @@ class ArithmeticAnswerReward:
 
     name = "arith_answer"
 
-    def __call__(self, prompt, response: str, fields: dict) -> float:
+    def check(self, prompt, response: str, fields: dict) -> float:
         return float(bool(check_solution(response, int(_field(fields, "answer", self.name))).correct))
 
 
@@ -53,9 +54,25 @@ class ArithmeticStepsReward:
 
     name = "arith_steps"
 
-    def __call__(self, prompt, response: str, fields: dict) -> float:
+    def check(self, prompt, response: str, fields: dict) -> float:
         verdicts = step_verdicts(response, int(_field(fields, "start", self.name)))
         return sum(v > 0 for _, v in verdicts) / len(verdicts) if verdicts else 0.0
+
+
+class RegexReward:
+    """A format reward: 1.0 when the response contains a match of `pattern` (Python `re.search`; with
+    `full: true` the whole stripped response must match), else 0.0."""
+
+    def __init__(self, pattern: str, full: bool = False, name: str = "format"):
+        try:
+            self.regex = re.compile(pattern, re.DOTALL)
+        except re.error as exc:
+            raise ConfigError(f"RegexReward: pattern {pattern!r} is not a regular expression: {exc}") from None
+        self.full, self.name = full, name
+
+    def check(self, prompt, response: str, fields: dict) -> float:
+        found = self.regex.fullmatch(response.strip()) if self.full else self.regex.search(response)
+        return float(found is not None)
 
 
 class FunctionReward:
@@ -69,7 +86,7 @@ class FunctionReward:
         self.function, self.with_fields = function, with_fields
         self.name = name or getattr(function, "__name__", "function")
 
-    def __call__(self, prompt, response: str, fields: dict) -> float:
+    def check(self, prompt, response: str, fields: dict) -> float:
         if self.with_fields:
             return self.function(prompt, response, fields)
         return self.function(prompt, response)

@@ -22,12 +22,12 @@ from amrlhf.scorers.base import TokenScores
 class RewardComponent(Protocol):
     name: str
 
-    def __call__(self, prompt, response: str, fields: dict) -> float:
+    def check(self, prompt, response: str, fields: dict) -> float:
         ...
 
 
 class VerifiableReward:
-    """reward = sum_k weight_k * component_k(prompt, response, fields). Per-component values are
+    """reward = sum_k weight_k * component_k.check(prompt, response, fields). Per-component values are
     returned with the scores (`rewards/<name>/mean`, `/std` in the logs)."""
 
     def __init__(self, components: list[RewardComponent], weights: list[float] | None = None):
@@ -47,7 +47,7 @@ class VerifiableReward:
     def _one(self, component, prompt, response: str, row: dict, k: int) -> float:
         where = f"{row.get('source', '?')} line {row.get('line', '?')}"
         try:
-            value = component(prompt, response, row.get("fields", {}))
+            value = component.check(prompt, response, row.get("fields", {}))
         except Exception as exc:  # a user's check: name the row, keep the cause
             raise AmrlhfError(f"reward '{component.name}' failed on the prompt of {where} (response {k} of the "
                               f"rollout, {response[:60]!r}...): {type(exc).__name__}: {exc}") from exc

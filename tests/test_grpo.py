@@ -1,0 +1,218 @@
+"""GRPO / RLOO / REINFORCE++ and their AM variants: they learn a programmatic reward on the letters model,
+the sample-wise segmenter is bit-identical to the unmasked path, a single on-policy update skips the old
+log-prob pass, recipes round-trip through MLflow, a run killed at a data-epoch boundary resumes exactly,
+and bad configuration or a broken reward stops with an error line naming what is wrong."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import amrlhf, recipe
+from ppo_fixtures import build_letters_model, write_letter_prompts
+from test_cli import history, ok, runs_df
+
+from amrlhf.data import PromptDataModule
+from amrlhf.errors import ConfigError, DataError
+from amrlhf.losses import DenseAdvantage, FixedKL, LeaveOneOut, ReinforcePlusPlus, SequenceMean
+from amrlhf.models import ModelSpec
+from amrlhf.modules import GRPOModule
+from amrlhf.rollout import Sampling
+from amrlhf.scorers import TargetTokenReward
+from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter
+
+
+@pytest.fixture(scope="module")
+def letters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("letters")
+    return build_letters_model(root / "model"), write_letter_prompts(root / "prompts.jsonl")
+
+
+class Curve(L.Callback):
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def fit(module, letters, rollouts: int, prompts: int = 4) -> list[dict[str, float]]:
+    model, path = letters
+    L.seed_everything(0, verbose=False)
+    dm = PromptDataModule(train=str(path), tokenizer=str(model), max_length=8, batch_size=prompts)
+    curve = Curve()
+    per = module.steps_per_rollout(module.rows_per_rollout(prompts))
+    L.Trainer(accelerator="cpu", max_steps=rollouts * per, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+              callbacks=[curve]).fit(module, dm)
+    return curve.rows
+
+
+def letters_grpo(letters, **kw):
+    args = dict(policy=ModelSpec(str(letters[0])), reward=TargetTokenReward("x"), num_generations=4,
+                sampling=Sampling(max_new_tokens=8), epochs=2, mini_batch_size=8, lr=3e-3)
+    return GRPOModule(**{**args, **kw})
+
+
+VARIANTS = {
+    "grpo": {},
+    "am_grpo": {"segmenter": AdaptivePivotSegmenter(delta=0.3, signal="increment")},
+    "rloo": {"advantage": LeaveOneOut(), "aggregation": SequenceMean()},
+    "reinforce_pp": {"advantage": ReinforcePlusPlus()},
+    "dense": {"dense": DenseAdvantage(TargetTokenReward("x"))},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_critic_free_family_learns_to_say_the_target_letter(letters, variant):
+    rows = fit(letters_grpo(letters, **VARIANTS[variant]), letters, rollouts=20)
+    curve = [r["reward"] for r in rows]
+    print(variant, "reward per rollout:", [round(x, 3) for x in curve])
+    start, end = sum(curve[:3]) / 3, sum(curve[-5:]) / 5
+    assert start < 0.1  # ~1/29 of sampled tokens are 'x' at random init
+    assert end > 0.5
+    if variant == "am_grpo":
+        kept = [r["segments/actor_token_frac"] for r in rows]
+        print("AM-GRPO policy-loss token fraction per rollout:", [round(x, 3) for x in kept])
+        assert min(kept) < 1.0  # the mask removed something from the policy loss
+
+
+def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):
+    kw = dict(kl=FixedKL(0.05), clip_high=0.28)
+    a, b = letters_grpo(letters, **kw), letters_grpo(letters, segmenter=SampleWiseSegmenter(), **kw)
+    ra, rb = fit(a, letters, rollouts=3), fit(b, letters, rollouts=3)
+    for key in ("loss", "reward", "kl", "entropy", "clip_ratio/region_mean"):
+        assert [r[key] for r in ra] == [r[key] for r in rb], key
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+def test_one_on_policy_update_needs_no_old_logprob_pass_and_its_ratio_is_one(letters, monkeypatch):
+    module = letters_grpo(letters, epochs=1, mini_batch_size=None)
+    assert not module.needs_old_logps(16)
+    assert letters_grpo(letters).needs_old_logps(16)  # two epochs
+    assert letters_grpo(letters, epochs=1, mini_batch_size=None, kl=FixedKL(0.1), kl_in="reward").needs_old_logps(16)
+
+    def refuse(roll):
+        raise AssertionError("old log-probs computed for a single on-policy update")
+
+    monkeypatch.setattr(module, "logps_in_eval", refuse)
+    rows = fit(module, letters, rollouts=2)
+    assert all(r["clip_ratio/region_mean"] == 0.0 for r in rows)
+
+
+def test_mask_truncated_leaves_cut_responses_out_of_the_loss(letters):
+    module = letters_grpo(letters, sampling=Sampling(max_new_tokens=2), mask_truncated=True)
+    seen = {}
+    original = module.make_rollout
+
+    def spy(batch):
+        roll, stats = original(batch)
+        seen.setdefault("roll", roll)
+        return roll, stats
+
+    module.make_rollout = spy
+    fit(module, letters, rollouts=1)
+    roll = seen["roll"]
+    eos = 1  # the letters tokenizer's <eos>
+    ended = (roll["input_ids"][:, 1:] == eos).logical_and(roll["response_mask"].bool()).any(-1)
+    assert not bool(ended.all())  # two new tokens: some responses were cut before their EOS
+    assert torch.equal(roll["loss_mask"].sum(-1) > 0, ended)
+    assert torch.equal(roll["actor_mask"], roll["loss_mask"])
+
+
+def test_group_estimators_refuse_a_group_of_one(letters):
+    with pytest.raises(ConfigError, match="needs at least 2"):
+        letters_grpo(letters, num_generations=1)
+    letters_grpo(letters, num_generations=1, advantage=ReinforcePlusPlus(baseline=False))  # no group needed
+
+
+def test_prompt_template_builds_prompts_from_row_fields_and_names_a_missing_one(tmp_path, tokenizer):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "What is 2 plus 2?", "target": "4"}) + "\n"
+                    + json.dumps({"text": "no question here"}) + "\n")
+    dm = PromptDataModule(train=str(path), tokenizer="local:tiny-llama", prompt_template="Q: {question}",
+                          limit_train=1)
+    dm.setup()
+    batch = dm._collator()(dm.train_data)
+    assert batch["rows"][0]["prompt"] == "Q: What is 2 plus 2?" and batch["rows"][0]["fields"]["target"] == "4"
+    assert batch["rows"][0]["line"] == 1
+    with pytest.raises(DataError, match=r"q.jsonl:2: field .question. missing"):
+        PromptDataModule(train=str(path), tokenizer="local:tiny-llama", prompt_template="Q: {question}").setup()
+
+
+GRPO_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "rewards/number_answer/mean", "rewards/number_answer/std",
+             "rewards/format/mean", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+             "clip_ratio/region_mean", "completions/mean_length", "completions/min_length", "completions/max_length",
+             "completions/clipped_ratio", "completions/mean_terminated_length", "loss", "eval/reward"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo", "am_grpo", "rloo"])
+def test_smoke_grpo_recipes_round_trip_through_mlflow(tmp_path, name):
+    ok(amrlhf("fit", "--config", recipe(name), "--runs_root", str(tmp_path / "runs"), cwd=tmp_path))
+    df = runs_df(tmp_path / "runs")
+    assert len(df) == 1 and df.loc[0, "status"] == "FINISHED"
+    keys = GRPO_KEYS + (["segments/kept_frac_chosen", "segments/pivots_per_response", "segments/score_std"]
+                        if name == "am_grpo" else [])
+    for key in keys:
+        assert f"metrics.{key}" in df.columns, key
+    ckpt = torch.load(tmp_path / "runs" / f"smoke-{name}" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"policy"}  # no reference, no scorer
+    assert ckpt["amrlhf"]["grpo"]["rollouts_done"] == 4
+
+
+@pytest.mark.slow
+def test_grpo_killed_at_a_data_epoch_boundary_resumes_exactly(tmp_path):
+    """am_grpo: 2 rollouts per data epoch x 4 optimizer steps; the crash at step 8 is the end of epoch 0."""
+    common = ["--config", recipe("am_grpo"), "--tracking.log_checkpoint=false"]
+    ok(amrlhf("fit", *common, "--runs_root", str(tmp_path / "a"), cwd=tmp_path))
+    crashed = amrlhf("fit", *common, "--runs_root", str(tmp_path / "b"),
+                     "--trainer.callbacks+=amrlhf.callbacks.CrashAtStep", "--trainer.callbacks.step=8", cwd=tmp_path)
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    ok(amrlhf("fit", *common, "--runs_root", str(tmp_path / "b"), "--ckpt_path", "last", cwd=tmp_path))
+    a, b = runs_df(tmp_path / "a"), runs_df(tmp_path / "b")
+    assert len(b) == 1
+    for key in ("reward", "loss", "kl", "entropy", "segments/actor_token_frac", "segments/score_std", "eval/reward"):
+        ha = history(tmp_path / "a", a.loc[0, "run_id"], key)
+        hb = history(tmp_path / "b", b.loc[0, "run_id"], key)
+        assert sorted(ha) == sorted(hb) and ha, key
+        assert [hb[s] for s in sorted(hb)] == pytest.approx([ha[s] for s in sorted(ha)], rel=1e-6, abs=1e-7), key
+
+
+def _recipe_with(tmp_path, base: str, edit) -> str:
+    cfg = yaml.safe_load(open(recipe(base)))
+    edit(cfg["model"]["init_args"])
+    path = tmp_path / f"{base}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ("--model.init_args.mini_batch_size=3", "mini_batch_size (3) must divide data.batch_size x num_generations (2 x 4"),
+    ("--model.init_args.num_generations=1", "compares the responses to one prompt, so it needs at least 2"),
+    ("--checkpoint_every=6", "checkpoint_every=6 counts optimizer steps, and each rollout makes 4"),
+])
+def test_bad_grpo_configuration_is_refused_before_training(tmp_path, override, message):
+    proc = amrlhf("fit", "--config", recipe("grpo"), "--runs_root", str(tmp_path / "runs"), override, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_reward_that_raises_stops_training_with_the_row_named(tmp_path):
+    def edit(args):
+        args["reward"]["init_args"]["components"].append(
+            {"class_path": "amrlhf.rewards.FunctionReward", "init_args": {"function": "math.log", "name": "log"}})
+        args["reward"]["init_args"]["weights"].append(1.0)
+
+    proc = amrlhf("fit", "--config", _recipe_with(tmp_path, "grpo", edit), "--runs_root", str(tmp_path / "runs"),
+                  cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "reward 'log' failed on the prompt of" in proc.stderr and "sft_train.jsonl line " in proc.stderr
+    assert "TypeError" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
