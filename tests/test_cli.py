@@ -245,6 +245,7 @@ FIT = ("fit", "--config", recipe("dpo"))
 MISTAKES = {  # case -> tmp_path -> (command line, environment, what the error line must say)
     "negative-lr": lambda t: ([*FIT, "--model.init_args.lr=-1"], {}, ["lr", "-1"]),
     "batch-size-0": lambda t: ([*FIT, "--data.init_args.batch_size=0"], {}, ["batch_size", "0"]),
+    "negative-logits-chunk": lambda t: ([*FIT, "--model.init_args.logits_chunk=-1"], {}, ["logits_chunk", "-1"]),
     "negative-delta": lambda t: (["fit", "--config", recipe("am_dpo"),
                                   "--model.init_args.segmenter.init_args.delta=-1"], {}, ["delta", "-1"]),
     "truncated-weights": lambda t: (FIT, _damaged_home(t, "model.safetensors", None),

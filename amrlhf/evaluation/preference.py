@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from amrlhf.data.collate import Collator
 from amrlhf.data.tokenize import Encoded
 from amrlhf.losses import sequence_logps
-from amrlhf.models.forward import response_logps
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 
 
 @dataclass
@@ -32,8 +32,10 @@ class PairLogps:
 
 
 @torch.no_grad()
-def pair_logps(model, data: list[Encoded], pad_id: int, batch_size: int = 4, desc: str = "held-out") -> PairLogps:
-    """Sequence log-prob sums of chosen and rejected responses for every pair."""
+def pair_logps(model, data: list[Encoded], pad_id: int, batch_size: int = 4, desc: str = "held-out",
+               logits_chunk: int | None = DEFAULT_LOGITS_CHUNK) -> PairLogps:
+    """Sequence log-prob sums of chosen and rejected responses for every pair (the logits computed
+    `logits_chunk` tokens at a time: amrlhf.models.forward.lean_forward)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -41,7 +43,7 @@ def pair_logps(model, data: list[Encoded], pad_id: int, batch_size: int = 4, des
     parts: list[tuple[Tensor, Tensor]] = []
     for start in tqdm(range(0, len(data), batch_size), desc=desc):
         batch = {k: v.to(device) for k, v in collate(data[start:start + batch_size]).items()}
-        lp = sequence_logps(response_logps(model, batch)[0], batch["response_mask"]).cpu()
+        lp = sequence_logps(lean_forward(model, batch, chunk_size=logits_chunk).logps, batch["response_mask"]).cpu()
         parts.append((lp, batch["response_lengths"].cpu()))
     model.train(was_training)
     lp = torch.cat([torch.stack(p[0].chunk(2)) for p in parts], dim=1)

@@ -6,7 +6,7 @@ import torch
 
 from amrlhf.losses import DPOLoss, SigmoidDPO, dpo_stats, masked_sum, nll_sums, sequence_logps
 from amrlhf.models import ModelSpec
-from amrlhf.models.forward import mean_response_logits, response_logps
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, check_logits_chunk, lean_forward, response_logit_mean
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.reference import FrozenReference, ReferenceModel
 from amrlhf.scorers import TokenScorer
@@ -37,6 +37,7 @@ class DPOModule(AlignmentModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
+        logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
     ):
         """
         Args:
@@ -48,12 +49,17 @@ class DPOModule(AlignmentModule):
             scorer: token scores for the segmenter (RewardModelScorer, CachedScorer, ...).
             score_calibration_batches: training batches used once to measure the score scale.
             nll_alpha: weight of an NLL term on the chosen response.
+            logits_chunk: predicted tokens per vocabulary-projection chunk, for the policy and the
+                reference (amrlhf.models.forward.lean_forward; docs/performance.md): smaller saves memory,
+                larger launches fewer kernels; 0 or null computes the batch's logits at once.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
                          betas)
         self.reference = reference or FrozenReference()
         self.loss_fn = loss or SigmoidDPO()
         self.nll_alpha = nll_alpha
+        check_logits_chunk(logits_chunk)
+        self.logits_chunk = logits_chunk
 
     def on_fit_start(self) -> None:
         self.reference.setup(self)
@@ -67,7 +73,8 @@ class DPOModule(AlignmentModule):
     def model_step(self, batch: dict, split: str):
         resp = batch["response_mask"]
         B = batch["index"].shape[0]
-        logps, logits = response_logps(self.policy, batch, with_logits=True)
+        out = lean_forward(self.policy, batch, logits_stats=True, chunk_size=self.logits_chunk)
+        logps = out.logps
         ref = self.reference.logps(self, batch, split)
         mask, seg = self.mask_for(batch, split)
         d = masked_sum(logps - ref, mask)
@@ -81,8 +88,8 @@ class DPOModule(AlignmentModule):
             loss = loss * keep / keep.sum().clamp(min=1) * B
         pol, refs = sequence_logps(logps.detach(), resp), sequence_logps(ref, resp)
         stats = dpo_stats(self.loss_fn.beta, pol[:B], pol[B:], refs[:B], refs[B:])
-        stats["logits/chosen"] = mean_response_logits(logits[:B], resp[:B])
-        stats["logits/rejected"] = mean_response_logits(logits[B:], resp[B:])
+        stats["logits/chosen"] = response_logit_mean(out.logit_mean[:B], resp[:B])
+        stats["logits/rejected"] = response_logit_mean(out.logit_mean[B:], resp[B:])
         if seg is not None:
             stats.update(segment_stats(seg, resp, batch["labels"]))
         return loss.mean(), stats

@@ -24,7 +24,7 @@ from torch import Tensor
 from amrlhf.cache import PerTokenCache, model_fingerprint
 from amrlhf.errors import AmrlhfError
 from amrlhf.models import ModelSpec, load_causal_lm
-from amrlhf.models.forward import response_logps
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,15 @@ class ReferenceModel(Protocol):
         ...
 
 
-def forward_logps(model, batch: dict) -> Tensor:
-    return response_logps(model, batch)[0]
+def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK) -> Tensor:
+    """Per-token log-probs [N, T-1] of `model` (lean_forward: logits `chunk_size` tokens at a time)."""
+    return lean_forward(model, batch, chunk_size=chunk_size).logps
+
+
+def logits_chunk(module) -> int | None:
+    """The module's vocabulary-projection chunk (its `logits_chunk`), so the reference's forward pass
+    is computed as the policy's is."""
+    return getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK)
 
 
 class FrozenReference:
@@ -69,7 +76,7 @@ class FrozenReference:
         model = self._model[0]
         if next(model.parameters()).device != module.device:
             model.to(module.device)
-        return forward_logps(model, batch)
+        return forward_logps(model, batch, logits_chunk(module))
 
 
 class AdapterReference:
@@ -82,7 +89,7 @@ class AdapterReference:
     @torch.no_grad()
     def logps(self, module, batch: dict, split: str) -> Tensor:
         with module.policy.disable_adapter():
-            return forward_logps(module.policy, batch)
+            return forward_logps(module.policy, batch, logits_chunk(module))
 
 
 class CachedReference:

@@ -6,18 +6,11 @@ import torch
 
 from amrlhf.losses import masked_mean, nll_sums
 from amrlhf.models import ModelSpec
-from amrlhf.models.forward import response_logps, token_layout
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, check_logits_chunk, lean_forward
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.rejection import BestOfN
 from amrlhf.scorers import TokenScorer
 from amrlhf.segmenters import PivotSegmenter, segment_stats
-
-
-def _hits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """1 where the argmax of the kept logits is the next token; [N, T-1], zero before them."""
-    keep = logits.shape[1]
-    hits = (logits[:, :-1].argmax(-1) == input_ids[:, input_ids.shape[1] - keep + 1:]).float()
-    return token_layout(hits, input_ids.shape[1])
 
 
 class SFTModule(AlignmentModule):
@@ -35,7 +28,8 @@ class SFTModule(AlignmentModule):
     progress_keys = ("sft/nll",)
 
     def model_step(self, batch: dict, split: str):
-        logps, logits = response_logps(self.policy, batch, with_logits=True)
+        out = lean_forward(self.policy, batch, logits_stats=True, chunk_size=self.logits_chunk)
+        logps = out.logps
         mask, seg = self.mask_for(batch, split)
         nll, n = nll_sums(logps, mask)
         total = n.sum()
@@ -45,14 +39,15 @@ class SFTModule(AlignmentModule):
         loss = nll.sum() / total.clamp(min=1)
         stats = {"sft/nll": (nll.sum() / n.sum().clamp(min=1)).detach(),
                  "sft/tokens": n.sum().detach(),
-                 "sft/token_acc": masked_mean(_hits(logits, batch["input_ids"]), mask).detach()}
+                 "sft/token_acc": masked_mean(out.hits, mask)}  # hits: argmax == token, detached
         if seg is not None:
             stats.update(segment_stats(seg, batch["response_mask"], batch["labels"]))
         return loss, stats
 
     def __init__(self, policy: ModelSpec, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
                  score_calibration_batches: int = 8, rollout: BestOfN | None = None, lr: float = 1e-6,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
+                 weight_decay: float = 0.0, warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999),
+                 logits_chunk: int | None = DEFAULT_LOGITS_CHUNK):
         """
         Args:
             policy: the model trained.
@@ -60,10 +55,15 @@ class SFTModule(AlignmentModule):
                 segmenter (fallback `drop`) for AM-SFT.
             scorer: token scores for the segmenter, and the ranking of BestOfN samples.
             rollout: BestOfN for rejection sampling; None trains on the data's completions.
+            logits_chunk: predicted tokens per vocabulary-projection chunk (amrlhf.models.forward.lean_forward;
+                docs/performance.md): smaller saves memory, larger launches fewer kernels; 0 or null computes
+                the batch's logits at once.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
                          betas)
         self.rollout = rollout
+        check_logits_chunk(logits_chunk)
+        self.logits_chunk = logits_chunk
 
     def zero_loss(self, batch: dict) -> torch.Tensor:
         """0 with the policy's graph, for a batch with nothing to train on. Under DDP every rank must

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from amrlhf.models import ModelSpec, load_causal_lm, load_reward_model, load_tokenizer
-from amrlhf.models.forward import response_logps
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.scorers.base import TokenScores, check_same_tokenizer
 
 
@@ -20,13 +20,15 @@ def _policy_tokenizer(module):
     return dm.tokenizer if dm is not None and dm.tokenizer is not None else load_tokenizer(module.policy_spec.name)
 
 
-@torch.no_grad()
-def next_token_entropy(model, batch: dict) -> Tensor:
-    """H of the model's prediction of each token, [N, T-1] aligned with input_ids[:, 1:]."""
-    from amrlhf.losses.logprobs import entropy_from_logits
+def _logits_chunk(module) -> int | None:
+    return getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK)
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return entropy_from_logits(logits[:, :-1])
+
+@torch.no_grad()
+def next_token_entropy(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK) -> Tensor:
+    """H of the model's prediction of each token, [N, T-1] aligned with input_ids[:, 1:] (every position,
+    prompt included), float32; the logits computed `chunk_size` tokens at a time (lean_forward)."""
+    return lean_forward(model, batch, entropy=True, chunk_size=chunk_size, all_positions=True).entropy
 
 
 class RewardModelScorer:
@@ -52,7 +54,7 @@ class RewardModelScorer:
         from amrlhf.modules.reward import prefix_scores
 
         scores, prompt, _ = prefix_scores(self._models["rm"], batch)
-        ent = next_token_entropy(self._models["lm"], batch) if "lm" in self._models else None
+        ent = next_token_entropy(self._models["lm"], batch, _logits_chunk(module)) if "lm" in self._models else None
         return TokenScores(scores.float(), prompt.float(), ent)
 
 
@@ -75,6 +77,8 @@ class ImplicitRewardScorer:
     @torch.no_grad()
     def score(self, module, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"]
-        d = response_logps(self._models["policy"], batch)[0] - response_logps(self._models["ref"], batch)[0]
+        chunk = _logits_chunk(module)
+        d = (lean_forward(self._models["policy"], batch, chunk_size=chunk).logps
+             - lean_forward(self._models["ref"], batch, chunk_size=chunk).logps)
         scores = self.beta * (d * resp).cumsum(-1)
         return TokenScores(scores * resp, torch.zeros(resp.shape[0], device=resp.device))
