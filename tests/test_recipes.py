@@ -22,7 +22,7 @@ STUDIES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if _is_study(p))
 
 def test_the_contract_smoke_recipes_exist():
     assert {p.stem for p in (ROOT / "recipes" / "smoke").glob("*.yaml")} >= {"sft", "rm", "dpo", "am_dpo", "am_sft",
-                                                                        "ppo", "am_ppo"}
+                                                                        "ppo", "am_ppo", "grpo", "am_grpo", "rloo"}
     assert PIPELINES
 
 

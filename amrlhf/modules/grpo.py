@@ -30,10 +30,9 @@ from amrlhf.losses.advantages import AdvantageEstimator, GroupRelative, group_st
 from amrlhf.losses.aggregation import LossAggregation, TokenMean
 from amrlhf.losses.dense import DenseAdvantage
 from amrlhf.losses.kl_control import FixedKL, KLController
-from amrlhf.losses.logprobs import entropy_from_logits
 from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
 from amrlhf.models import ModelSpec
-from amrlhf.models.forward import policy_forward, token_layout
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule
 from amrlhf.modules.reference import ReferenceModel
 from amrlhf.rollout import Sampling
@@ -103,6 +102,7 @@ class GRPOModule(OnPolicyModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
+        logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
     ):
         """
         Args:
@@ -136,10 +136,12 @@ class GRPOModule(OnPolicyModule):
             segment_warmup_rollouts: rollouts trained without the mask first.
             seed: sampling seed (default: the run's seed_everything).
             warmup_steps: linear learning-rate warm-up, in rollouts.
+            logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
+                the whole logits tensor at once).
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
                          kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,
-                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas)
+                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas, logits_chunk)
         self.advantage = advantage if advantage is not None else GroupRelative()
         if num_generations < 1 or (num_generations < 2 and getattr(self.advantage, "needs_groups", True)):
             raise ConfigError(f"GRPOModule: num_generations={num_generations}: {type(self.advantage).__name__} "
@@ -183,8 +185,8 @@ class GRPOModule(OnPolicyModule):
         self.eval()
         n = roll["input_ids"].shape[0]
         size = self.mini_batch_size or n
-        parts = [policy_forward(self.policy, {k: v[s:s + size] for k, v in roll.items()})[0]
-                 for s in range(0, n, size)]
+        parts = [lean_forward(self.policy, {k: v[s:s + size] for k, v in roll.items()},
+                              chunk_size=self.logits_chunk).logps for s in range(0, n, size)]
         self.train(was_training)
         return torch.cat(parts)
 
@@ -229,7 +231,8 @@ class GRPOModule(OnPolicyModule):
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """aggregate(clipped surrogate, response_mask * m) [+ beta x aggregate(KL_t, response_mask)]."""
-        logps, logits, _ = policy_forward(self.policy, mb)
+        out = lean_forward(self.policy, mb, entropy=True, chunk_size=self.logits_chunk)
+        logps = out.logps
         old = mb["old_logps"] if "old_logps" in mb else logps.detach()
         per_token, ratio = clipped_surrogate(logps, old, mb["advantages"], self.clip_low, self.clip_high)
         max_len = self.sampling.max_new_tokens
@@ -241,8 +244,7 @@ class GRPOModule(OnPolicyModule):
             loss = loss + self.kl_ctl.value * self.aggregation.reduce(kl, mask, max_len)
             stats["kl"] = masked_mean(kl.detach(), mask)
         with torch.no_grad():
-            entropy = token_layout(entropy_from_logits(logits)[:, :-1], mask.shape[1] + 1)
-            stats["entropy"] = masked_mean(entropy, mask)
+            stats["entropy"] = masked_mean(out.entropy.detach(), mask)
             stats["loss"] = loss.detach()
         return loss, stats
 

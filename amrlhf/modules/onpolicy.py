@@ -29,6 +29,7 @@ from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import eos_penalised, last_index
 from amrlhf.models import ModelSpec
+from amrlhf.models.forward import check_logits_chunk
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import gather_rows
 from amrlhf.modules.masking import record_scale, setup_segmentation
@@ -72,8 +73,11 @@ class OnPolicyModule(AlignmentModule):
         weight_decay: float,
         warmup_steps: int,
         betas: tuple[float, float],
+        logits_chunk: int | None,
     ):
         super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas)
+        check_logits_chunk(logits_chunk)
+        self.logits_chunk = logits_chunk  # predicted tokens per vocabulary projection (models/forward.lean_forward)
         self.automatic_optimization = False
         self.reward = reward
         self.reference = reference or FrozenReference()

@@ -20,10 +20,9 @@ from torch import Tensor
 
 from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import KLController
-from amrlhf.losses.logprobs import entropy_from_logits
 from amrlhf.losses.ppo import gae, kl_estimate, policy_loss, shape_rewards, value_loss, whiten
 from amrlhf.models import ModelSpec
-from amrlhf.models.forward import policy_forward, token_layout
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.modules.critic import SharedValueHead, ValueModel, gather_rows
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule
 from amrlhf.modules.reference import ReferenceModel
@@ -70,6 +69,7 @@ class PPOModule(OnPolicyModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
+        logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
     ):
         """
         Args:
@@ -99,10 +99,12 @@ class PPOModule(OnPolicyModule):
                 CriticScorer: an untrained critic gives random masks).
             seed: sampling seed (default: the run's seed_everything).
             warmup_steps: linear learning-rate warm-up, in rollouts.
+            logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
+                the whole logits tensor at once).
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty, kl, ppo_epochs,
                          mini_batch_size, max_grad_norm, label_momentum, segment_warmup_rollouts, seed, lr,
-                         weight_decay, warmup_steps, betas)
+                         weight_decay, warmup_steps, betas, logits_chunk)
         self.critic = critic if critic is not None else SharedValueHead()
         self.kl_estimator = kl_estimator
         self.gamma, self.lam = gamma, lam
@@ -118,11 +120,12 @@ class PPOModule(OnPolicyModule):
         self.critic.build(self.policy)
 
     # ------------------------------------------------------------------ forward passes
-    def forward_all(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (policy log-probs [N, T-1], kept logits, critic values at every position [N, T])."""
+    def forward_all(self, batch: dict, entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        """-> (policy log-probs [N, T-1], per-token entropy [N, T-1] when asked, critic values at every
+        position [N, T]); the vocabulary projection a chunk at a time (no full logits are kept)."""
         shared = self.critic.shares_policy
-        logps, logits, hidden = policy_forward(self.policy, batch, hidden=shared)
-        return logps, logits, self.critic.values(batch, hidden)
+        out = lean_forward(self.policy, batch, hidden=shared, entropy=entropy, chunk_size=self.logits_chunk)
+        return out.logps, out.entropy, self.critic.values(batch, out.hidden)
 
     @torch.no_grad()
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
@@ -173,13 +176,12 @@ class PPOModule(OnPolicyModule):
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss (mean over response_mask * m) + vf_coef x clipped value loss."""
-        logps, logits, values = self.forward_all(mb)
+        logps, entropy, values = self.forward_all(mb, entropy=True)
         resp = mb["response_mask"]
         pg, pstats = policy_loss(logps, mb["old_logps"], mb["advantages"], mb["actor_mask"], self.cliprange)
         vf, vstats = value_loss(values[:, :-1], mb["old_values"], mb["returns"], resp, self.cliprange_value)
         with torch.no_grad():
-            entropy = token_layout(entropy_from_logits(logits)[:, :-1], resp.shape[1] + 1)
-            stats = {"policy/entropy_avg": masked_mean(entropy, resp), "loss/policy_avg": pg.detach(),
+            stats = {"policy/entropy_avg": masked_mean(entropy.detach(), resp), "loss/policy_avg": pg.detach(),
                      "loss/value_avg": vf.detach()}
         for key, value in {**pstats, **vstats}.items():
             stats[key if key == "val/ratio" else f"{key}_avg"] = value
@@ -190,7 +192,7 @@ class PPOModule(OnPolicyModule):
         """Held-out prompts: one seeded sample each, its score and KL (same weights, same numbers)."""
         roll, ended, rows = self.sample(batch, self.step_seed(VAL + batch_idx))
         resp = roll["response_mask"]
-        logps = policy_forward(self.policy, roll)[0]
+        logps = lean_forward(self.policy, roll, chunk_size=self.logits_chunk).logps
         kl = kl_estimate(logps, self.reference.logps(self, roll, "val"), self.kl_estimator) * resp
         _, scores, _ = self.sequence_scores(roll, ended, rows, "val")
         self.log_stats({"objective/scores": scores.mean(), "objective/kl": kl.sum(-1).mean(),
