@@ -59,18 +59,19 @@ def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def trl_dir() -> str:
-    """The unzipped trl==1.12.0 wheel (downloaded once); raises RuntimeError saying why not."""
+def trl_dir(version: str = TRL_VERSION, marker: str = "trl/experimental/ppo/ppo_trainer.py") -> str:
+    """The unzipped trl==`version` wheel (downloaded once, `marker` proves it is there); raises
+    RuntimeError saying why not."""
     from amrlhf.paths import cache_dir
 
-    root = cache_dir("bench") / f"trl-{TRL_VERSION}"
-    if not (root / "trl" / "experimental" / "ppo" / "ppo_trainer.py").exists():
+    root = cache_dir("bench") / f"trl-{version}"
+    if not (root / marker).exists():
         with tempfile.TemporaryDirectory() as tmp:
             proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                   f"trl=={TRL_VERSION}", "-d", tmp], capture_output=True, text=True)
+                                   f"trl=={version}", "-d", tmp], capture_output=True, text=True)
             wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
             if proc.returncode or not wheels:
-                raise RuntimeError(f"pip download trl=={TRL_VERSION} failed: {proc.stderr[-500:]}")
+                raise RuntimeError(f"pip download trl=={version} failed: {proc.stderr[-500:]}")
             zipfile.ZipFile(os.path.join(tmp, wheels[0])).extractall(root)
     return str(root)
 

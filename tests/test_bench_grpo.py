@@ -1,0 +1,34 @@
+"""The GRPO benchmark's argument checks and table, without running either side."""
+
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_grpo  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--generations", "1"], "--generations must be >= 2"),
+    (["--prompts", "1", "--generations", "3"], "must be even"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--models", "gpt5"], "invalid choice"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_grpo.parse(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_summary_and_ratio_table():
+    raw = {"times": [2.0, 4.0], "gen": [{"s": 1.0, "new": 30, "prompt": 70}, {"s": 3.0, "new": 50, "prompt": 70}],
+           "loads": [1.0, 2.0], "peak_rss_mb": 900.0, "import_rss_mb": 400.0}
+    ours = bench_grpo.summary(raw)
+    assert ours["s/step"] == 3.0 and ours["tokens/s"] == pytest.approx(110 / 3) and ours["gen tokens/s"] == 20.0
+    trl = dict(ours, **{"s/step": 6.0})
+    text = bench_grpo.table({"ours": ours, "trl": trl})
+    assert "| s/step | 3.000 | 6.000 | 0.50 |" in text
+    assert "| peak RSS MB | 900.0 | n/a | n/a |" in bench_grpo.table({"ours": ours, "trl": "did not run"})
+    assert bench_grpo.digit_share("", "a1b2") == 0.5
