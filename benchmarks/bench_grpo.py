@@ -163,7 +163,7 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
             t = time.perf_counter()
             completion_ids, logprobs = generate(prompt_ids, *a, **k)
             gen.append({"s": time.perf_counter() - t, "new": sum(len(c) for c in completion_ids),
-                        "prompt": sum(len(p) for p in prompt_ids) * args.generations})
+                        "prompt": sum(len(p) for p in prompt_ids)})  # one row per completion already
             return completion_ids, logprobs
 
         trainer._generate_single_turn = timed_generate

@@ -205,6 +205,18 @@ def test_bad_grpo_configuration_is_refused_before_training(tmp_path, override, m
 
 
 @pytest.mark.slow
+def test_a_mask_without_token_scores_is_refused(tmp_path):
+    def edit(args):
+        del args["scorer"]
+
+    proc = amrlhf("fit", "--config", _recipe_with(tmp_path, "am_grpo", edit), "--runs_root", str(tmp_path / "runs"),
+                  cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "VerifiableReward gives one score per response, no token scores" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_a_reward_that_raises_stops_training_with_the_row_named(tmp_path):
     def edit(args):
         args["reward"]["init_args"]["components"].append(

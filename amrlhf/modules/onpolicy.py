@@ -131,6 +131,10 @@ class OnPolicyModule(AlignmentModule):
             if every and every % per:
                 raise AmrlhfError(f"checkpoint_every={every} counts optimizer steps, and each rollout makes {per} "
                                   f"(epochs x mini-batches): use a multiple of {per}")
+        if self.segmenter is not None and self.scorer is None and not getattr(self.reward, "token_scores", True):
+            raise AmrlhfError(f"{type(self.reward).__name__} gives one score per response, no token scores for the "
+                              "segmenter: set model.init_args.scorer (RewardModelScorer, ImplicitRewardScorer, "
+                              "ArithmeticStepScorer, ...)")
         self.reward.setup(self)
         self._setup_frozen()
 

@@ -30,6 +30,8 @@ class VerifiableReward:
     """reward = sum_k weight_k * component_k.check(prompt, response, fields). Per-component values are
     returned with the scores (`rewards/<name>/mean`, `/std` in the logs)."""
 
+    token_scores = False  # one score per response: an adaptive mask needs a scorer of its own
+
     def __init__(self, components: list[RewardComponent], weights: list[float] | None = None):
         if not components:
             raise ConfigError("VerifiableReward needs at least one component")
