@@ -124,6 +124,16 @@ def test_mask_truncated_leaves_cut_responses_out_of_the_loss(letters):
     assert torch.equal(roll["actor_mask"], roll["loss_mask"])
 
 
+def test_per_example_caches_are_refused_for_rollouts(letters):
+    from amrlhf.modules import CachedReference
+    from amrlhf.scorers import DatasetScorer
+
+    with pytest.raises(ConfigError, match="CachedReference holds values per dataset example"):
+        letters_grpo(letters, reference=CachedReference())
+    with pytest.raises(ConfigError, match="DatasetScorer holds values per dataset example"):
+        letters_grpo(letters, segmenter=AdaptivePivotSegmenter(), scorer=DatasetScorer("local:tiny-llama"))
+
+
 def test_group_estimators_refuse_a_group_of_one(letters):
     with pytest.raises(ConfigError, match="needs at least 2"):
         letters_grpo(letters, num_generations=1)

@@ -33,7 +33,7 @@ from amrlhf.models.forward import check_logits_chunk
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import gather_rows
 from amrlhf.modules.masking import record_scale, setup_segmentation
-from amrlhf.modules.reference import FrozenReference, ReferenceModel
+from amrlhf.modules.reference import CachedReference, FrozenReference, ReferenceModel
 from amrlhf.rollout import Sampling, left_padded_prompts, sample_responses, seeded
 from amrlhf.scorers import TokenScorer, TokenScores
 from amrlhf.segmenters import PivotSegmenter, RunningMeanBaseline
@@ -44,6 +44,18 @@ VAL = 1 << 40  # validation samples never share a seed with a training rollout
 BY_LABEL = ("segments/kept_frac_chosen", "segments/kept_frac_rejected")  # absent when no response has the label
 # Checkpoints are written after a rollout's last optimizer step, which is the state a resume needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def refuse_per_example_caches(module: str, *components) -> None:
+    """A rollout's responses are new samples: what is cached or shipped per dataset example (a cached
+    reference, cached or dataset token scores) describes other responses, so it cannot serve them."""
+    from amrlhf.scorers import CachedScorer, DatasetScorer
+
+    for c in components:
+        if isinstance(c, CachedReference | CachedScorer | DatasetScorer):
+            raise ConfigError(f"{module}: {type(c).__name__} holds values per dataset example, and a rollout's "
+                              "responses are new samples: use FrozenReference / AdapterReference, or a scorer that "
+                              "reads the responses (RewardModelScorer, ImplicitRewardScorer, ...)")
 
 
 class OnPolicyModule(AlignmentModule):
@@ -77,6 +89,7 @@ class OnPolicyModule(AlignmentModule):
     ):
         super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas)
         check_logits_chunk(logits_chunk)
+        refuse_per_example_caches(type(self).__name__, reference, scorer, reward)
         self.logits_chunk = logits_chunk  # predicted tokens per vocabulary projection (models/forward.lean_forward)
         self.automatic_optimization = False
         self.reward = reward
