@@ -34,7 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import _prompts, _rss, _trl_pad, trl_dir  # noqa: E402
+from bench_ppo import _prompts, _rss, _summary, _trl_pad, report, trl_dir  # noqa: E402
 
 MODELS = {  # name: (model, prompts, max prompt tokens)
     "tiny": ("local:tiny-llama", "local:tiny-arith/sft_train", 64),
@@ -188,26 +188,10 @@ def child(impl: str, name: str, args) -> None:
         if trl.__version__ != TRL_VERSION:
             raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {TRL_VERSION}")
     import_rss = _rss()
-    out = (run_ours if impl == "ours" else run_trl)(model, data, max_length, args)
-    n = args.steps + args.warmup
-    if len(out["times"]) != n or len(out["gen"]) != n:
-        raise RuntimeError(f"expected {n} rollouts, timed {len(out['times'])} and {len(out['gen'])} generations")
-    for key in ("times", "gen", "loads"):
-        out[key] = out[key][args.warmup:]
-    out["peak_rss_mb"], out["import_rss_mb"] = _rss(), import_rss
-    print("RESULT " + json.dumps(out))
+    report((run_ours if impl == "ours" else run_trl)(model, data, max_length, args), import_rss, args)
 
 
-def summary(r: dict) -> dict:
-    steps = len(r["times"])
-    sps = sum(r["times"]) / steps
-    new = sum(g["new"] for g in r["gen"]) / steps
-    prompt = sum(g["prompt"] for g in r["gen"]) / steps
-    gen_s = sum(g["s"] for g in r["gen"]) / steps
-    return {"s/step": sps, "tokens/s": (prompt + new) / sps, "gen s/step": gen_s, "gen tokens/s": new / gen_s,
-            "tokens generated": new, "peak RSS MB": r["peak_rss_mb"], "RSS after imports MB": r["import_rss_mb"],
-            "peak RSS above imports MB": r["peak_rss_mb"] - r["import_rss_mb"],
-            "machine load (1-min avg)": sum(r["loads"]) / steps}
+summary = _summary  # per-rollout means (bench_ppo's)
 
 
 KEYS = ("s/step", "tokens/s", "gen s/step", "gen tokens/s", "tokens generated", "peak RSS MB",

@@ -236,7 +236,11 @@ def child(impl: str, name: str, args) -> None:
         if trl.__version__ != TRL_VERSION:
             raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {TRL_VERSION}")
     import_rss = _rss()
-    out = (run_ours if impl == "ours" else run_trl)(model, data, max_length, args)
+    report((run_ours if impl == "ours" else run_trl)(model, data, max_length, args), import_rss, args)
+
+
+def report(out: dict, import_rss: float, args) -> None:
+    """A child's measurements, warm-up steps dropped, with its peak RSS, as the RESULT line."""
     n = args.steps + args.warmup
     if len(out["times"]) != n or len(out["gen"]) != n:
         raise RuntimeError(f"expected {n} steps, timed {len(out['times'])} steps and {len(out['gen'])} generations")
@@ -247,16 +251,19 @@ def child(impl: str, name: str, args) -> None:
 
 
 def _summary(r: dict) -> dict:
+    """Per-step means; `decode steps` only when the generations recorded their width."""
     steps = len(r["times"])
     sps = sum(r["times"]) / steps
     new = sum(g["new"] for g in r["gen"]) / steps
     prompt = sum(g["prompt"] for g in r["gen"]) / steps
     gen_s = sum(g["s"] for g in r["gen"]) / steps
-    return {"s/step": sps, "tokens/s": (prompt + new) / sps, "gen s/step": gen_s, "gen tokens/s": new / gen_s,
-            "tokens generated": new, "decode steps": sum(g["width"] for g in r["gen"]) / steps,
-            "peak RSS MB": r["peak_rss_mb"], "RSS after imports MB": r["import_rss_mb"],
-            "peak RSS above imports MB": r["peak_rss_mb"] - r["import_rss_mb"],
-            "machine load (1-min avg)": sum(r["loads"]) / steps}
+    out = {"s/step": sps, "tokens/s": (prompt + new) / sps, "gen s/step": gen_s, "gen tokens/s": new / gen_s,
+           "tokens generated": new, "peak RSS MB": r["peak_rss_mb"], "RSS after imports MB": r["import_rss_mb"],
+           "peak RSS above imports MB": r["peak_rss_mb"] - r["import_rss_mb"],
+           "machine load (1-min avg)": sum(r["loads"]) / steps}
+    if all("width" in g for g in r["gen"]):
+        out["decode steps"] = sum(g["width"] for g in r["gen"]) / steps
+    return out
 
 
 def main() -> None:

@@ -34,6 +34,15 @@ def tokenizer(tiny_assets):
     return load_tokenizer("local:tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def letters(tmp_path_factory):
+    """The letters model and 64 three-letter prompts (tests/ppo_fixtures.py)."""
+    from ppo_fixtures import build_letters_model, write_letter_prompts
+
+    root = tmp_path_factory.mktemp("letters")
+    return build_letters_model(root / "model"), write_letter_prompts(root / "prompts.jsonl")
+
+
 def amrlhf(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess."""
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

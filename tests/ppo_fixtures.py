@@ -1,5 +1,6 @@
-"""A letters model for PPO learning tests: a tiny random Llama over a 29-token vocabulary (a-z,
-pad, eos, unk), so that a target letter is sampled often enough to give PPO a signal."""
+"""A letters model for the on-policy learning tests (PPO, GRPO): a tiny random Llama over a 29-token
+vocabulary (a-z, pad, eos, unk), so that a target letter is sampled often enough to give a signal; and
+a callback that records each rollout's metrics. The `letters` fixture (conftest.py) builds it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import random
 import string
 from pathlib import Path
+
+import lightning as L
 
 
 def build_letters_model(out: Path) -> Path:
@@ -34,3 +37,13 @@ def write_letter_prompts(path: Path, n: int = 64, seed: int = 0) -> Path:
         for _ in range(n):
             fh.write(json.dumps({"prompt": " ".join(rng.choice(letters) for _ in range(3))}) + "\n")
     return path
+
+
+class Curve(L.Callback):
+    """The rollout-level metrics of each training batch."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})

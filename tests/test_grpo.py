@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import amrlhf, recipe
-from ppo_fixtures import build_letters_model, write_letter_prompts
+from ppo_fixtures import Curve
 from test_cli import history, ok, runs_df
 
 from amrlhf.data import PromptDataModule
@@ -21,20 +21,6 @@ from amrlhf.modules import GRPOModule
 from amrlhf.rollout import Sampling
 from amrlhf.scorers import TargetTokenReward
 from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter
-
-
-@pytest.fixture(scope="module")
-def letters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("letters")
-    return build_letters_model(root / "model"), write_letter_prompts(root / "prompts.jsonl")
-
-
-class Curve(L.Callback):
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def fit(module, letters, rollouts: int, prompts: int = 4) -> list[dict[str, float]]:

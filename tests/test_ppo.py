@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 from conftest import amrlhf, recipe
-from ppo_fixtures import build_letters_model, write_letter_prompts
+from ppo_fixtures import Curve
 from test_cli import history, ok, runs_df
 
 from amrlhf.data import PromptDataModule
@@ -19,22 +19,6 @@ from amrlhf.modules import AdapterReference, PPOModule, ValueModel
 from amrlhf.rollout import Sampling, sample_responses, seeded
 from amrlhf.scorers import TargetTokenReward
 from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter
-
-
-@pytest.fixture(scope="module")
-def letters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("letters")
-    return build_letters_model(root / "model"), write_letter_prompts(root / "prompts.jsonl")
-
-
-class Curve(L.Callback):
-    """The rollout-level metrics of each training batch."""
-
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def fit(module, letters, rollouts: int, batch_size: int = 16) -> list[dict[str, float]]:
