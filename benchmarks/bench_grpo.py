@@ -20,7 +20,8 @@ The TRL side runs trl==1.16.0, fetched once with `pip download --no-deps` and un
 $AMRLHF_HOME/cache/bench/trl-1.16.0, first on sys.path in the TRL process only (the venv is untouched).
 TRL's shapes: per_device_train_batch_size = half the rollout's completions, steps_per_generation = 2,
 num_iterations = 1, gradient_accumulation_steps = 1, shuffle_dataset = False; its prompts are our prompts'
-chat-templated text (the same tokens). Needs `amrlhf prepare tiny-llama tiny-arith smollm2-135m-instruct
+chat-templated text (the same tokens). One difference in the loss, none in the work: TRL's `dapo` divides
+each step's token sum by the generation batch's token count, our TokenMean by the mini-batch's. Needs `amrlhf prepare tiny-llama tiny-arith smollm2-135m-instruct
 arith_steps`.
 """
 

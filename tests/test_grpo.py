@@ -64,6 +64,48 @@ def test_the_critic_free_family_learns_to_say_the_target_letter(letters, variant
         assert min(kept) < 1.0  # the mask removed something from the policy loss
 
 
+@pytest.mark.parametrize("variant", ["kl_in_reward", "adaptive_kl", "constant_normalizer", "dense_replace"])
+def test_other_configurations_train_with_finite_losses(letters, variant):
+    from amrlhf.losses import AdaptiveKL, ConstantNormalizer
+
+    kw = {"kl_in_reward": dict(kl=FixedKL(0.05), kl_in="reward", kl_estimator="k1"),
+          "adaptive_kl": dict(kl=AdaptiveKL(0.05, target=1e-4, horizon=100)),
+          "constant_normalizer": dict(aggregation=ConstantNormalizer(), kl=FixedKL(0.05)),
+          "dense_replace": dict(dense=DenseAdvantage(TargetTokenReward("x"), replace=True))}[variant]
+    module = letters_grpo(letters, **kw)
+    rows = fit(module, letters, rollouts=3)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if variant != "dense_replace":
+        assert all(r["kl"] >= 0 or variant == "kl_in_reward" for r in rows) and "kl" in rows[-1]
+    if variant == "adaptive_kl":  # the first rollout's KL is 0 (beta x 0.968), the next two are above target
+        assert module.kl_ctl.value == pytest.approx(0.05 * 0.968 * 1.032 * 1.032)
+
+
+def test_am_labels_are_the_sign_of_the_estimators_advantage_even_with_a_dense_term(letters):
+    seen = {}
+
+    class Spy(SampleWiseSegmenter):
+        def segment(self, **kw):
+            seen.setdefault("labels", kw["labels"].clone())
+            return super().segment(**kw)
+
+    module = letters_grpo(letters, segmenter=Spy(), scorer=TargetTokenReward("x"),
+                          dense=DenseAdvantage(TargetTokenReward("x"), replace=True))
+    estimate = module.advantage.estimate
+
+    def recording(scores, non_score, resp, g):
+        adv = estimate(scores, non_score, resp, g)
+        seen.setdefault("adv", (adv * resp, resp))
+        return adv
+
+    module.advantage.estimate = recording
+    fit(module, letters, rollouts=1)
+    adv, resp = seen["adv"]
+    first = resp.argmax(-1)
+    expected = torch.where(adv[torch.arange(len(first)), first] >= 0, 1, -1)
+    assert torch.equal(seen["labels"], expected)
+
+
 def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):
     kw = dict(kl=FixedKL(0.05), clip_high=0.28)
     a, b = letters_grpo(letters, **kw), letters_grpo(letters, segmenter=SampleWiseSegmenter(), **kw)
@@ -118,6 +160,8 @@ def test_per_example_caches_are_refused_for_rollouts(letters):
         letters_grpo(letters, reference=CachedReference())
     with pytest.raises(ConfigError, match="DatasetScorer holds values per dataset example"):
         letters_grpo(letters, segmenter=AdaptivePivotSegmenter(), scorer=DatasetScorer("local:tiny-llama"))
+    with pytest.raises(ConfigError, match="DatasetScorer holds values per dataset example"):
+        letters_grpo(letters, dense=DenseAdvantage(DatasetScorer("local:tiny-llama")))
 
 
 def test_group_estimators_refuse_a_group_of_one(letters):

@@ -129,6 +129,19 @@ def test_dense_increments_start_from_the_prompt_score_and_normalise_per_group():
     assert z[0, 0] == 0 and z[1, 2] == 0
 
 
+def test_group_normalise_has_no_cancellation_on_a_large_offset():
+    torch.manual_seed(0)
+    resp = torch.ones(16, 64)
+    values = 100.0 + 1e-2 * torch.randn(16, 64)  # level scores with an offset, small spread
+    z = group_normalise(values, resp, 8)
+    for g in range(2):
+        part = z[8 * g:8 * g + 8].flatten()
+        spread = values[8 * g:8 * g + 8].double().std().item()
+        # a one-pass variance (sum of squares - n mean^2) in float32 is off by far more than this here
+        assert abs(part.mean().item()) < 1e-2
+        assert part.std().item() == pytest.approx(spread / (spread + 1e-4), rel=0.02)
+
+
 def test_trl_reward_and_completion_statistics():
     stats = reward_stats(SCORES, 4, {"a": SCORES * 2})
     assert stats["reward"].item() == pytest.approx(9 / 8)

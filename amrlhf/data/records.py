@@ -163,7 +163,7 @@ def prompt_example(src: str, line: int, row: dict, template: str | None = None) 
             return Example(src, line, template.format(**row), None, fields=row)
         except KeyError as exc:
             raise DataError(src, line, exc.args[0], f"missing: data.prompt_template {template!r} needs it") from None
-        except (IndexError, ValueError) as exc:
+        except (IndexError, ValueError, AttributeError) as exc:
             raise AmrlhfError(f"data.prompt_template {template!r} is not a format string over row fields: {exc}"
                               ) from None
     if row.get("prompt") is None:

@@ -23,8 +23,10 @@ class LossAggregation(Protocol):
 
 
 class TokenMean:
-    """DAPO (Yu et al. 2025; TRL's default `dapo`, also `bnpo`): sum over every masked token of the
-    mini-batch / their number; a long response weighs in proportion to its length."""
+    """DAPO's token-level mean (Yu et al. 2025): sum over every masked token of the mini-batch / their
+    number; a long response weighs in proportion to its length. That is TRL's `bnpo`; TRL's `dapo`
+    divides by the token count of the whole generation batch instead, which is the same when a rollout is
+    one mini-batch on one device (with k mini-batches, ours weighs each step's tokens by its own count)."""
 
     def reduce(self, per_token: Tensor, mask: Tensor, max_len: int) -> Tensor:
         m = mask.to(per_token.dtype)

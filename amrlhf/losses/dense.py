@@ -42,10 +42,11 @@ def group_normalise(values: Tensor, resp: Tensor, group_size: int, eps: float = 
     v = values.float() * m
     n = grouped(m.sum(-1), group_size).sum(-1)
     mean = grouped(v.sum(-1), group_size).sum(-1) / n.clamp(min=1)
-    sq = grouped((v * v).sum(-1), group_size).sum(-1)
-    var = (sq - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
-    mean_r, std_r = mean.repeat_interleave(group_size), var.sqrt().repeat_interleave(group_size)
-    return (v - mean_r[:, None]) / (std_r[:, None] + eps) * m
+    mean_r = mean.repeat_interleave(group_size)
+    dev = (v - mean_r[:, None]) * m  # two passes: no cancellation when |mean| >> std
+    var = grouped((dev * dev).sum(-1), group_size).sum(-1) / (n - 1).clamp(min=1)
+    std_r = var.sqrt().repeat_interleave(group_size)
+    return dev / (std_r[:, None] + eps)
 
 
 class DenseAdvantage:

@@ -33,10 +33,10 @@ from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
-from amrlhf.modules.onpolicy import VAL, OnPolicyModule
+from amrlhf.modules.onpolicy import VAL, OnPolicyModule, refuse_per_example_caches
 from amrlhf.modules.reference import ReferenceModel
 from amrlhf.rollout import Sampling
-from amrlhf.scorers import TokenScorer
+from amrlhf.scorers import CriticScorer, TokenScorer
 from amrlhf.segmenters import PivotSegmenter, segment_stats
 from amrlhf.segmenters.rules import first_response_index
 
@@ -111,7 +111,7 @@ class GRPOModule(OnPolicyModule):
                 `amrlhf.rewards.VerifiableReward` (programmatic checks), `RewardModelScorer`, ...
             num_generations: G, responses sampled per prompt (a group); data.batch_size counts prompts.
             advantage: GroupRelative (default: GRPO, std-scaled), LeaveOneOut (RLOO), ReinforcePlusPlus.
-            aggregation: TokenMean (default: DAPO, TRL's default `dapo`), SequenceMean (GRPO),
+            aggregation: TokenMean (default: DAPO's token mean; TRL's `bnpo`), SequenceMean (GRPO),
                 ConstantNormalizer (Dr. GRPO).
             dense: DenseAdvantage: a token scorer's per-token increments or levels, normalised per
                 group, added to (or replacing) the uniform advantage.
@@ -150,6 +150,12 @@ class GRPOModule(OnPolicyModule):
             raise ConfigError(f"GRPOModule: clip_low / clip_high must be >= 0, got {clip_low} / {clip_high}")
         if kl_in not in ("loss", "reward"):
             raise ConfigError(f"GRPOModule: kl_in must be loss or reward, got {kl_in!r}")
+        if kl_estimator not in ("k1", "k3"):
+            raise ConfigError(f"GRPOModule: kl_estimator must be k1 or k3, got {kl_estimator!r}")
+        if isinstance(scorer, CriticScorer):
+            raise ConfigError("GRPOModule has no critic: CriticScorer reads PPO's value estimates")
+        if dense is not None:
+            refuse_per_example_caches("GRPOModule", dense.scorer)
         self.num_generations = num_generations
         self.aggregation = aggregation if aggregation is not None else TokenMean()
         self.dense = dense
@@ -212,14 +218,15 @@ class GRPOModule(OnPolicyModule):
                     non_score = -self.kl_ctl.value * kl
                     stats["kl"] = masked_mean(kl, loss_mask)
         adv = self.advantage.estimate(scores, non_score, resp, G) * resp
+        # AM label: the sign of the estimator's advantage at the response's first token (the whole response's),
+        # before any dense term (a per-token signal says nothing about the sequence's preference)
+        first = adv[torch.arange(n, device=adv.device), first_response_index(resp)]
+        roll["labels"] = torch.where(first >= 0, 1, -1).long()
         if self.dense is not None:
             adv, dense = self.dense.apply(self, {**roll, "rows": rows}, adv, G)
             stats["advantages/dense_abs_mean"] = masked_mean(dense.abs(), resp)
         roll["advantages"] = adv
         roll["loss_mask"] = loss_mask
-        # AM label: the sign of the response's advantage at its first token (the whole response's)
-        first = adv[torch.arange(n, device=adv.device), first_response_index(resp)]
-        roll["labels"] = torch.where(first >= 0, 1, -1).long()
         mask, seg = self.actor_mask(roll, ts, rows)
         roll["actor_mask"] = mask * loss_mask
         if seg is not None:
@@ -240,7 +247,8 @@ class GRPOModule(OnPolicyModule):
         mask = mb["loss_mask"]
         stats = clip_fractions(ratio, mb["advantages"], mask, self.clip_low, self.clip_high)
         if self.uses_reference and self.kl_in == "loss":
-            kl = kl_estimate(logps, mb["ref_logps"], self.kl_estimator)
+            # both sides masked: outside the response k3 of unrelated log-probs could overflow (inf x 0 = NaN)
+            kl = kl_estimate(logps * mb["response_mask"], mb["ref_logps"], self.kl_estimator)
             loss = loss + self.kl_ctl.value * self.aggregation.reduce(kl, mask, max_len)
             stats["kl"] = masked_mean(kl.detach(), mask)
         with torch.no_grad():

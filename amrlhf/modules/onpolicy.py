@@ -131,6 +131,11 @@ class OnPolicyModule(AlignmentModule):
             raise AmrlhfError(
                 f"data.max_length ({dm.max_length} prompt tokens) + sampling.max_new_tokens "
                 f"({self.sampling.max_new_tokens}) exceeds the policy's maximum of {limit} positions")
+        s = self.sampling
+        if s.temperature != 1.0 or s.top_p < 1.0 or s.top_k:
+            log.warning("sampling at temperature %s, top_p %s, top_k %s: the log-probs are the model's own (temperature 1, "
+                        "no truncation), so the ratios and KL are those of another distribution than the one sampled",
+                        s.temperature, s.top_p, s.top_k)
         rows = self.rows_per_rollout(dm.batch_size)
         if self.mini_batch_size and rows % self.mini_batch_size:
             what = f"data.batch_size x num_generations ({dm.batch_size} x {self.samples_per_prompt} = {rows} " \

@@ -135,7 +135,7 @@ class PPOModule(OnPolicyModule):
         logps, values = self.old_outputs(roll)
         ref = self.reference.logps(self, roll, "train")
         raw, scores, ts = self.sequence_scores(roll, ended, rows, "train")
-        kl = kl_estimate(logps, ref, self.kl_estimator) * resp
+        kl = kl_estimate(logps * resp, ref * resp, self.kl_estimator) * resp  # masked: no k3 overflow outside
         rewards, non_score = shape_rewards(scores, kl, resp, self.kl_ctl.value)
         old_values = values[:, :-1] * resp
         adv, returns = gae(rewards, old_values, resp, self.gamma, self.lam)
@@ -193,7 +193,7 @@ class PPOModule(OnPolicyModule):
         roll, ended, rows = self.sample(batch, self.step_seed(VAL + batch_idx))
         resp = roll["response_mask"]
         logps = lean_forward(self.policy, roll, chunk_size=self.logits_chunk).logps
-        kl = kl_estimate(logps, self.reference.logps(self, roll, "val"), self.kl_estimator) * resp
+        kl = kl_estimate(logps * resp, self.reference.logps(self, roll, "val") * resp, self.kl_estimator) * resp
         _, scores, _ = self.sequence_scores(roll, ended, rows, "val")
         self.log_stats({"objective/scores": scores.mean(), "objective/kl": kl.sum(-1).mean(),
                         "rollout/eos_frac": ended.float().mean(), "rollout/response_len": resp.sum(-1).mean()},

@@ -9,6 +9,7 @@ broken check never becomes a silent 0.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -53,7 +54,7 @@ class VerifiableReward:
         except Exception as exc:  # a user's check: name the row, keep the cause
             raise AmrlhfError(f"reward '{component.name}' failed on the prompt of {where} (response {k} of the "
                               f"rollout, {response[:60]!r}...): {type(exc).__name__}: {exc}") from exc
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):  # numpy scalars and bools too
             raise AmrlhfError(f"reward '{component.name}' returned {value!r} for the prompt of {where}: "
                               "expected a finite number")
         return float(value)
