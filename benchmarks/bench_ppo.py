@@ -108,13 +108,13 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     gen, times, loads = [], [], []
     sample = module.sample
 
-    def timed_sample(prompt_batch, seed):
+    def timed_sample(prompt_batch, seed, n=1):
         t = time.perf_counter()
-        batch, ended = sample(prompt_batch, seed)
-        lengths = batch["response_mask"].sum(-1)
+        out = sample(prompt_batch, seed, n)  # (rollout tensors, ended, prompt rows)
+        lengths = out[0]["response_mask"].sum(-1)
         gen.append({"s": time.perf_counter() - t, "new": int(lengths.sum()), "width": int(lengths.max()),
                     "prompt": int(prompt_batch["prompt_mask"].sum())})
-        return batch, ended
+        return out
 
     module.sample = timed_sample
 
