@@ -81,16 +81,34 @@ def seeded(seed: int, device: torch.device | None = None):
         yield
 
 
-def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int,
-                     max_length: int | None = None, n: int = 1) -> tuple[dict[str, Tensor], Tensor]:
-    """n sampled responses per prompt, collated (right-padded, masks per docs/method.md), prompt-major:
-    rows g*n .. g*n+n-1 answer prompt g (a GRPO group).
-    -> (batch with input_ids / attention_mask / response_mask, ended_with_eos [N] bool)."""
-    groups = generate(model, prompts, n, sampling, eos_id=eos_id, pad_id=pad_id, max_length=max_length)
+def collate_groups(prompts: list[list[int]], groups: list[list[list[int]]], *, eos_id: int, pad_id: int
+                   ) -> tuple[dict[str, Tensor], Tensor]:
+    """[prompt][sample] responses -> (the rows collated prompt-major: rows g*n .. g*n+n-1 answer prompt g
+    (a GRPO group), right-padded, masks per docs/method.md; ended_with_eos [N] bool)."""
     pairs = [(p, r) for p, group in zip(prompts, groups, strict=True) for r in group]
     batch = pad_rows(pairs, pad_id)
     ended = torch.tensor([r[-1] == eos_id for _, r in pairs], dtype=torch.bool)
     return batch, ended
+
+
+def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int,
+                     max_length: int | None = None, n: int = 1) -> tuple[dict[str, Tensor], Tensor]:
+    """n sampled responses per prompt from the global RNG, one `generate` call for the batch (seed it
+    with `seeded`). -> (batch with input_ids / attention_mask / response_mask, ended_with_eos [N] bool)."""
+    groups = generate(model, prompts, n, sampling, eos_id=eos_id, pad_id=pad_id, max_length=max_length)
+    return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
+
+
+def sample_groups(model, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *, eos_id: int,
+                  pad_id: int, n: int, device: torch.device | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """n responses per prompt, each prompt's group drawn from a stream of its own (`seeds`, one per
+    prompt): a group depends on its seed and its prompt only, not on the other prompts of the batch, their
+    padding or their order; sample k is the group's k-th row. One `generate` call per prompt."""
+    groups = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        with seeded(seed, device):
+            groups.append(generate(model, [prompt], n, sampling, eos_id=eos_id, pad_id=pad_id)[0])
+    return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -87,9 +87,9 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     gen, clock = [], Clock()
     sample = module.sample
 
-    def timed_sample(prompt_batch, seed, n=1):
+    def timed_sample(prompt_batch, seed, n=1, per_prompt=False):
         t = time.perf_counter()
-        out = sample(prompt_batch, seed, n)
+        out = sample(prompt_batch, seed, n, per_prompt)
         lengths = out[0]["response_mask"].sum(-1)
         gen.append({"s": time.perf_counter() - t, "new": int(lengths.sum()),
                     "prompt": int(prompt_batch["prompt_mask"].sum()) * n})

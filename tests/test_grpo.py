@@ -106,6 +106,28 @@ def test_am_labels_are_the_sign_of_the_estimators_advantage_even_with_a_dense_te
     assert torch.equal(seen["labels"], expected)
 
 
+def test_a_group_depends_on_its_seed_and_prompt_only(letters):
+    """Each prompt's group comes from its own stream, (seed, rollout, prompt index) in the module: the same
+    prompt draws the same group whatever else is in the batch, and where."""
+    from amrlhf.models import load_causal_lm, load_tokenizer
+    from amrlhf.rollout import sample_groups
+
+    tok = load_tokenizer(str(letters[0]))
+    model = load_causal_lm(ModelSpec(str(letters[0])))
+    a, b, c = (tok(t)["input_ids"] for t in ("a b c", "d", "e f g h i"))
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, n=4)
+
+    def responses(batch):
+        return [row[1:][m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["response_mask"], strict=True)]
+
+    one = responses(sample_groups(model, [a, b], [11, 22], Sampling(max_new_tokens=6), **kw)[0])
+    two = responses(sample_groups(model, [b, c], [22, 33], Sampling(max_new_tokens=6), **kw)[0])
+    other = responses(sample_groups(model, [b], [23], Sampling(max_new_tokens=6), **kw)[0])
+    assert one[4:] == two[:4]  # prompt b's group, second in one batch and first in the other
+    assert other != two[:4]  # another seed, another group
+    assert len(set(map(tuple, one[4:]))) > 1  # the group's samples differ from each other
+
+
 def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):
     kw = dict(kl=FixedKL(0.05), clip_high=0.28)
     a, b = letters_grpo(letters, **kw), letters_grpo(letters, segmenter=SampleWiseSegmenter(), **kw)

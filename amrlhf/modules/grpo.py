@@ -200,7 +200,7 @@ class GRPOModule(OnPolicyModule):
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
         """Sample G per prompt, reward, (KL), advantages, (dense), label, mask. -> (rollout, stats)."""
         G = self.num_generations
-        roll, ended, rows = self.sample(prompt_batch, self.step_seed(self.rollouts_done), n=G)
+        roll, ended, rows = self.sample(prompt_batch, self.rollout_seed(self.rollouts_done), n=G, per_prompt=True)
         resp = roll["response_mask"]
         n = resp.shape[0]
         raw, scores, ts = self.sequence_scores(roll, ended, rows, "train")

@@ -34,7 +34,7 @@ from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import gather_rows
 from amrlhf.modules.masking import record_scale, setup_segmentation
 from amrlhf.modules.reference import CachedReference, FrozenReference, ReferenceModel
-from amrlhf.rollout import Sampling, left_padded_prompts, sample_responses, seeded
+from amrlhf.rollout import Sampling, left_padded_prompts, sample_groups, sample_responses, seeded
 from amrlhf.scorers import TokenScorer, TokenScores
 from amrlhf.segmenters import PivotSegmenter, RunningMeanBaseline
 
@@ -173,15 +173,29 @@ class OnPolicyModule(AlignmentModule):
         (seed, step, rank) only, so sampling resumes exactly and ranks draw different samples."""
         return ((self.seed * 1_000_003 + step) * 1024 + self.global_rank) % (1 << 62)
 
+    def rollout_seed(self, step: int) -> int:
+        """The seed of rollout `step` before the prompt: (seed, step), no rank (a group's stream is
+        (seed, step, prompt index): the same prompt on any rank, in any batch, draws the same group)."""
+        return (self.seed * 1_000_003 + step) % (1 << 62)
+
     # ------------------------------------------------------------------ rollout pieces
     @torch.no_grad()
-    def sample(self, prompt_batch: dict, seed: int, n: int = 1) -> tuple[dict, Tensor, list[dict]]:
-        """n responses per prompt (prompt-major). -> (rollout tensors with `index`, ended_with_eos [N],
-        each row's prompt record (source, line, fields) for verifiable rewards)."""
+    def sample(self, prompt_batch: dict, seed: int, n: int = 1, per_prompt: bool = False
+               ) -> tuple[dict, Tensor, list[dict]]:
+        """n responses per prompt (prompt-major). `per_prompt`: each prompt's group from its own seed,
+        a function of (`seed`, the prompt's dataset index) (GRPO); else one stream for the batch.
+        -> (rollout tensors with `index`, ended_with_eos [N], each row's prompt record (source, line,
+        fields) for verifiable rewards)."""
         tok = self.trainer.datamodule.tokenizer
-        with seeded(seed, self.device):
-            batch, ended = sample_responses(self.policy, left_padded_prompts(prompt_batch), self.sampling,
-                                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, n=n)
+        prompts = left_padded_prompts(prompt_batch)
+        if per_prompt:
+            seeds = [(seed * 1_000_033 + int(i)) % (1 << 62) for i in prompt_batch["index"]]
+            batch, ended = sample_groups(self.policy, prompts, seeds, self.sampling, eos_id=tok.eos_token_id,
+                                         pad_id=tok.pad_token_id, n=n, device=self.device)
+        else:
+            with seeded(seed, self.device):
+                batch, ended = sample_responses(self.policy, prompts, self.sampling, eos_id=tok.eos_token_id,
+                                                pad_id=tok.pad_token_id, n=n)
         batch["index"] = prompt_batch["index"].cpu().repeat_interleave(n)
         records = prompt_batch.get("rows") or [{}] * len(prompt_batch["index"])
         rows = [r for r in records for _ in range(n)]
