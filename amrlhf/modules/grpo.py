@@ -79,6 +79,7 @@ class GRPOModule(OnPolicyModule):
         policy: ModelSpec,
         reward: TokenScorer,
         num_generations: int = 8,
+        group_seeds: bool = True,
         advantage: AdvantageEstimator | None = None,
         aggregation: LossAggregation | None = None,
         dense: DenseAdvantage | None = None,
@@ -110,6 +111,9 @@ class GRPOModule(OnPolicyModule):
             reward: a TokenScorer whose score at the last response token is the reward:
                 `amrlhf.rewards.VerifiableReward` (programmatic checks), `RewardModelScorer`, ...
             num_generations: G, responses sampled per prompt (a group); data.batch_size counts prompts.
+            group_seeds: each prompt's group from its own stream, seeded from (seed, rollout, prompt index),
+                one `generate` call per prompt (a group depends on nothing else); false: one call and one
+                stream (seed, rollout, rank) for the whole rollout (faster, batch-dependent samples).
             advantage: GroupRelative (default: GRPO, std-scaled), LeaveOneOut (RLOO), ReinforcePlusPlus.
             aggregation: TokenMean (default: DAPO's token mean; TRL's `bnpo`), SequenceMean (GRPO),
                 ConstantNormalizer (Dr. GRPO).
@@ -157,6 +161,7 @@ class GRPOModule(OnPolicyModule):
         if dense is not None:
             refuse_per_example_caches("GRPOModule", dense.scorer)
         self.num_generations = num_generations
+        self.group_seeds = group_seeds
         self.aggregation = aggregation if aggregation is not None else TokenMean()
         self.dense = dense
         self.mask_truncated = mask_truncated
@@ -200,7 +205,10 @@ class GRPOModule(OnPolicyModule):
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
         """Sample G per prompt, reward, (KL), advantages, (dense), label, mask. -> (rollout, stats)."""
         G = self.num_generations
-        roll, ended, rows = self.sample(prompt_batch, self.rollout_seed(self.rollouts_done), n=G, per_prompt=True)
+        if self.group_seeds:
+            roll, ended, rows = self.sample(prompt_batch, self.rollout_seed(self.rollouts_done), n=G, per_prompt=True)
+        else:
+            roll, ended, rows = self.sample(prompt_batch, self.step_seed(self.rollouts_done), n=G)
         resp = roll["response_mask"]
         n = resp.shape[0]
         raw, scores, ts = self.sequence_scores(roll, ended, rows, "train")

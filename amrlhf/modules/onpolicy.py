@@ -5,8 +5,8 @@ each), score them, build advantages (the subclass: GAE with a critic, or a group
 adaptive mask for the policy loss (AM variants), then `epochs` passes over shuffled mini-batches,
 one optimizer step each (Lightning manual optimisation; the subclass gives each mini-batch's loss).
 
-Shared here: the rollout (seeded from (seed, rollout number, rank), so a resumed run draws the same
-samples), the frozen reference, the KL controller and its update (pooled over DDP ranks), the label
+Shared here: the rollout (seeded from (seed, rollout number, rank), or per prompt from (seed, rollout
+number, prompt index) for GRPO's groups, so a resumed run draws the same samples), the frozen reference, the KL controller and its update (pooled over DDP ranks), the label
 baseline and the segmenter's mask, the optimisation loop, validation (one seeded sample per held-out
 prompt) and exact resume (rollout counter, KL, baseline, scale, seed in the checkpoint).
 
