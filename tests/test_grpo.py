@@ -64,14 +64,16 @@ def test_the_critic_free_family_learns_to_say_the_target_letter(letters, variant
         assert min(kept) < 1.0  # the mask removed something from the policy loss
 
 
-@pytest.mark.parametrize("variant", ["kl_in_reward", "adaptive_kl", "constant_normalizer", "dense_replace"])
+@pytest.mark.parametrize("variant", ["kl_in_reward", "adaptive_kl", "constant_normalizer", "dense_replace",
+                                     "one_stream"])
 def test_other_configurations_train_with_finite_losses(letters, variant):
     from amrlhf.losses import AdaptiveKL, ConstantNormalizer
 
     kw = {"kl_in_reward": dict(kl=FixedKL(0.05), kl_in="reward", kl_estimator="k1"),
           "adaptive_kl": dict(kl=AdaptiveKL(0.05, target=1e-4, horizon=100)),
           "constant_normalizer": dict(aggregation=ConstantNormalizer(), kl=FixedKL(0.05)),
-          "dense_replace": dict(dense=DenseAdvantage(TargetTokenReward("x"), replace=True))}[variant]
+          "dense_replace": dict(dense=DenseAdvantage(TargetTokenReward("x"), replace=True)),
+          "one_stream": dict(group_seeds=False, kl=FixedKL(0.05))}[variant]
     module = letters_grpo(letters, **kw)
     rows = fit(module, letters, rollouts=3)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
