@@ -28,14 +28,12 @@ arith_steps`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import _prompts, _rss, _summary, _trl_pad, report, trl_dir  # noqa: E402
+from bench_ppo import _prompts, _rss, _summary, _trl_pad, report, run_children, trl_dir  # noqa: E402
 
 MODELS = {  # name: (model, prompts, max prompt tokens)
     "tiny": ("local:tiny-llama", "local:tiny-arith/sft_train", 64),
@@ -240,24 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(*args.child, args)
         return
-    results = []
-    for name in args.models:
-        res = {}
-        for impl in ("ours", "trl"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, name] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("models", "child")]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                err = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-                res[impl] = err[-1] if err else f"exit code {proc.returncode}"
-                print(f"{impl}/{name} did not run: {res[impl]}\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            raw = json.loads(line[7:])
-            res[impl] = summary(raw)
-            print(f"{impl}/{name}: rollout times {[round(t, 2) for t in raw['times']]} s, 1-min load "
-                  f"{[round(x, 1) for x in raw['loads']]}", flush=True)
-        results.append((name, res))
+    results = run_children(__file__, args)
     print(f"\nGRPO rollout step, CPU fp32, {args.prompts} prompts x {args.generations} samples, <= {args.new_tokens} "
           f"new tokens (T=1.0, stop at EOS), 2 optimizer steps per rollout, DAPO loss, beta {args.beta}; "
           f"{args.steps} timed rollouts after {args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION} "

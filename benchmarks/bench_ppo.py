@@ -266,6 +266,30 @@ def _summary(r: dict) -> dict:
     return out
 
 
+def run_children(script: str, args) -> list[tuple[str, dict]]:
+    """Each (model, implementation) of `script` in its own process (`--child IMPL MODEL` plus the same
+    arguments) -> [(model, {impl: summary, or why it did not run})], printing each side's step times."""
+    results = []
+    for name in args.models:
+        res = {}
+        for impl in ("ours", "trl"):
+            cmd = [sys.executable, os.path.abspath(script), "--child", impl, name] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("models", "child")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                err = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+                res[impl] = err[-1] if err else f"exit code {proc.returncode}"
+                print(f"{impl}/{name} did not run: {res[impl]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            raw = json.loads(line[7:])
+            res[impl] = _summary(raw)
+            print(f"{impl}/{name}: step times {[round(t, 2) for t in raw['times']]} s, 1-min load "
+                  f"{[round(x, 1) for x in raw['loads']]}", flush=True)
+        results.append((name, res))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=list(MODELS))
@@ -282,25 +306,7 @@ def main() -> None:
     if args.child:
         child(*args.child, args)
         return
-    rows = []
-    for name in args.models:
-        res = {}
-        for impl in ("ours", "trl"):
-            cmd = [sys.executable, __file__, "--child", impl, name] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("models", "child")]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                err = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-                why = err[-1] if err else f"exit code {proc.returncode}"
-                print(f"{impl}/{name} did not run: {why}\n{proc.stderr[-3000:]}", file=sys.stderr)
-                res[impl] = why
-                continue
-            raw = json.loads(line[7:])
-            res[impl] = _summary(raw)
-            print(f"{impl}/{name}: step times {[round(t, 2) for t in raw['times']]} s, 1-min load "
-                  f"{[round(x, 1) for x in raw['loads']]}", flush=True)
-        rows.append((name, res))
+    rows = run_children(__file__, args)
     print(f"\nPPO rollout step, CPU fp32, {args.batch} prompts/rollout, mini-batch {args.mini_batch}, 1 PPO epoch, "
           f"<= {args.new_tokens} new tokens (T=1.0, stop at EOS), policy + frozen ref + reward model + critic; "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION} "

@@ -192,14 +192,8 @@ class GRPOModule(OnPolicyModule):
     @torch.no_grad()
     def logps_in_eval(self, roll: dict) -> Tensor:
         """The rollout policy's log-probs [N, T-1], eval mode, a mini-batch of rows at a time."""
-        was_training = self.training
-        self.eval()
-        n = roll["input_ids"].shape[0]
-        size = self.mini_batch_size or n
-        parts = [lean_forward(self.policy, {k: v[s:s + size] for k, v in roll.items()},
-                              chunk_size=self.logits_chunk).logps for s in range(0, n, size)]
-        self.train(was_training)
-        return torch.cat(parts)
+        return torch.cat(self.in_eval_by_minibatch(
+            roll, lambda mb: lean_forward(self.policy, mb, chunk_size=self.logits_chunk).logps))
 
     @torch.no_grad()
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:

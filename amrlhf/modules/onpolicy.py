@@ -210,13 +210,24 @@ class OnPolicyModule(AlignmentModule):
         raw = gather_rows(ts.scores, last_index(batch["response_mask"])).float()
         return raw, eos_penalised(raw, ended, self.missing_eos_penalty), ts
 
-    def labels_from(self, signal: Tensor) -> Tensor:
+    @torch.no_grad()
+    def in_eval_by_minibatch(self, roll: dict, forward) -> list:
+        """`forward(mini-batch)` on the rollout's rows a mini-batch at a time, in eval mode (no dropout), so the
+        vocabulary-sized work of the whole rollout never coexists. -> the outputs, in row order."""
+        was_training = self.training
+        self.eval()
+        n = roll["input_ids"].shape[0]
+        size = self.mini_batch_size or n
+        parts = [forward({k: v[s:s + size] for k, v in roll.items()}) for s in range(0, n, size)]
+        self.train(was_training)
+        return parts
+
+    def labels_from(self, signal: Tensor) -> tuple[Tensor, float]:
         """AM label l = sign(signal - b), ties +1; b = the running mean of `signal` (the first rollout's
-        own mean over every rank), updated after use and checkpointed."""
+        own mean over every rank), updated after use and checkpointed. -> (labels [N], the b used)."""
         baseline = self.label_baseline.mean if self.label_baseline.count else mean_and_count(signal)[0]
         self.label_baseline.update(signal[:, None], torch.ones_like(signal)[:, None])
-        self._last_label_baseline = baseline
-        return torch.where(signal >= baseline, 1, -1).long()
+        return torch.where(signal >= baseline, 1, -1).long(), baseline
 
     def actor_mask(self, roll: dict, reward_scores: TokenScores | None, rows: list[dict]):
         """The policy loss's mask response_mask * m_t and the Segmentation (None without a segmenter

@@ -142,7 +142,7 @@ class PPOModule(OnPolicyModule):
         roll.update(old_logps=logps * resp, old_values=old_values, returns=returns, advantages=whiten(adv, resp),
                     values=values[:, 1:] * resp, prompt_values=gather_rows(values, first_response_index(resp)))
         # AM-PPO's label: the raw score against the running mean of raw scores (the penalty is the reward's only)
-        roll["labels"] = self.labels_from(raw)
+        roll["labels"], baseline = self.labels_from(raw)
         roll["actor_mask"], seg = self.actor_mask(roll, ts, rows)
         stats = {
             "objective/kl": kl.sum(-1).mean(), "objective/entropy": (-logps * resp).sum(-1).mean(),
@@ -150,7 +150,7 @@ class PPOModule(OnPolicyModule):
             "objective/rlhf_reward": non_score.sum(-1).mean() + scores.mean(), "objective/scores": scores.mean(),
             "objective/kl_coef": torch.tensor(self.kl_ctl.value), "rollout/eos_frac": ended.float().mean(),
             "rollout/response_len": resp.sum(-1).mean(),
-            "rollout/label_baseline": torch.tensor(self._last_label_baseline),
+            "rollout/label_baseline": torch.tensor(baseline),
         }
         stats["_sequence_kl"] = stats["objective/kl"]
         if seg is not None:
@@ -160,18 +160,9 @@ class PPOModule(OnPolicyModule):
 
     @torch.no_grad()
     def old_outputs(self, roll: dict) -> tuple[Tensor, Tensor]:
-        """The old policy's log-probs and values, in eval mode (no dropout), a mini-batch of rows at a
-        time (the vocabulary-sized logits of the whole rollout never coexist)."""
-        was_training = self.training
-        self.eval()
-        n = roll["input_ids"].shape[0]
-        size = self.mini_batch_size or n
-        parts = []
-        for start in range(0, n, size):
-            logps, _, values = self.forward_all({k: v[start:start + size] for k, v in roll.items()})
-            parts.append((logps, values))
-        self.train(was_training)
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        """The old policy's log-probs and values, in eval mode, a mini-batch of rows at a time."""
+        parts = self.in_eval_by_minibatch(roll, self.forward_all)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
 
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
