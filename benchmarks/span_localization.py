@@ -12,7 +12,8 @@ Needs `amrlhf prepare factual_summary_pairs smollm2-135m-instruct` and a trained
 
     python benchmarks/span_localization.py --rm runs/controlled/rm/hf --data local:arith_steps_conflicting/heldout \\
         --spans rejected_spans --through-end --oracle
-(`--oracle` adds the step checker, an upper bound; its segmenters use the raw scores and a zero baseline.)
+(`--oracle` adds the step checker, an upper bound; `--surprisal 2:1.5` the base model's confident surprise, no
+training needed and no reward model either. Both are read raw, with a zero baseline: the paper-figure preset.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from amrlhf.data import Collator, encode_examples
 from amrlhf.data.records import iter_rows, preference_example
 from amrlhf.evaluation.localization import Localization, diff_token_mask, flagged_wrong, truth_tensor
 from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer
-from amrlhf.scorers import ArithmeticStepScorer, ImplicitRewardScorer, RewardModelScorer, next_token_entropy
+from amrlhf.scorers import (
+    ArithmeticStepScorer,
+    ImplicitRewardScorer,
+    RewardModelScorer,
+    SurprisalScorer,
+    next_token_entropy,
+)
 from amrlhf.segmenters import (
     AdaptivePivotSegmenter,
     ConstantBaseline,
@@ -54,7 +61,7 @@ def segmenters(delta: float, tokenizer) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rm", required=True, help="trained reward model folder (prefix scores)")
+    p.add_argument("--rm", help="trained reward model folder (prefix scores)")
     p.add_argument("--policy", help="a trained policy folder: adds the implicit-reward scorer (vs --base)")
     p.add_argument("--base", default="local:smollm2-135m-instruct")
     p.add_argument("--data", default="local:factual_summary_pairs/test")
@@ -64,6 +71,9 @@ def main() -> None:
     p.add_argument("--through-end", action="store_true",
                    help="a span reaching the end of the text also covers the end-of-turn token")
     p.add_argument("--oracle", action="store_true", help="add the arithmetic step checker (an oracle) as scorer")
+    p.add_argument("--surprisal", action="append", default=[], metavar="TOL:MAXH",
+                   help="add the base model's confident surprise (SurprisalScorer) with this tolerance and max "
+                        "entropy in nats ('none': every token); repeatable")
     p.add_argument("--json", help="write the table as JSON here too")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -82,9 +92,15 @@ def main() -> None:
     encoded, truths = [encoded[i] for i in keep], [truths[i] for i in keep]
 
     module = SimpleNamespace(device=torch.device("cpu"), _trainer=None, policy_spec=ModelSpec(args.base))
-    scorers = {"reward-model prefix": RewardModelScorer(ModelSpec(args.rm))}
+    scorers = {"reward-model prefix": RewardModelScorer(ModelSpec(args.rm))} if args.rm else {}
     if args.policy:
         scorers["implicit reward (policy vs base)"] = ImplicitRewardScorer(ModelSpec(args.policy), ModelSpec(args.base))
+    for spec in args.surprisal:
+        tol, _, maxh = spec.partition(":")
+        scorers[f"surprisal tol={tol} maxH={maxh or 'none'} (raw)"] = SurprisalScorer(
+            ModelSpec(args.base), float(tol), None if maxh in ("", "none") else float(maxh))
+    if not scorers:
+        p.error("give at least one scorer: --rm, --policy, --surprisal or --oracle")
     if args.oracle:
         oracle = ArithmeticStepScorer()
         oracle.tokenizer = tok
@@ -93,6 +109,7 @@ def main() -> None:
     collate = Collator(tok.pad_token_id)
     table: dict[tuple[str, str], Localization] = {}
     for sname, scorer in scorers.items():
+        raw = sname.endswith(("(ORACLE)", "(raw)"))  # scores in meaningful units: the paper-figure preset
         if not sname.endswith("(ORACLE)"):
             scorer.setup(module)
         segs = segmenters(args.delta, tok)  # fresh per scorer: each is calibrated to its own scores
@@ -107,8 +124,8 @@ def main() -> None:
         flat = torch.cat([o.scores[b["response_mask"].bool()] for _, b, o, _ in batches])
         for gname, seg in segs.items():
             if hasattr(seg, "calibrate"):
-                seg.calibrate(1.0 if sname.endswith("(ORACLE)") else flat.std().item())
-            if sname.endswith("(ORACLE)") and hasattr(seg, "baseline"):
+                seg.calibrate(1.0 if raw else flat.std().item())
+            if raw and hasattr(seg, "baseline"):
                 seg.baseline = ConstantBaseline(0.0)
             cell = table.setdefault((sname, gname), Localization())
             for items, batch, out, tr in batches:

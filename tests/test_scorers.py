@@ -103,3 +103,62 @@ def test_a_lora_reward_model_trains_its_scalar_head():
     rm = load_reward_model(ModelSpec("local:tiny-llama", lora=LoraSpec(r=4)))
     trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
     assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+
+
+def test_confident_surprise_and_worst_so_far_by_hand():
+    from amrlhf.scorers.surprisal import confident_surprise, worst_so_far
+
+    logps = torch.tensor([[-0.1, -3.0, -6.0, -5.0, -0.5]])
+    entropy = torch.tensor([[0.5, 0.4, 2.5, 1.0, 0.3]])
+    resp = torch.tensor([[0, 1, 1, 1, 1]])
+    # c = log p + H on response tokens: [0, -2.6, -3.5, -4.0, -0.2]; with max_entropy 1.5 the third is not counted
+    c_all = confident_surprise(logps, entropy, resp, None)
+    torch.testing.assert_close(c_all, torch.tensor([[0.0, -2.6, -3.5, -4.0, -0.2]]))
+    c_conf = confident_surprise(logps, entropy, resp, 1.5)
+    torch.testing.assert_close(c_conf, torch.tensor([[0.0, -2.6, 0.0, -4.0, -0.2]]))
+    # s_t = 2 + min(0, worst so far); 0 outside the response
+    torch.testing.assert_close(worst_so_far(c_all, resp, 2.0), torch.tensor([[0.0, -0.6, -1.5, -2.0, -2.0]]))
+    torch.testing.assert_close(worst_so_far(c_conf, resp, 2.0), torch.tensor([[0.0, -0.6, -0.6, -2.0, -2.0]]))
+    # a token more likely than expected does not lift the score above the tolerance
+    up = worst_so_far(torch.tensor([[0.0, 1.0, 0.5, -1.0]]), torch.tensor([[0, 1, 1, 1]]), 2.0)
+    torch.testing.assert_close(up, torch.tensor([[0.0, 2.0, 2.0, 1.0]]))
+
+
+def test_surprisal_scorer_reads_the_frozen_model_and_the_figure_preset_flags_from_the_surprise(tokenizer):
+    from amrlhf.models.forward import lean_forward
+    from amrlhf.scorers import SurprisalScorer
+    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline
+
+    _, batch = _batch(tokenizer)
+    scorer = SurprisalScorer(ModelSpec("local:tiny-llama"), tolerance=1.0, max_entropy=None)
+    module = SimpleNamespace(device=torch.device("cpu"), _trainer=None, policy_spec=ModelSpec("local:tiny-llama"))
+    scorer.setup(module)
+    out = scorer.score(module, batch, "train")
+    f = lean_forward(scorer._models["lm"], batch, entropy=True)
+    resp = batch["response_mask"]
+    row, cols = 0, resp[0].nonzero().squeeze(1).tolist()
+    worst = 0.0
+    for t in cols:  # worked out token by token
+        worst = min(worst, f.logps[row, t].item() + f.entropy[row, t].item())
+        assert out.scores[row, t].item() == pytest.approx(1.0 + worst, abs=1e-5)
+    assert (out.scores[~resp.bool()] == 0).all() and (out.prompt_scores == 1.0).all()
+    seg = AdaptivePivotSegmenter(delta=0.3, baseline=ConstantBaseline(0.0))
+    labels = torch.tensor([-1] * resp.shape[0])
+    sigma = seg.segment(response_mask=resp, labels=labels, input_ids=batch["input_ids"], **out.as_kwargs()).sigma
+    s = out.scores[row, cols]
+    first_bad = int((s < -0.3).nonzero()[0]) if (s < -0.3).any() else len(cols)
+    flagged = (sigma[row, cols] == -1).tolist()
+    above = [t for t in range(first_bad) if s[t] > 0.3]
+    assert above, "the tiny model should start with a score above the band"
+    assert not any(flagged[above[0]:first_bad])  # kept from the first score above the band to the first surprise
+    assert all(flagged[first_bad:])  # from the first surprise beyond tolerance + delta on, every token is flagged
+
+
+def test_surprisal_scorer_refuses_a_negative_tolerance():
+    from amrlhf.errors import ConfigError
+    from amrlhf.scorers import SurprisalScorer
+
+    with pytest.raises(ConfigError, match="tolerance must be >= 0"):
+        SurprisalScorer(ModelSpec("local:tiny-llama"), tolerance=-1.0)
+    with pytest.raises(ConfigError, match="max_entropy must be > 0"):
+        SurprisalScorer(ModelSpec("local:tiny-llama"), max_entropy=0.0)

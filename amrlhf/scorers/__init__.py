@@ -6,6 +6,8 @@ from amrlhf.scorers.data import CriticScorer, DatasetScorer
 from amrlhf.scorers.models import ImplicitRewardScorer, RewardModelScorer, next_token_entropy
 from amrlhf.scorers.programmatic import TargetTokenReward
 from amrlhf.scorers.steps import ArithmeticStepScorer
+from amrlhf.scorers.surprisal import SurprisalScorer
 
 __all__ = ["TokenScorer", "TokenScores", "check_same_tokenizer", "CachedScorer", "CriticScorer", "DatasetScorer",
-           "ImplicitRewardScorer", "RewardModelScorer", "TargetTokenReward", "ArithmeticStepScorer", "next_token_entropy"]
+           "ImplicitRewardScorer", "RewardModelScorer", "TargetTokenReward", "ArithmeticStepScorer", "SurprisalScorer",
+           "next_token_entropy"]
