@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError, Interrupted
@@ -26,9 +27,14 @@ def _setup_logging() -> None:
 
 
 def run_lightning(argv: list[str]):
+    """One Lightning command from an argument list. Studies and pipelines call it with their own `sys.argv`
+    (`amrlhf study X.yaml`) still set: the argument list is deliberate, so Lightning's warning about
+    having both is not shown."""
     from amrlhf.lightning_cli import AmrlhfCLI
 
-    return AmrlhfCLI(args=argv)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return AmrlhfCLI(args=argv)
 
 
 def _prepare(args: argparse.Namespace) -> None:

@@ -430,3 +430,17 @@ def test_segments_command_renders_the_html_view(tmp_path):
     assert page.count("<b>#") == 3 and "delta=0.0" in page
     assert 'class="tok keep' in page and 'title="score ' in page
     assert page.count('pivot"') > 0  # with delta 0 a random scorer flips often
+
+
+def test_a_study_cell_parses_without_lightnings_args_warning(monkeypatch, capsys):
+    import warnings
+
+    from amrlhf.cli import run_lightning
+
+    monkeypatch.setattr("sys.argv", ["amrlhf", "study", "recipes/study/surprisal.yaml"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            run_lightning(["fit", "--config", "recipes/smoke/dpo.yaml", "--print_config"])
+    assert "class_path: amrlhf.modules.DPOModule" in capsys.readouterr().out
+    assert not [w for w in seen if "args parameter is intended" in str(w.message)]
