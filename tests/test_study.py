@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -180,7 +181,7 @@ def test_tiny_study_killed_and_continued_reports_what_mlflow_holds(tmp_path):
     assert len([m for m in client.get_metric_history(crashed_run, "loss")]) == len(steps)
 
     results = json.loads((root / "results.json").read_text())
-    for key in ("eval/heldout/implicit_acc", "eval/gen/answer_correct", "eval/loc/f1"):
+    for key in ("eval/heldout/implicit_acc", "eval/marked/marked_acc", "eval/gen/answer_correct", "eval/loc/f1"):
         for method in ("dpo", "am-dpo-oracle"):
             mine = [cells[f"{method}-seed{s}"].data.metrics[key] for s in (0, 1)]
             assert results["summary"][key][method]["mean"] == pytest.approx(sum(mine) / 2, abs=1e-9), key
@@ -204,6 +205,7 @@ def test_tiny_study_killed_and_continued_reports_what_mlflow_holds(tmp_path):
     ({"seeds": [1, 1]}, "'seeds' must be a non-empty list of distinct integers"),
     ({"colour": "red"}, "unknown key(s) colour"),
     ({"heldout": {"limit": 3}}, "'heldout' needs at least 'data'"),
+    ({"heldout": {"data": "local:x", "marked": {"limit": 3}}}, "heldout.marked needs 'spans'"),
 ])
 def test_bad_study_files_are_named_errors(tmp_path, change, message):
     cfg = yaml.safe_load((ROOT / "recipes" / "smoke" / "study.yaml").read_text())
@@ -227,3 +229,50 @@ def test_a_metric_equal_on_every_seed_without_items_gets_no_verdict():
     d = paired_delta([0.49, 0.49, 0.49], [0.48, 0.48, 0.48])
     assert d.delta == pytest.approx(0.01) and d.half_width == 0
     assert d.verdict.startswith("no uncertainty estimate")
+
+
+def test_result_spans_mark_every_step_result_and_no_remark():
+    from amrlhf.data.arithmetic import ResultSpans
+
+    chosen = "First, 27 + 8 = 35. Then, 35 + 28 = 63. Check: 63 + 1 = 65. Finally, 63 * 2 = 126. The answer is 126."
+    spans = ResultSpans().spans({"chosen": chosen})
+    assert [chosen[a:b] for a, b in spans] == ["35", "63", "126"]
+    assert spans[1] == (chosen.index("= 63") + 2, chosen.index("= 63") + 4)
+
+
+def test_marked_items_by_hand(tokenizer):
+    import torch
+
+    from amrlhf.evaluation.localization import response_offsets
+    from amrlhf.models import ModelSpec, load_causal_lm
+    from amrlhf.study.heldout import Heldout, Marked, marked_items
+
+    spans = {"class_path": "amrlhf.study.heldout.RegexSpans", "init_args": {"pattern": r"is (\d+)", "group": 1}}
+    spec = Heldout(data="local:tiny-arith/prefs_heldout", limit=5, max_length=64, batch_size=2, marked=Marked(spans))
+    data = spec.load(tokenizer)
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelSpec("local:tiny-llama"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):  # memorise the first 3 answers, so that both outcomes occur
+        for e in data[:3]:
+            ids = torch.tensor([e.prompt_ids + e.responses[0]])
+            model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    got = marked_items(model, tokenizer, data, spec, "marked")
+    assert len(got["marked_acc"]) == len(got["marked_logp"]) == 5
+    assert set(got["marked_acc"]) == {0.0, 1.0}
+    for i, e in enumerate(data):
+        ex = spec.examples[e.index]
+        a, b = re.search(r"is (\d+)", ex.chosen).span(1)
+        offsets = response_offsets(tokenizer, ex, e.responses[0], "chosen")
+        marked = [j for j, (s, t) in enumerate(offsets) if s < b and a < t]
+        assert marked
+        ids = e.prompt_ids + e.responses[0]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        at = [len(e.prompt_ids) - 1 + j for j in marked]  # the position predicting response token j
+        right = all(int(logp[p].argmax()) == ids[p + 1] for p in at)
+        assert got["marked_acc"][i] == float(right)
+        assert got["marked_logp"][i] == pytest.approx(sum(logp[p, ids[p + 1]].item() for p in at) / len(at), abs=1e-4)

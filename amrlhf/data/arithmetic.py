@@ -188,6 +188,14 @@ class ArithmeticGrader:
         return {"answer_correct": float(bool(c.correct)), "steps_right": float(c.all_steps_right and bool(c.correct))}
 
 
+class ResultSpans:
+    """Marks the result of every step of a row's chosen (right) solution, `Check:` remarks left out: what the
+    study's teacher-forced probe (`heldout.marked`) asks a policy to reproduce given the right prefix."""
+
+    def spans(self, row: dict) -> list[tuple[int, int]]:
+        return [(eq.at, eq.at + len(str(eq.c))) for eq in equations(row["chosen"]) if not eq.remark]
+
+
 def make_row(rng: random.Random, variant: str) -> dict:
     question, start, ops = make_problem(rng)
     n = len(ops)

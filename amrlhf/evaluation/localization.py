@@ -13,28 +13,49 @@ from amrlhf.data.records import Example
 from amrlhf.data.tokenize import ChatEncoder
 
 
-def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids: list[int],
-                    through_end: bool = False) -> list[bool] | None:
-    """Per rejected-response token: does it overlap a differing character span? None when the
-    template's response text does not start with the raw response (offsets would not line up).
-    `through_end`: a span that reaches the end of the text also covers the end-of-turn token(s) after
-    it (for spans defined as "from the error to the end of the response")."""
+def response_offsets(tokenizer, ex: Example, response_ids: list[int],
+                     side: str = "rejected") -> list[tuple[int, int]] | None:
+    """(start, end) character offsets, in the raw `side` response text (`chosen` / `rejected`), of each of its
+    tokens `response_ids` as the template encodes them. None when the template's response text does not start
+    with the raw response, or tokenizes differently (offsets would not line up)."""
     enc = ChatEncoder(tokenizer)
     ptext = enc.prompt_text(ex)
-    rtext = enc.response_text(ex, ptext, ex.rejected, "rejected")
-    if not rtext.startswith(ex.rejected):
+    raw = getattr(ex, side)
+    rtext = enc.response_text(ex, ptext, raw, side)
+    if not rtext.startswith(raw):
         return None
     got = tokenizer(rtext, add_special_tokens=False, return_offsets_mapping=True)
     if got["input_ids"][: len(response_ids)] != response_ids:
         return None
+    return got["offset_mapping"][: len(response_ids)]
+
+
+def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids: list[int],
+                    through_end: bool = False) -> list[bool] | None:
+    """Per rejected-response token: does it overlap a differing character span? None when offsets do not
+    line up (`response_offsets`). `through_end`: a span that reaches the end of the text also covers the
+    end-of-turn token(s) after it (for spans defined as "from the error to the end of the response")."""
+    offsets = response_offsets(tokenizer, ex, response_ids, "rejected")
+    if offsets is None:
+        return None
     limit = len(ex.rejected)
     out = []
-    for start, end in got["offset_mapping"][: len(response_ids)]:
+    for start, end in offsets:
         end = min(end, limit)
         if start >= limit:
             out.append(through_end and any(b >= limit for _, b in spans))
         else:
             out.append(any(start < b and a < end for a, b in spans))
+    return out
+
+
+def span_of_token(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], limit: int) -> list[int]:
+    """For each token (character offsets), the index of the first span it overlaps, -1 for none; tokens past
+    `limit` (the end-of-turn tokens after the raw text) belong to no span."""
+    out = []
+    for start, end in offsets:
+        end = min(end, limit)
+        out.append(next((k for k, (a, b) in enumerate(spans) if start < end and start < b and a < end), -1))
     return out
 
 

@@ -12,7 +12,8 @@
     methods:
       - {name: dpo, config: recipes/dpo/x.yaml, args: [...]}
       - {name: am-dpo, config: recipes/dpo/y.yaml}
-    heldout: {data, limit, max_length, batch_size, beta, spans, generate: {grader, limit, max_new_tokens}}
+    heldout: {data, limit, max_length, batch_size, beta, spans, generate: {grader, limit, max_new_tokens},
+              marked: {spans: {class_path: ...}, limit}}   # teacher-forced accuracy on marked spans
     eval: {suite: recipes/eval/quick.yaml, limit: 50}   # optional lm-eval suite per cell and the base
     keep_checkpoints: false            # delete a finished cell's checkpoints (a SmolLM2 one is ~1.6 GB)
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.study.heldout import Generation, Heldout
+from amrlhf.study.heldout import Generation, Heldout, Marked
 
 KEYS = {"name", "runs_root", "prepare", "setup", "seeds", "seed_args", "common_args", "baseline", "methods",
         "heldout", "eval", "keep_checkpoints"}
@@ -92,13 +93,18 @@ def _heldout(path: Path, value) -> Heldout:
     if not isinstance(value, dict) or "data" not in value:
         raise AmrlhfError(f"{path}: 'heldout' needs at least 'data' (the held-out preference rows)")
     value = dict(value)
-    gen = value.pop("generate", None)
+    gen, marked = value.pop("generate", None), value.pop("marked", None)
     try:
         if gen is not None:
             if not isinstance(gen, dict) or "grader" not in gen:
                 raise AmrlhfError(f"{path}: heldout.generate needs a 'grader' ({{class_path: ...}})")
             gen = Generation(**gen)
-        return Heldout(**value, generate=gen)
+        if marked is not None:
+            if not isinstance(marked, dict) or not isinstance(marked.get("spans"), dict) \
+                    or "class_path" not in marked["spans"]:
+                raise AmrlhfError(f"{path}: heldout.marked needs 'spans' ({{class_path: ...}})")
+            marked = Marked(**marked)
+        return Heldout(**value, generate=gen, marked=marked)
     except TypeError as exc:
         raise AmrlhfError(f"{path}: heldout: {exc}") from None
 

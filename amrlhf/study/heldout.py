@@ -1,11 +1,14 @@
 """What a study measures on its held-out split, per item so deltas can be paired across items:
-preference (implicit reward against the base), greedy generations graded by a checker, and where a
-method's masks fall against the known wrong spans (mask localisation)."""
+preference (implicit reward against the base), greedy generations graded by a checker, teacher-forced
+accuracy on marked spans of the right answer (e.g. every step's result), and where a method's masks fall
+against the known wrong spans (mask localisation)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +17,14 @@ from tqdm.auto import tqdm
 from amrlhf.data import Collator, encode_examples, read_examples
 from amrlhf.data.records import iter_rows
 from amrlhf.errors import AmrlhfError
-from amrlhf.evaluation.localization import Localization, diff_token_mask, flagged_wrong, truth_tensor
+from amrlhf.evaluation.localization import (
+    Localization,
+    diff_token_mask,
+    flagged_wrong,
+    response_offsets,
+    span_of_token,
+    truth_tensor,
+)
 from amrlhf.evaluation.preference import pair_logps, per_pair
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,34 @@ class Generation:
 
 
 @dataclass
+class Marked:
+    """Teacher-forced accuracy on marked spans of the chosen (right) response. `spans` is a class_path +
+    init_args whose `spans(row) -> [(start, end), ...]` marks character spans of the row's chosen text (e.g.
+    `amrlhf.data.arithmetic.ResultSpans`: every step's result). Per item, given the right prefix:
+    `marked_acc`, the share of its spans whose every token is the policy's greedy (argmax) choice, and
+    `marked_logp`, the mean log-prob of the marked tokens. It asks whether the policy still computes the
+    right thing where it matters, free of whether it writes the format (greedy generations may not)."""
+
+    spans: dict
+    limit: int | None = None
+
+
+class RegexSpans:
+    """Marks what `pattern` matches (its capture `group`, 0 = the whole match) in a row's chosen text: a generic
+    `Marked.spans` component."""
+
+    def __init__(self, pattern: str, group: int = 0):
+        try:
+            self.pattern = re.compile(pattern)
+        except re.error as exc:
+            raise AmrlhfError(f"RegexSpans: pattern {pattern!r} does not compile: {exc}") from None
+        self.group = group
+
+    def spans(self, row: dict) -> list[tuple[int, int]]:
+        return [m.span(self.group) for m in self.pattern.finditer(row["chosen"])]
+
+
+@dataclass
 class Heldout:
     data: str
     limit: int | None = None
@@ -42,6 +80,7 @@ class Heldout:
     spans: str | None = None  # row field with the rejected response's wrong character spans
     spans_through_end: bool = True  # a span reaching the text's end covers the end-of-turn token too
     generate: Generation | None = None
+    marked: Marked | None = None
     rows: list = field(default_factory=list, repr=False)  # raw rows, filled by `load`
     examples: list = field(default_factory=list, repr=False)  # validated examples, filled by `load`
 
@@ -120,6 +159,51 @@ def generation_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[
         for k, v in grades.items():
             out.setdefault(k, []).append(float(v))
     return out, texts
+
+
+@torch.no_grad()
+def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> dict[str, list[float]]:
+    """Per held-out item (those with at least one marked token; the others are counted and logged):
+    `marked_acc` and `marked_logp` (see `Marked`)."""
+    from amrlhf.models.forward import lean_forward
+
+    finder, where = instantiate(spec.marked.spans), spec.marked.spans["class_path"]
+    items = data[: spec.marked.limit] if spec.marked.limit else data
+    owned = []
+    for e in items:
+        ex, row = spec.examples[e.index], spec.rows[e.index]
+        try:
+            spans = [(int(a), int(b)) for a, b in finder.spans(row)]
+        except Exception as exc:
+            raise AmrlhfError(f"{spec.data}: row {e.index + 1}: {where} failed: {exc.__class__.__name__}: {exc}") \
+                from None
+        offsets = response_offsets(tokenizer, ex, e.responses[0], "chosen")
+        owner = span_of_token(offsets, spans, len(ex.chosen)) if offsets is not None else []
+        if any(k >= 0 for k in owner):
+            owned.append((e, owner))
+    if len(owned) < len(items):
+        log.warning("marked spans: %d of %d held-out rows have no marked token that lines up and are left out",
+                    len(items) - len(owned), len(items))
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    collate, out = Collator(tokenizer.pad_token_id), {"marked_acc": [], "marked_logp": []}
+    for start in tqdm(range(0, len(owned), spec.batch_size), desc=desc):
+        chunk = owned[start:start + spec.batch_size]
+        batch = collate([dataclasses.replace(e, responses=[e.responses[0]]) for e, _ in chunk])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        f = lean_forward(model, batch, logits_stats=True)
+        for i, (_, owner) in enumerate(chunk):
+            pos = batch["response_mask"][i].bool().nonzero().squeeze(1)[: len(owner)]
+            hits, logps = f.hits[i, pos].cpu().tolist(), f.logps[i, pos].float().cpu().tolist()
+            right: dict[int, bool] = {}
+            for k, hit in zip(owner, hits, strict=False):
+                if k >= 0:
+                    right[k] = right.get(k, True) and hit == 1.0
+            marked = [lp for k, lp in zip(owner, logps, strict=False) if k >= 0]
+            out["marked_acc"].append(sum(right.values()) / len(right))
+            out["marked_logp"].append(sum(marked) / len(marked))
+    model.train(was_training)
+    return out
 
 
 @torch.no_grad()

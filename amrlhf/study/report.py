@@ -10,11 +10,13 @@ from pathlib import Path
 
 from amrlhf.study.stats import mean_se, paired_delta
 
-ORDER = ("eval/heldout/", "eval/gen/", "eval/loc/", "segments/", "lm_eval/")
+ORDER = ("eval/heldout/", "eval/marked/", "eval/gen/", "eval/loc/", "segments/", "lm_eval/")
 LABELS = {
     "eval/heldout/implicit_acc": "held-out implicit-reward accuracy (ties 0.5)",
     "eval/heldout/implicit_margin": "held-out implicit-reward margin",
     "eval/heldout/lognorm_acc": "held-out length-normalised log-prob preference accuracy",
+    "eval/marked/marked_acc": "held-out teacher-forced accuracy on the marked spans of the right answer",
+    "eval/marked/marked_logp": "held-out mean log-prob of the marked tokens of the right answer",
     "eval/gen/answer_correct": "greedy answer correct (checker)",
     "eval/gen/steps_right": "greedy answer and every step right (checker)",
     "eval/loc/precision": "mask localisation precision (rejected)",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
 from amrlhf.study.config import Fit, Study, load_study
-from amrlhf.study.heldout import generation_items, localisation, preference_items
+from amrlhf.study.heldout import generation_items, localisation, marked_items, preference_items
 
 log = logging.getLogger(__name__)
 STATE = "study.json"
@@ -139,6 +139,11 @@ class StudyRun:
             gen, texts = generation_items(model, tok, data, self.study.heldout, "generate: base")
             items.update(gen)
             metrics.update({f"eval/gen/{k}": _mean(v) for k, v in gen.items()})
+        if self.study.heldout.marked is not None:
+            marked = {f"eval/marked/{k}": v for k, v in marked_items(model, tok, data, self.study.heldout,
+                                                                     "marked: base").items()}
+            items.update(marked)
+            metrics.update({k: _mean(v) for k, v in marked.items()})
         metrics.update(self._lm_eval(model, tok, self.study.dir / "base_lm_eval"))
         base = {"policy": policy_name, "heldout": self._spec_key(), "metrics": metrics, "items": items}
         _write_atomic(path, base)
@@ -147,10 +152,11 @@ class StudyRun:
         return base
 
     def _spec_key(self) -> dict:
-        h, g = self.study.heldout, self.study.heldout.generate
+        h, g, m = self.study.heldout, self.study.heldout.generate, self.study.heldout.marked
         return {"data": h.data, "limit": h.limit, "max_length": h.max_length, "eval": self.study.eval,
                 "generate": None if g is None else {"limit": g.limit, "max_new_tokens": g.max_new_tokens,
-                                                    "grader": g.grader}}
+                                                    "grader": g.grader},
+                "marked": None if m is None else {"spans": m.spans, "limit": m.limit}}
 
     def _lm_eval(self, model, tok, out_dir: Path, run_id: str | None = None) -> dict[str, float]:
         if not self.study.eval:
@@ -184,6 +190,9 @@ class StudyRun:
             items.update({f"eval/gen/{k}": v for k, v in gen.items()})
             (cell_dir / "generations.jsonl").write_text("".join(json.dumps({"row": e.index, "text": x}) + "\n"
                                                                 for e, x in zip(data, texts, strict=False)))
+        if spec.marked is not None:
+            items.update({f"eval/marked/{k}": v for k, v in
+                          marked_items(module.policy, tok, data, spec, f"marked: {name}").items()})
         metrics = {k: _mean(v) for k, v in items.items()}
         loc = localisation(module, tok, data, spec)
         metrics.update({f"eval/loc/{k}": v for k, v in (loc or {}).items()})
