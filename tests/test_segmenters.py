@@ -29,3 +29,37 @@ def test_misaligned_inputs_are_refused():
         SampleWiseSegmenter().segment(response_mask=resp, labels=labels, input_ids=ids[:, :-1])
     with pytest.raises(ValueError, match=r"\+1"):
         SampleWiseSegmenter().segment(response_mask=resp, labels=torch.tensor([1, 0]), input_ids=ids)
+
+
+def test_one_sided_masks_the_rejected_side_only_by_hand():
+    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline, OneSidedSegmenter
+
+    # both rows: score +1 then -1 then -1 over three response tokens (raw, zero baseline, delta 0.3)
+    resp = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.float32)
+    scores = torch.tensor([[0.0, 1.0, -1.0, -1.0], [0.0, 1.0, -1.0, -1.0]])
+    labels, ids = torch.tensor([1, -1]), torch.zeros(2, 5, dtype=torch.long)
+    inner = AdaptivePivotSegmenter(delta=0.3, baseline=ConstantBaseline(0.0))
+    both = inner.segment(response_mask=resp, labels=labels, input_ids=ids, scores=scores)
+    assert both.mask.tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]  # sigma = +1, -1, -1 on each row
+    seg = OneSidedSegmenter(inner, side="rejected").segment(response_mask=resp, labels=labels, input_ids=ids,
+                                                            scores=scores)
+    assert seg.mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]  # the chosen row keeps every token
+    assert seg.sigma.tolist() == [[0, 1, 1, 1], [0, 1, -1, -1]]
+    assert seg.pivot.tolist() == [[False] * 4, both.pivot[1].tolist()]
+    chosen = OneSidedSegmenter(inner, side="chosen").segment(response_mask=resp, labels=labels, input_ids=ids,
+                                                             scores=scores)
+    assert chosen.mask.tolist() == [[0, 1, 0, 0], [0, 1, 1, 1]]
+
+
+def test_one_sided_passes_the_inner_hooks_through():
+    from amrlhf.errors import ConfigError
+    from amrlhf.segmenters import AdaptivePivotSegmenter, OneSidedSegmenter
+
+    inner = AdaptivePivotSegmenter()
+    wrapped = OneSidedSegmenter(inner)
+    wrapped.calibrate(2.5)
+    assert inner.scale == 2.5 and wrapped.state_dict() == inner.state_dict()
+    assert not hasattr(OneSidedSegmenter(SampleWiseSegmenter()), "calibrate")  # no hook where the inner has none
+    assert isinstance(wrapped, PivotSegmenter)
+    with pytest.raises(ConfigError, match="side must be"):
+        OneSidedSegmenter(inner, side="both")

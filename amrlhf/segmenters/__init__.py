@@ -9,10 +9,11 @@ from amrlhf.segmenters.baselines import (
            PromptScoreBaseline,
            RunningMeanBaseline,
 )
+from amrlhf.segmenters.onesided import OneSidedSegmenter
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
 
 __all__ = ["PivotSegmenter", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
            "StepWiseSegmenter", "EntropySegmenter", "Baseline", "BatchMeanBaseline", "PromptScoreBaseline", "ConstantBaseline",
-           "RunningMeanBaseline", "segment_stats"]
+           "RunningMeanBaseline", "OneSidedSegmenter", "segment_stats"]
