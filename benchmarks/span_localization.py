@@ -76,6 +76,8 @@ def main() -> None:
                         "entropy in nats ('none': every token); repeatable")
     p.add_argument("--json", help="write the table as JSON here too")
     args = p.parse_args()
+    if not (args.rm or args.policy or args.surprisal or args.oracle):
+        p.error("give at least one scorer: --rm, --policy, --surprisal or --oracle")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
@@ -99,8 +101,6 @@ def main() -> None:
         tol, _, maxh = spec.partition(":")
         scorers[f"surprisal tol={tol} maxH={maxh or 'none'} (raw)"] = SurprisalScorer(
             ModelSpec(args.base), float(tol), None if maxh in ("", "none") else float(maxh))
-    if not scorers:
-        p.error("give at least one scorer: --rm, --policy, --surprisal or --oracle")
     if args.oracle:
         oracle = ArithmeticStepScorer()
         oracle.tokenizer = tok
