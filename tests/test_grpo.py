@@ -156,6 +156,25 @@ def test_one_on_policy_update_needs_no_old_logprob_pass_and_its_ratio_is_one(let
     assert all(r["clip_ratio/region_mean"] == 0.0 for r in rows)
 
 
+def test_gradients_are_freed_after_every_mini_batch_step(letters):
+    """The last mini-batch's gradients are not kept through the next rollout's generation and forwards."""
+    module = letters_grpo(letters)
+    held = []
+
+    class Tap(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            held.append(any(p.grad is not None for p in pl_module.parameters()))
+
+    model, path = letters
+    dm = PromptDataModule(train=str(path), tokenizer=str(model), max_length=8, batch_size=4)
+    per = module.steps_per_rollout(module.rows_per_rollout(4))
+    assert per > 1  # several optimizer steps per rollout
+    L.Trainer(accelerator="cpu", max_steps=3 * per, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Tap()]).fit(module, dm)
+    assert held == [False, False, False]
+    assert all(p.grad is None for p in module.parameters())
+
+
 def test_mask_truncated_leaves_cut_responses_out_of_the_loss(letters):
     module = letters_grpo(letters, sampling=Sampling(max_new_tokens=2), mask_truncated=True)
     seen = {}

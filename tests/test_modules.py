@@ -87,6 +87,32 @@ def test_gradient_accumulation_matches_one_large_batch():
     assert any(g.abs().max() > 1e-4 for g in big[1].values())  # the gradients are not trivially zero
 
 
+class _GradsAtBatchStart(L.Callback):
+    """Records, at the start of each training batch, whether the policy still holds gradients."""
+
+    def __init__(self):
+        self.held = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.held.append(any(p.grad is not None for p in pl_module.policy.parameters()))
+
+
+def test_gradients_are_freed_after_each_optimizer_step_and_kept_while_accumulating():
+    """Lightning zeroes gradients inside the next step's closure, after its forward pass, which would keep
+    a float32 copy of the weights alive through that forward (docs/performance.md). They are freed at the
+    optimizer step instead; between the batches of an accumulation window they are kept (the accumulation
+    test above checks the values)."""
+    L.seed_everything(0)
+    dm = PreferenceDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", max_length=64,
+                              batch_size=2, shuffle=False)
+    module = DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), segmenter=SampleWiseSegmenter(),
+                       lr=1e-3)
+    tap = _GradsAtBatchStart()
+    L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[tap]).fit(module, datamodule=dm)
+    assert tap.held == [False, True, False, True, False, True]
+
+
 def test_response_logps_equals_full_forward_on_response_tokens(tokenizer):
     from amrlhf.losses import token_logprobs
     from amrlhf.models import load_causal_lm

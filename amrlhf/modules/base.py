@@ -82,6 +82,14 @@ class AlignmentModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next
+        step's closure, after the forward pass, so the last step's gradients (one float32 copy of the
+        trainable weights) would otherwise stay allocated through the next forward, on top of its
+        activations (docs/performance.md, "Gradients")."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def mask_for(self, batch: dict, split: str) -> tuple[Tensor, Segmentation | None]:
         """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
         mask, seg, _ = segment_batch(self, batch, split)

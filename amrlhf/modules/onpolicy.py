@@ -266,11 +266,12 @@ class OnPolicyModule(AlignmentModule):
             for start in range(0, n, size):
                 idx = perm[start:start + size].to(self.device)
                 loss, stats = self.minibatch_loss({k: v[idx] for k, v in roll.items()})
-                opt.zero_grad()
                 self.manual_backward(loss)
                 if self.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                # freed at once: not kept through the next mini-batch's forward or the next rollout
+                opt.zero_grad(set_to_none=True)
                 for key, value in stats.items():
                     acc[key].append(value.detach())
         return {k: torch.stack(v).mean() for k, v in acc.items()}
