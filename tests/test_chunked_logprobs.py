@@ -262,14 +262,16 @@ def test_a_model_with_its_own_logit_processing_falls_back_to_its_forward(caplog)
 
 @pytest.mark.parametrize("chunk", [DEFAULT_LOGITS_CHUNK, 3, 0])
 def test_policy_and_reference_log_probs_are_bit_equal_at_step_zero(chunk, pairs):
-    """The reference uses the module's logits_chunk: at step 0 it computes what the policy computes, bit for bit
-    (DPO's log-ratios are exactly 0)."""
+    """The reference uses the module's logits_chunk (and share_prefix): at step 0 it computes what the policy
+    computes, bit for bit (DPO's log-ratios are exactly 0)."""
     from amrlhf.modules import DPOModule, FrozenReference
 
     m = DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), logits_chunk=chunk)
     m.configure_model()
     m.reference.setup(m)
-    assert torch.equal(lean_forward(m.policy, pairs, chunk_size=chunk).logps, m.reference.logps(m, pairs, "train"))
+    assert m.share_prefix
+    policy = lean_forward(m.policy, pairs, chunk_size=chunk, share_prefix=True).logps
+    assert torch.equal(policy, m.reference.logps(m, pairs, "train"))
 
 
 def test_negative_logits_chunk_is_refused():

@@ -111,7 +111,8 @@ def policy_forward(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor,
 
 
 def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = False, logits_stats: bool = False,
-                 chunk_size: int | None = DEFAULT_LOGITS_CHUNK, all_positions: bool = False) -> ForwardOut:
+                 chunk_size: int | None = DEFAULT_LOGITS_CHUNK, all_positions: bool = False,
+                 share_prefix: bool = False) -> ForwardOut:
     """One forward pass of a causal LM -> ForwardOut (log-probs; entropy, logit means and argmax hits, the
     final hidden state when asked), never holding the [N, K, V] logits (module docstring).
 
@@ -123,6 +124,9 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
             SFT's token accuracy).
         chunk_size: predicted tokens per vocabulary-projection chunk; None or 0: the unchunked path.
         all_positions: every token from the second on, not only from the earliest response token.
+        share_prefix: run the rows of one item (a preference pair) as one packed sequence, their common
+            prefix once (amrlhf.models.shared_prefix), where that runs fewer positions and the model's
+            attention takes a 4D mask; the values agree with the padded batch's to float32 rounding.
     """
     check_logits_chunk(chunk_size)
     ids = batch["input_ids"]
@@ -132,8 +136,16 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
     if parts is None:
         return _unchunked(model, batch, first, hidden=hidden, entropy=entropy, logits_stats=logits_stats)
     decoder, head, softcap = parts
-    h = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
-    x = h[:, first:T - 1].reshape(-1, h.shape[-1])  # [N*(T-1-first), H]: the positions predicting tokens
+    packed = packing_for(decoder, batch) if share_prefix else None
+    if packed is None:
+        h = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        x = h[:, first:T - 1].reshape(-1, h.shape[-1])  # [N*(T-1-first), H]: the positions predicting tokens
+    else:
+        packing, mask4d = packed
+        flat = decoder(input_ids=packing.input_ids, position_ids=packing.position_ids, attention_mask=mask4d,
+                       use_cache=False).last_hidden_state.flatten(0, 1)
+        x = flat.index_select(0, packing.index[:, first:T - 1].reshape(-1))
+        h = flat.index_select(0, packing.index.reshape(-1)).view(ids.shape[0], T, -1) if hidden else None
     labels = ids[:, first + 1:].reshape(-1)
     recompute = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in head.parameters()))
 
@@ -151,6 +163,32 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
     if logits_stats:
         out.logit_mean, out.hits = cols
     return out
+
+
+def packing_for(decoder, batch: dict):
+    """(Packing, the 4D mask in the decoder's form) for the batch's rows of one item, or None where packing
+    cannot serve (no multi-row items; an attention implementation without 4D masks; a sliding window shorter
+    than the batch, which a custom mask would override) or would not run fewer positions."""
+    from amrlhf.models.shared_prefix import attention_mask_for, item_groups, pack
+
+    groups = item_groups(batch)
+    if groups is None:
+        return None
+    config = decoder.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    window = getattr(config, "sliding_window", None)
+    if window and batch["input_ids"].shape[1] > window:
+        return None
+    if implementation not in ("sdpa", "eager"):
+        if implementation not in _fallback_logged:
+            _fallback_logged.add(implementation)
+            log.info("attention %r takes no 4D mask: shared-prefix packing is off (padded rows)", implementation)
+        return None
+    packing = pack(batch["input_ids"], batch["attention_mask"], groups)
+    if packing.positions >= batch["input_ids"].numel():
+        return None
+    dtype = next(decoder.parameters()).dtype
+    return packing, attention_mask_for(packing.allowed, implementation, dtype)
 
 
 def head_chunk(head, softcap: float | None, x: Tensor, labels: Tensor, *, entropy: bool = False,

@@ -38,6 +38,7 @@ class DPOModule(AlignmentModule):
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
+        share_prefix: bool = True,
     ):
         """
         Args:
@@ -52,6 +53,9 @@ class DPOModule(AlignmentModule):
             logits_chunk: predicted tokens per vocabulary-projection chunk, for the policy and the
                 reference (amrlhf.models.forward.lean_forward; docs/performance.md): smaller saves memory,
                 larger launches fewer kernels; 0 or null computes the batch's logits at once.
+            share_prefix: run each pair as one packed sequence, its prompt (and any common start of its two
+                responses) once, for the policy and the reference (amrlhf.models.shared_prefix;
+                docs/performance.md); false: the padded batch. The values agree to float32 rounding.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
                          betas)
@@ -60,6 +64,7 @@ class DPOModule(AlignmentModule):
         self.nll_alpha = nll_alpha
         check_logits_chunk(logits_chunk)
         self.logits_chunk = logits_chunk
+        self.share_prefix = share_prefix
 
     def on_fit_start(self) -> None:
         self.reference.setup(self)
@@ -73,7 +78,8 @@ class DPOModule(AlignmentModule):
     def model_step(self, batch: dict, split: str):
         resp = batch["response_mask"]
         B = batch["index"].shape[0]
-        out = lean_forward(self.policy, batch, logits_stats=True, chunk_size=self.logits_chunk)
+        out = lean_forward(self.policy, batch, logits_stats=True, chunk_size=self.logits_chunk,
+                           share_prefix=self.share_prefix)
         logps = out.logps
         ref = self.reference.logps(self, batch, split)
         mask, seg = self.mask_for(batch, split)

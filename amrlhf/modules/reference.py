@@ -41,15 +41,18 @@ class ReferenceModel(Protocol):
         ...
 
 
-def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK) -> Tensor:
-    """Per-token log-probs [N, T-1] of `model` (lean_forward: logits `chunk_size` tokens at a time)."""
-    return lean_forward(model, batch, chunk_size=chunk_size).logps
+def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK,
+                  share_prefix: bool = False) -> Tensor:
+    """Per-token log-probs [N, T-1] of `model` (lean_forward: logits `chunk_size` tokens at a time; a pair's
+    common prefix once with `share_prefix`)."""
+    return lean_forward(model, batch, chunk_size=chunk_size, share_prefix=share_prefix).logps
 
 
-def logits_chunk(module) -> int | None:
-    """The module's vocabulary-projection chunk (its `logits_chunk`), so the reference's forward pass
-    is computed as the policy's is."""
-    return getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK)
+def module_forward_logps(model, module, batch: dict) -> Tensor:
+    """`forward_logps` with the module's `logits_chunk` and `share_prefix`, so that the reference's forward
+    pass is computed as the policy's is (at step 0 the two agree bit for bit)."""
+    return forward_logps(model, batch, getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK),
+                         getattr(module, "share_prefix", False))
 
 
 class FrozenReference:
@@ -76,7 +79,7 @@ class FrozenReference:
         model = self._model[0]
         if next(model.parameters()).device != module.device:
             model.to(module.device)
-        return forward_logps(model, batch, logits_chunk(module))
+        return module_forward_logps(model, module, batch)
 
 
 class AdapterReference:
@@ -89,7 +92,7 @@ class AdapterReference:
     @torch.no_grad()
     def logps(self, module, batch: dict, split: str) -> Tensor:
         with module.policy.disable_adapter():
-            return forward_logps(module.policy, batch, logits_chunk(module))
+            return module_forward_logps(module.policy, module, batch)
 
 
 class CachedReference:
