@@ -3,9 +3,11 @@
 Same model, same preference pairs (HaluEval dialogue when prepared, else tiny-arith), same batch,
 same reference mode (a frozen reference model), no gradient checkpointing, fp32 on CPU. Each
 (implementation, model) runs in its own process, so peak RSS is its own; implementations alternate
-so that machine noise hits both. Prints s/step, tokens/s, peak RSS (and RSS right after imports) and the ratios ours/TRL.
+so that machine noise hits both. Prints s/step, tokens/s, peak RSS (and RSS right after imports) and the ratios
+to TRL. `ours` is DPOModule's defaults (shared-prefix packing on); `ours-padded` the same with
+`share_prefix=False` (the padded batch, as TRL runs it).
 
-    python benchmarks/bench_dpo.py [--models tiny smollm2] [--steps 4] [--warmup 2] [--batch 2]
+    python benchmarks/bench_dpo.py [--models tiny smollm2] [--impls ours ours-padded trl] [--steps 4] [--warmup 2]
 Needs: `pip install -c constraints.txt -e .[compare]` (trl) and `amrlhf prepare` for the models.
 """
 
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 
+IMPLS = ("ours", "ours-padded", "trl")
 MODELS = {
     "tiny": ("local:tiny-llama", "local:tiny-arith/prefs_train", 64),
     "smollm2": ("local:smollm2-135m-instruct", "local:halueval_dialogue/train", 256),
@@ -41,7 +44,8 @@ def _tokens(enc) -> int:
     return sum(2 * len(e.prompt_ids) + sum(map(len, e.responses)) for e in enc)
 
 
-def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int) -> dict:
+def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int,
+             share_prefix: bool = True) -> dict:
     import lightning as L
     import torch
 
@@ -53,7 +57,7 @@ def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, war
     tok, _, enc = _pairs(model, data, max_length, batch * (steps + warmup))
     torch.manual_seed(0)
     module = DPOModule(ModelSpec(model, dtype="float32"), reference=FrozenReference(),
-                       segmenter=SampleWiseSegmenter(), lr=1e-6)
+                       segmenter=SampleWiseSegmenter(), lr=1e-6, share_prefix=share_prefix)
     loader = torch.utils.data.DataLoader(enc, batch_size=batch, collate_fn=Collator(tok.pad_token_id))
     times = []
 
@@ -111,13 +115,13 @@ def child(impl: str, name: str, args) -> None:
 
     torch.set_num_threads(args.threads)
     model, data, max_length = MODELS[name]
-    fn = run_ours if impl == "ours" else run_trl
-    if impl == "ours":
-        import amrlhf.modules  # noqa: F401
-    else:
+    if impl == "trl":
         from trl import DPOConfig, DPOTrainer  # noqa: F401  (trl imports lazily)
+    else:
+        import amrlhf.modules  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = fn(model, data, max_length, args.batch, args.steps, args.warmup)
+    run = (lambda *a: run_ours(*a, share_prefix=impl == "ours")) if impl != "trl" else run_trl
+    out = run(model, data, max_length, args.batch, args.steps, args.warmup)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["import_rss_mb"] = baseline
     print("RESULT " + json.dumps(out))
@@ -126,6 +130,7 @@ def child(impl: str, name: str, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=list(MODELS))
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
@@ -138,7 +143,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         res = {}
-        for impl in ("ours", "trl"):
+        for impl in args.impls:
             cmd = [sys.executable, __file__, "--child", impl, name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -151,20 +156,23 @@ def main() -> None:
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.threads} threads")
-    print(f"{'model':10s}{'impl':6s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}")
+    print(f"{'model':10s}{'impl':13s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}")
     for name, res in rows:
         for impl, r in res.items():
             if r is None:
-                print(f"{name:10s}{impl:6s}{'failed':>10s}")
+                print(f"{name:10s}{impl:13s}{'failed':>10s}")
                 continue
             sps = sum(r["times"]) / len(r["times"])
             r["sps"] = sps
-            print(f"{name:10s}{impl:6s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}"
+            print(f"{name:10s}{impl:13s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}"
                   f"{r['import_rss_mb']:15.0f}")
-        if res.get("ours") and res.get("trl"):
-            print(f"{name:10s}{'ratio ours/TRL':16s}  time {res['ours']['sps'] / res['trl']['sps']:.2f}   "
-                  f"peak RSS {res['ours']['peak_rss_mb'] / res['trl']['peak_rss_mb']:.2f}   peak RSS above imports "
-                  f"{(res['ours']['peak_rss_mb'] - res['ours']['import_rss_mb']) / (res['trl']['peak_rss_mb'] - res['trl']['import_rss_mb']):.2f}")
+        trl = res.get("trl")
+        for impl in ("ours", "ours-padded"):
+            r = res.get(impl)
+            if r and trl:
+                above = (r["peak_rss_mb"] - r["import_rss_mb"]) / (trl["peak_rss_mb"] - trl["import_rss_mb"])
+                print(f"{name:10s}{impl + '/TRL':20s}time {r['sps'] / trl['sps']:.2f}   peak RSS "
+                      f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}   peak RSS above imports {above:.2f}")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def test_policy_and_reference_log_probs_are_bit_equal_at_step_zero(chunk, pairs)
     m.configure_model()
     m.reference.setup(m)
     assert m.share_prefix
-    policy = lean_forward(m.policy, pairs, chunk_size=chunk, share_prefix=True).logps
+    policy = lean_forward(m.policy, pairs, **m.forward_options()).logps
     assert torch.equal(policy, m.reference.logps(m, pairs, "train"))
 
 

@@ -99,9 +99,10 @@ def batches(tokenizer) -> dict:
     return {"pairs": collate(items), "shared_start": collate(shared), "three": collate(three)}
 
 
-def _values_and_grads(model, batch, share: bool):
+def _values_and_grads(model, batch, share: bool, responses_only: bool = False):
     model.zero_grad(set_to_none=True)
-    out = lean_forward(model, batch, entropy=True, logits_stats=True, hidden=True, chunk_size=5, share_prefix=share)
+    out = lean_forward(model, batch, entropy=True, logits_stats=True, hidden=True, chunk_size=5, share_prefix=share,
+                       responses_only=responses_only)
     resp = batch["response_mask"]
     loss = (out.logps * resp).sum() + 0.1 * (out.entropy * resp).sum()
     loss.backward()
@@ -135,6 +136,25 @@ def test_packed_forward_equals_the_padded_batch(lora, gc, attn, name, batches):
     for key, g in ref_grads.items():
         assert (grads[key] - g).norm() <= 1e-5 * g.norm() + 1e-9, key
     assert torch.isfinite(out.hidden).all()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["padded", "packed"])
+def test_responses_only_projects_the_response_tokens_alone(share, batches):
+    """The same values on response tokens, zeros elsewhere (the full projection has other rows' prompt tokens
+    and padding after the earliest response token), the same gradients."""
+    batch = batches["pairs"]
+    model = _model()
+    ref, ref_grads = _values_and_grads(model, batch, share=False)
+    out, grads = _values_and_grads(model, batch, share=share, responses_only=True)
+    resp = batch["response_mask"].bool()
+    first = int(resp.any(0).float().argmax())
+    assert ref.logps[:, first:][~resp[:, first:]].abs().sum() > 0  # the full projection computed them
+    for a, b in ((out.logps, ref.logps), (out.entropy, ref.entropy), (out.logit_mean, ref.logit_mean)):
+        torch.testing.assert_close(a[resp], b[resp], rtol=0, atol=1e-5)
+        assert not a[~resp].any()
+    assert torch.equal(out.hits[resp], ref.hits[resp])
+    for key, g in ref_grads.items():
+        assert (grads[key] - g).norm() <= 1e-5 * g.norm() + 1e-9, key
 
 
 def test_packing_is_off_where_it_cannot_serve(batches, caplog):

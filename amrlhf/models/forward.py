@@ -112,7 +112,7 @@ def policy_forward(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor,
 
 def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = False, logits_stats: bool = False,
                  chunk_size: int | None = DEFAULT_LOGITS_CHUNK, all_positions: bool = False,
-                 share_prefix: bool = False) -> ForwardOut:
+                 share_prefix: bool = False, responses_only: bool = False) -> ForwardOut:
     """One forward pass of a causal LM -> ForwardOut (log-probs; entropy, logit means and argmax hits, the
     final hidden state when asked), never holding the [N, K, V] logits (module docstring).
 
@@ -127,6 +127,8 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
         share_prefix: run the rows of one item (a preference pair) as one packed sequence, their common
             prefix once (amrlhf.models.shared_prefix), where that runs fewer positions and the model's
             attention takes a 4D mask; the values agree with the padded batch's to float32 rounding.
+        responses_only: project only the response tokens onto the vocabulary (not the other rows' prompt
+            tokens or padding after the earliest response token); every value outside `response_mask` is 0.
     """
     check_logits_chunk(chunk_size)
     ids = batch["input_ids"]
@@ -136,17 +138,26 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
     if parts is None:
         return _unchunked(model, batch, first, hidden=hidden, entropy=entropy, logits_stats=logits_stats)
     decoder, head, softcap = parts
+    # which of the N x (T-1-first) positions from `first` on are projected (None: all of them)
+    keep = batch["response_mask"][:, first:].reshape(-1).nonzero().squeeze(-1) if responses_only else None
+    if keep is not None and keep.numel() == 0:
+        keep = None
     packed = packing_for(decoder, batch) if share_prefix else None
     if packed is None:
         h = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         x = h[:, first:T - 1].reshape(-1, h.shape[-1])  # [N*(T-1-first), H]: the positions predicting tokens
+        if keep is not None:
+            x = x.index_select(0, keep)
     else:
         packing, mask4d = packed
         flat = decoder(input_ids=packing.input_ids, position_ids=packing.position_ids, attention_mask=mask4d,
                        use_cache=False).last_hidden_state.flatten(0, 1)
-        x = flat.index_select(0, packing.index[:, first:T - 1].reshape(-1))
+        where = packing.index[:, first:T - 1].reshape(-1)
+        x = flat.index_select(0, where if keep is None else where[keep])
         h = flat.index_select(0, packing.index.reshape(-1)).view(ids.shape[0], T, -1) if hidden else None
     labels = ids[:, first + 1:].reshape(-1)
+    if keep is not None:
+        labels = labels[keep]
     recompute = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in head.parameters()))
 
     def project(xc: Tensor, yc: Tensor) -> tuple[Tensor, ...]:
@@ -156,7 +167,14 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
     for s in range(0, x.shape[0], chunk_size):
         xc, yc = x[s:s + chunk_size], labels[s:s + chunk_size]
         pieces.append(checkpoint(project, xc, yc, use_reentrant=False) if recompute else project(xc, yc))
-    cols = [token_layout(torch.cat(p).view(ids.shape[0], -1), T) for p in zip(*pieces, strict=True)]
+    width = ids.shape[0] * (T - 1 - first)
+
+    def layout(values: Tensor) -> Tensor:
+        if keep is not None:  # zeros where nothing was projected
+            values = values.new_zeros(width).index_copy(0, keep, values)
+        return token_layout(values.view(ids.shape[0], -1), T)
+
+    cols = [layout(torch.cat(p)) for p in zip(*pieces, strict=True)]
     out = ForwardOut(cols.pop(0), hidden=h if hidden else None)
     if entropy:
         out.entropy = cols.pop(0)

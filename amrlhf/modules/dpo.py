@@ -66,6 +66,12 @@ class DPOModule(AlignmentModule):
         self.logits_chunk = logits_chunk
         self.share_prefix = share_prefix
 
+    def forward_options(self) -> dict:
+        """How the policy's forward pass runs, and so the reference's (at step 0 they agree bit for bit):
+        the vocabulary projection `logits_chunk` tokens at a time and for response tokens only (DPO reads
+        nothing else), each pair packed when `share_prefix`."""
+        return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
+
     def on_fit_start(self) -> None:
         self.reference.setup(self)
         super().on_fit_start()
@@ -78,11 +84,12 @@ class DPOModule(AlignmentModule):
     def model_step(self, batch: dict, split: str):
         resp = batch["response_mask"]
         B = batch["index"].shape[0]
-        out = lean_forward(self.policy, batch, logits_stats=True, chunk_size=self.logits_chunk,
-                           share_prefix=self.share_prefix)
-        logps = out.logps
+        # the frozen passes (reference, scorer) first: their transient buffers are freed before the policy's
+        # activations are allocated, not on top of them (docs/performance.md)
         ref = self.reference.logps(self, batch, split)
         mask, seg = self.mask_for(batch, split)
+        out = lean_forward(self.policy, batch, logits_stats=True, **self.forward_options())
+        logps = out.logps
         d = masked_sum(logps - ref, mask)
         n = mask.sum(-1)
         loss = self.loss_fn.loss(d[:B], d[B:], n[:B], n[B:])

@@ -41,18 +41,17 @@ class ReferenceModel(Protocol):
         ...
 
 
-def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK,
-                  share_prefix: bool = False) -> Tensor:
-    """Per-token log-probs [N, T-1] of `model` (lean_forward: logits `chunk_size` tokens at a time; a pair's
-    common prefix once with `share_prefix`)."""
-    return lean_forward(model, batch, chunk_size=chunk_size, share_prefix=share_prefix).logps
+def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK) -> Tensor:
+    """Per-token log-probs [N, T-1] of `model` (lean_forward: logits `chunk_size` tokens at a time)."""
+    return lean_forward(model, batch, chunk_size=chunk_size).logps
 
 
 def module_forward_logps(model, module, batch: dict) -> Tensor:
-    """`forward_logps` with the module's `logits_chunk` and `share_prefix`, so that the reference's forward
-    pass is computed as the policy's is (at step 0 the two agree bit for bit)."""
-    return forward_logps(model, batch, getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK),
-                         getattr(module, "share_prefix", False))
+    """Per-token log-probs of `model` computed as the module's policy computes its own (its
+    `forward_options()`, else its `logits_chunk`), so that at step 0 the two agree bit for bit."""
+    if hasattr(module, "forward_options"):
+        return lean_forward(model, batch, **module.forward_options()).logps
+    return forward_logps(model, batch, getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK))
 
 
 class FrozenReference:
