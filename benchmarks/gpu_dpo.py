@@ -6,7 +6,10 @@ same token ids for both), bf16 autocast over float32 master weights, a frozen re
 gradient clipping at 1.0, 3 warm-up + 10 timed steps. Rows, implementations alternating:
   DPO ours / TRL with gradient checkpointing off, then on;
   AM-DPO cached (reward-model scores computed once before training: CachedScorer) and AM-DPO online (a
-  reward-model forward every step; the reward model is the policy's folder with a fresh head), ours only.
+  reward-model forward every step; the reward model is the policy's folder with a fresh head), ours only;
+  DPO padded: ours without shared-prefix packing (each prompt run twice), the last row.
+Our packed rows compute pairs x (prompt + 2 x response) positions: their MFU counts those, their tokens/s every
+token of both rows, as TRL's does.
 Ours: amrlhf's DPOModule through Lightning (`precision="bf16-mixed"`). TRL: trl.DPOTrainer (`bf16=True`) on the
 same ids (pre-tokenized: its dataset preparation is skipped). Options for both sides, named in the table's
 header: --compile (torch.compile of each decoder layer), --fused-adamw, --cached-ref (reference log-probs
@@ -54,6 +57,7 @@ from gpu_common import (  # noqa: E402
     compile_layers,
     find_trl,
     import_trl,
+    mfu,
     peak_flops,
     ratios,
     synthetic_pairs,
@@ -63,7 +67,7 @@ from gpu_common import (  # noqa: E402
 log = logging.getLogger("gpu_dpo")
 LR = 1e-6
 ROWS = (("DPO", "ours", False), ("DPO", "TRL", False), ("DPO", "ours", True), ("DPO", "TRL", True),
-        ("AM-DPO cached", "ours", False), ("AM-DPO online", "ours", False))
+        ("AM-DPO cached", "ours", False), ("AM-DPO online", "ours", False), ("DPO padded", "ours", False))
 DRY_RUN = dict(shape="tiny", pairs=2, prompt=32, response=32, warmup=1, steps=1)
 
 
@@ -170,8 +174,10 @@ def run_ours(variant: str, gc_on: bool, ctx, clock: StepClock):
     from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter
 
     a = ctx.args
-    kw = {"segmenter": SampleWiseSegmenter()}
-    if variant != "DPO":
+    # "DPO padded": without shared-prefix packing (each pair's prompt run twice, rows padded; a dense 4D mask
+    # keeps SDPA off its flash kernel, so packing can lose on a GPU: docs/performance.md)
+    kw = {"segmenter": SampleWiseSegmenter(), "share_prefix": variant != "DPO padded"}
+    if variant.startswith("AM-DPO"):
         scorer = RewardModelScorer(ModelSpec(ctx.policy, dtype="bfloat16"))
         if variant == "AM-DPO cached":
             scorer = CachedScorer(scorer, cache=os.path.join(ctx.root, "scores"))
@@ -262,7 +268,14 @@ def run_row(variant: str, impl: str, gc_on: bool, ctx) -> dict:
     clock = StepClock(ctx.args.warmup, ctx.args.row_seconds)
     try:
         loss = (run_trl if impl == "TRL" else run_ours)(variant, gc_on, ctx, clock)
-        return clock.result(ctx.tokens, ctx.params, ctx.peak, loss)
+        row = clock.result(ctx.tokens, ctx.params, ctx.peak, loss)
+        if impl == "ours" and variant != "DPO padded" and "s_per_step" in row:
+            # packed pairs run each prompt once: tokens/s counts every token of both rows (the work done for the
+            # user, as TRL's row counts it), MFU only the positions computed
+            a = ctx.args
+            row["computed_tokens_per_step"] = a.pairs * (a.prompt + 2 * a.response)
+            row["mfu"] = mfu(ctx.params, row["computed_tokens_per_step"], row["s_per_step"], ctx.peak)
+        return row
     except Exception as exc:  # one row's failure must not cost the others
         log.exception("%s / %s failed", variant, impl)
         return {"not_run": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}

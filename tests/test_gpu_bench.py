@@ -101,7 +101,7 @@ def test_dry_run_of_our_rows(tmp_path, capsys):
     result = _dry_run(tmp_path, "--no-trl")
     ours = [r for r in result["rows"] if r["impl"] == "ours"]
     assert [(r["variant"], r["gc"]) for r in ours] == [("DPO", False), ("DPO", True), ("AM-DPO cached", False),
-                                                       ("AM-DPO online", False)]
+                                                       ("AM-DPO online", False), ("DPO padded", False)]
     for r in ours:
         assert "not_run" not in r, r
         assert r["timed_steps"] == 1 and r["s_per_step"] > 0 and r["loss_finite"] and 0 < r["mfu"]
