@@ -122,6 +122,7 @@ def bench_module(fused: bool, compiled: bool):
 
     class BenchDPO(DPOModule):
         last_loss = None
+        packed = None
 
         def load_policy(self):
             model = super().load_policy()
@@ -143,6 +144,11 @@ def bench_module(fused: bool, compiled: bool):
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], gradient_clip_val)
 
         def training_step(self, batch, batch_idx):
+            if self.packed is None:  # whether shared-prefix packing served (it falls back by itself)
+                from amrlhf.models.forward import lm_parts, packing_for
+
+                parts = lm_parts(self.policy)
+                self.packed = bool(self.share_prefix and parts and packing_for(parts[0], batch) is not None)
             loss = super().training_step(batch, batch_idx)
             self.last_loss = loss.detach()
             return loss
@@ -201,6 +207,7 @@ def run_ours(variant: str, gc_on: bool, ctx, clock: StepClock):
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[Timer()])
     trainer.fit(module, datamodule=bench_data(ctx.examples, ctx.tokenizer, a.pairs))
+    ctx.packed = bool(module.packed)
     return module.last_loss
 
 
@@ -266,10 +273,11 @@ def release(compiled: bool) -> None:
 def run_row(variant: str, impl: str, gc_on: bool, ctx) -> dict:
     """One row's measurements, or {"not_run": why} when it failed (out of memory, an API change)."""
     clock = StepClock(ctx.args.warmup, ctx.args.row_seconds)
+    ctx.packed = False
     try:
         loss = (run_trl if impl == "TRL" else run_ours)(variant, gc_on, ctx, clock)
         row = clock.result(ctx.tokens, ctx.params, ctx.peak, loss)
-        if impl == "ours" and variant != "DPO padded" and "s_per_step" in row:
+        if ctx.packed and "s_per_step" in row:
             # packed pairs run each prompt once: tokens/s counts every token of both rows (the work done for the
             # user, as TRL's row counts it), MFU only the positions computed
             a = ctx.args

@@ -102,6 +102,7 @@ def test_dry_run_of_our_rows(tmp_path, capsys):
     ours = [r for r in result["rows"] if r["impl"] == "ours"]
     assert [(r["variant"], r["gc"]) for r in ours] == [("DPO", False), ("DPO", True), ("AM-DPO cached", False),
                                                        ("AM-DPO online", False), ("DPO padded", False)]
+    assert [r.get("computed_tokens_per_step") for r in ours] == [2 * (32 + 2 * 32)] * 4 + [None]  # packed, padded
     for r in ours:
         assert "not_run" not in r, r
         assert r["timed_steps"] == 1 and r["s_per_step"] > 0 and r["loss_finite"] and 0 < r["mfu"]

@@ -109,6 +109,48 @@ def test_lora_policy_with_adapter_reference_and_a_critic_on_its_own_backbone(let
     assert not any(n.startswith("policy.") and "lora_" not in n for n in changed)  # frozen base
 
 
+def test_a_critic_on_its_own_backbone_runs_after_the_policy_loss_is_backpropagated(letters, monkeypatch):
+    """The two backbones' activations never coexist: the critic's training forward starts once the policy's
+    gradients exist; and the split backward trains exactly as one backward of the summed loss."""
+    model = str(letters[0])
+
+    def build():
+        torch.manual_seed(0)
+        return letters_ppo(letters, critic=ValueModel(ModelSpec(model)), ppo_epochs=1)
+
+    split = build()
+    seen = []
+    values = ValueModel.values
+
+    def spy(self, batch, hidden):
+        if torch.is_grad_enabled():  # a training forward, not the rollout's old values
+            seen.append(all(p.grad is not None for p in split.policy.parameters() if p.requires_grad))
+        return values(self, batch, hidden)
+
+    monkeypatch.setattr(ValueModel, "values", spy)
+    fit(split, letters, rollouts=2)
+    assert seen and all(seen)
+    monkeypatch.setattr(ValueModel, "values", values)
+
+    summed = build()
+    parts = summed.minibatch_parts
+
+    def one_backward(mb):  # both parts computed first, then their sum backpropagated once
+        losses, stats = zip(*parts(mb), strict=True)
+        yield sum(losses), {k: v for s in stats for k, v in s.items()}
+
+    monkeypatch.setattr(summed, "minibatch_parts", one_backward)
+    fit(summed, letters, rollouts=2)
+    start = build()
+    start.configure_model()
+    a, b, before = dict(split.named_parameters()), dict(summed.named_parameters()), dict(start.named_parameters())
+    assert a.keys() == b.keys() == before.keys()
+    for name, p in a.items():
+        torch.testing.assert_close(p, b[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a["critic.model.score.weight"], before["critic.model.score.weight"])  # both trained
+    assert any(not torch.equal(p, before[n]) for n, p in a.items() if n.startswith("policy."))
+
+
 def test_rollout_keeps_eos_flags_and_masks_right(letters):
     from amrlhf.models import load_causal_lm, load_tokenizer
 

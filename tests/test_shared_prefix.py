@@ -51,6 +51,37 @@ def test_pack_pads_groups_and_a_padding_token_sees_only_itself():
     assert p.allowed[1, 0, 2].tolist() == [True, False, True, False]  # 6 sees 1 and itself, not 5
 
 
+def test_packed_attention_is_each_rows_own_on_random_layouts():
+    """Brute force over random batches (left and right padding, gaps in the mask, empty rows, rows equal to
+    each other, groups of 1-3): every valid (row, column) reads its own token at its own position, and may
+    attend exactly the packed places of its row's valid columns k <= q."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n_items, k = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        T = int(torch.randint(1, 9, (1,), generator=g))
+        N = n_items * k
+        ids = torch.randint(1, 4, (N, T), generator=g)  # a small vocabulary: long common prefixes happen
+        mask = (torch.rand(N, T, generator=g) > 0.2).long()
+        for r in range(N):  # some rows start like their group's first row
+            if r >= n_items and torch.rand(1, generator=g) < 0.5:
+                ids[r], mask[r] = ids[r % n_items], mask[r % n_items]
+        groups = [[j * n_items + i for j in range(k)] for i in range(n_items)]
+        p = pack(ids, mask, groups)
+        flat_ids, flat_pos = p.input_ids.reshape(-1), p.position_ids.reshape(-1)
+        allowed = p.allowed[:, 0]
+        L = p.input_ids.shape[1]
+        for r in range(N):
+            for q in range(T):
+                if not mask[r, q]:
+                    continue
+                at = int(p.index[r, q])
+                assert flat_ids[at] == ids[r, q] and flat_pos[at] == q
+                grp, lq = divmod(at, L)
+                want = {int(p.index[r, c]) % L for c in range(q + 1) if mask[r, c]}
+                got = set(allowed[grp, lq].nonzero().squeeze(-1).tolist())
+                assert got == want, (ids, mask, r, q)
+
+
 def test_common_prefix_stops_at_a_differing_token_mask_or_the_shortest_row():
     ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 9, 3, 4]])
     assert common_prefix(ids, torch.ones_like(ids), [0, 1]) == 4  # identical rows: all of them

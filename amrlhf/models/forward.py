@@ -128,7 +128,9 @@ def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = Fa
             prefix once (amrlhf.models.shared_prefix), where that runs fewer positions and the model's
             attention takes a 4D mask; the values agree with the padded batch's to float32 rounding.
         responses_only: project only the response tokens onto the vocabulary (not the other rows' prompt
-            tokens or padding after the earliest response token); every value outside `response_mask` is 0.
+            tokens or padding after the earliest response token); every value outside `response_mask` is then
+            0 (a batch without response tokens projects every position as without it). `share_prefix` and
+            `responses_only` apply to the lean path; the unchunked path ignores both.
     """
     check_logits_chunk(chunk_size)
     ids = batch["input_ids"]
@@ -203,7 +205,7 @@ def packing_for(decoder, batch: dict):
             log.info("attention %r takes no 4D mask: shared-prefix packing is off (padded rows)", implementation)
         return None
     packing = pack(batch["input_ids"], batch["attention_mask"], groups)
-    if packing.positions >= batch["input_ids"].numel():
+    if not 0 < packing.positions < batch["input_ids"].numel():
         return None
     dtype = next(decoder.parameters()).dtype
     return packing, attention_mask_for(packing.allowed, implementation, dtype)

@@ -20,6 +20,7 @@ import logging
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -253,6 +254,12 @@ class OnPolicyModule(AlignmentModule):
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def minibatch_parts(self, mb: dict) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """The mini-batch's loss as parts, each backpropagated before the next is computed (their sum is the
+        loss; their gradients add up). One part by default; PPO with a critic on its own backbone yields the
+        policy's and the critic's, so that the two backbones' activations never coexist."""
+        yield self.minibatch_loss(mb)
+
     def optimise(self, roll: dict) -> dict[str, Tensor]:
         """`epochs` passes over the rollout in shuffled mini-batches (order seeded from the rollout
         number), one optimizer step each. -> the mean of each mini-batch statistic."""
@@ -265,8 +272,10 @@ class OnPolicyModule(AlignmentModule):
             perm = torch.randperm(n, generator=order)
             for start in range(0, n, size):
                 idx = perm[start:start + size].to(self.device)
-                loss, stats = self.minibatch_loss({k: v[idx] for k, v in roll.items()})
-                self.manual_backward(loss)
+                stats = {}
+                for loss, part_stats in self.minibatch_parts({k: v[idx] for k, v in roll.items()}):
+                    self.manual_backward(loss)
+                    stats.update(part_stats)
                 if self.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()

@@ -13,6 +13,7 @@ on-policy module's (amrlhf/modules/onpolicy.py), shared with GRPO; this file add
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -167,16 +168,35 @@ class PPOModule(OnPolicyModule):
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss (mean over response_mask * m) + vf_coef x clipped value loss."""
-        logps, entropy, values = self.forward_all(mb, entropy=True)
+        parts = list(self.minibatch_parts(mb))
+        return sum(loss for loss, _ in parts), {k: v for _, stats in parts for k, v in stats.items()}
+
+    def minibatch_parts(self, mb: dict) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """The policy loss and vf_coef x the value loss: one part with the shared value head (one backbone,
+        one backward), else two, the policy's backpropagated before the critic's forward runs. No parameter
+        is in both, so the gradients are those of the sum; the peak holds one backbone's activations."""
+        shared = self.critic.shares_policy
+        out = lean_forward(self.policy, mb, hidden=shared, entropy=True, chunk_size=self.logits_chunk)
         resp = mb["response_mask"]
-        pg, pstats = policy_loss(logps, mb["old_logps"], mb["advantages"], mb["actor_mask"], self.cliprange)
+        pg, pstats = policy_loss(out.logps, mb["old_logps"], mb["advantages"], mb["actor_mask"], self.cliprange)
+        stats = {"policy/entropy_avg": masked_mean(out.entropy.detach(), resp), "loss/policy_avg": pg.detach()}
+        if not shared:
+            yield pg, self._averaged(stats, pstats)
+            stats = {}
+        values = self.critic.values(mb, out.hidden)
         vf, vstats = value_loss(values[:, :-1], mb["old_values"], mb["returns"], resp, self.cliprange_value)
-        with torch.no_grad():
-            stats = {"policy/entropy_avg": masked_mean(entropy.detach(), resp), "loss/policy_avg": pg.detach(),
-                     "loss/value_avg": vf.detach()}
-        for key, value in {**pstats, **vstats}.items():
+        stats["loss/value_avg"] = vf.detach()
+        if shared:
+            yield pg + self.vf_coef * vf, self._averaged(stats, {**pstats, **vstats})
+        else:
+            yield self.vf_coef * vf, self._averaged(stats, vstats)
+
+    @staticmethod
+    def _averaged(stats: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """TRL's names: the loss functions' statistics with `_avg` (the ratio's is `val/ratio`)."""
+        for key, value in parts.items():
             stats[key if key == "val/ratio" else f"{key}_avg"] = value
-        return pg + self.vf_coef * vf, stats
+        return stats
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int):
