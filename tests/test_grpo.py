@@ -175,6 +175,29 @@ def test_gradients_are_freed_after_every_mini_batch_step(letters):
     assert all(p.grad is None for p in module.parameters())
 
 
+def test_a_prompts_responses_are_packed_in_the_policys_forward_passes(letters, monkeypatch):
+    """share_prefix (the default): the old-log-prob pass and the training forward pack each prompt's rows
+    (the letters model is a Llama: the lean path); false: never."""
+    from amrlhf.models import forward
+
+    for share in (True, False):
+        calls = []
+        real = forward.packing_for
+
+        def spy(decoder, batch, calls=calls, real=real):
+            out = real(decoder, batch)
+            calls.append((torch.is_grad_enabled(), out is not None))
+            return out
+
+        monkeypatch.setattr(forward, "packing_for", spy)
+        fit(letters_grpo(letters, share_prefix=share), letters, rollouts=2)
+        monkeypatch.setattr(forward, "packing_for", real)
+        if share:
+            assert any(g and p for g, p in calls) and any(not g and p for g, p in calls)
+        else:
+            assert calls == []
+
+
 def test_mask_truncated_leaves_cut_responses_out_of_the_loss(letters):
     module = letters_grpo(letters, sampling=Sampling(max_new_tokens=2), mask_truncated=True)
     seen = {}

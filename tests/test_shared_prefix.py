@@ -18,7 +18,7 @@ import torch
 from amrlhf.data import Collator, encode_examples, read_examples
 from amrlhf.models import LoraSpec, ModelSpec, load_causal_lm
 from amrlhf.models.forward import lean_forward, packing_for
-from amrlhf.models.shared_prefix import attention_mask_for, common_prefix, item_groups, pack
+from amrlhf.models.shared_prefix import attention_mask_for, bounded, common_prefix, item_groups, pack
 
 
 def test_pack_by_hand():
@@ -97,6 +97,18 @@ def test_item_groups_follow_the_collator_layout():
     assert item_groups({"input_ids": ids, "index": torch.arange(2)}) == [[0, 2, 4], [1, 3, 5]]
     assert item_groups({"input_ids": ids, "index": torch.arange(6)}) is None  # one row per item (SFT)
     assert item_groups({"input_ids": ids}) is None
+    # a rollout: one index per row, a prompt's rows anywhere (a shuffled mini-batch)
+    assert item_groups({"input_ids": ids, "index": torch.tensor([7, 3, 7, 7, 3, 9])}) == [[0, 2, 3], [1, 4], [5]]
+
+
+def test_a_group_too_long_to_pack_whole_is_split_into_runs():
+    """Prompt of 2 tokens, responses of 3: a run of k rows packs to 2 + 3k positions."""
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 6, 7, 8], [1, 2, 9, 9, 9], [1, 2, 5, 5, 5]])
+    mask = torch.ones_like(ids)
+    assert bounded(ids, mask, [0, 1, 2, 3], 14) == [[0, 1, 2, 3]]
+    assert bounded(ids, mask, [0, 1, 2, 3], 11) == [[0, 1, 2], [3]]
+    assert bounded(ids, mask, [0, 1, 2, 3], 8) == [[0, 1], [2, 3]]
+    assert bounded(ids, mask, [0, 1, 2, 3], 3) == [[0], [1], [2], [3]]  # a run of one may be longer
 
 
 def test_eager_mask_is_additive():
@@ -167,6 +179,38 @@ def test_packed_forward_equals_the_padded_batch(lora, gc, attn, name, batches):
     for key, g in ref_grads.items():
         assert (grads[key] - g).norm() <= 1e-5 * g.norm() + 1e-9, key
     assert torch.isfinite(out.hidden).all()
+
+
+def test_a_left_padded_rollout_packs_by_its_row_index(tokenizer):
+    """GRPO's layout: prompts left-padded to one width, responses after them right-padded, `index` per row;
+    two prompts x three responses, rows shuffled as in a mini-batch."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts = [torch.randint(5, vocab, (n,), generator=g) for n in (6, 9)]
+    width, R = 9, 5
+    rows, order = [], [0, 1, 0, 1, 1, 0]
+    for i, item in enumerate(order):
+        n_resp = 2 + i % 3
+        row = torch.zeros(width + R, dtype=torch.long)
+        mask = torch.zeros(width + R, dtype=torch.long)
+        row[width - len(prompts[item]):width], mask[width - len(prompts[item]):width] = prompts[item], 1
+        row[width:width + n_resp] = torch.randint(5, vocab, (n_resp,), generator=g)
+        mask[width:width + n_resp] = 1
+        rows.append((row, mask))
+    ids, attn = torch.stack([r for r, _ in rows]), torch.stack([m for _, m in rows])
+    resp = torch.zeros(len(rows), width + R - 1)
+    resp[:, width - 1:] = attn[:, width:]
+    batch = {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "index": torch.tensor(order)}
+    packed = packing_for(model.model, batch)
+    assert packed is not None and packed[0].input_ids.shape[0] == 2  # one packed sequence per prompt
+    ref, ref_grads = _values_and_grads(model, batch, share=False)
+    out, grads = _values_and_grads(model, batch, share=True, responses_only=True)
+    m = resp.bool()
+    torch.testing.assert_close(out.logps[m], ref.logps[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.entropy[m], ref.entropy[m], rtol=0, atol=1e-5)
+    for key, g_ref in ref_grads.items():
+        assert (grads[key] - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-9, key
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["padded", "packed"])

@@ -189,7 +189,7 @@ def packing_for(decoder, batch: dict):
     """(Packing, the 4D mask in the decoder's form) for the batch's rows of one item, or None where packing
     cannot serve (no multi-row items; an attention implementation without 4D masks; a sliding window shorter
     than the batch, which a custom mask would override) or would not run fewer positions."""
-    from amrlhf.models.shared_prefix import attention_mask_for, item_groups, pack
+    from amrlhf.models.shared_prefix import attention_mask_for, bounded, item_groups, pack
 
     groups = item_groups(batch)
     if groups is None:
@@ -204,7 +204,9 @@ def packing_for(decoder, batch: dict):
             _fallback_logged.add(implementation)
             log.info("attention %r takes no 4D mask: shared-prefix packing is off (padded rows)", implementation)
         return None
-    packing = pack(batch["input_ids"], batch["attention_mask"], groups)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    runs = [run for rows in groups for run in bounded(ids, mask, rows, 2 * ids.shape[1])]
+    packing = pack(ids, mask, runs)
     if not 0 < packing.positions < batch["input_ids"].numel():
         return None
     dtype = next(decoder.parameters()).dtype

@@ -17,6 +17,9 @@ saves is the prefix's repeats and the padding: for DPO, 2 x (prompt + longest re
 become prompt + chosen + rejected. Attention then runs over the packed length, with a dense mask, so
 packing is used only where it runs fewer positions than the padded batch. docs/performance.md.
 
+A group is packed whole while its packed length stays within twice the padded row length (always, for a
+pair); a larger group (GRPO's G responses to one prompt) is split into runs that fit (`bounded`).
+
 Pure functions of token ids and masks; `lean_forward(..., share_prefix=True)` uses them.
 """
 
@@ -44,15 +47,37 @@ class Packing:
 
 
 def item_groups(batch: dict) -> list[list[int]] | None:
-    """Rows that share a prompt: a preference batch holds block k of item i at row k * B + i (the Collator's
-    layout, B = len(batch["index"])). None where the layout has one row per item (nothing to share)."""
+    """Rows that share a prompt. A preference batch holds block k of item i at row k * B + i (the Collator's
+    layout, B = len(batch["index"])); a rollout has one `index` per row, equal within a prompt's group (its
+    rows in any order, as in a shuffled mini-batch). None where no two rows share an item (nothing to share)."""
     index = batch.get("index")
     if index is None:
         return None
     n, b = batch["input_ids"].shape[0], index.shape[0]
-    if b == 0 or n % b or n == b:
+    if b == n:
+        by_item: dict[int, list[int]] = {}
+        for row, item in enumerate(index.tolist()):
+            by_item.setdefault(item, []).append(row)
+        groups = list(by_item.values())
+        return groups if len(groups) < n else None
+    if b == 0 or n % b:
         return None
     return [[k * b + i for k in range(n // b)] for i in range(b)]
+
+
+def bounded(ids: Tensor, mask: Tensor, rows: list[int], max_length: int) -> list[list[int]]:
+    """A group split, in order, into runs whose packed length (their common prefix once, then each row's
+    rest) is at most `max_length` (a run of one row may be longer): a group of many long responses would
+    otherwise pack into one sequence whose attention costs more than it saves."""
+    runs, current = [], []
+    for r in rows:
+        trial = current + [r]
+        c = common_prefix(ids, mask, trial)
+        if current and c + sum(row_end(mask[x]) - c for x in trial) > max_length:
+            runs.append(current)
+            trial = [r]
+        current = trial
+    return runs + [current]
 
 
 def common_prefix(ids: Tensor, mask: Tensor, rows: list[int]) -> int:

@@ -104,6 +104,7 @@ class GRPOModule(OnPolicyModule):
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
+        share_prefix: bool = True,
     ):
         """
         Args:
@@ -142,10 +143,14 @@ class GRPOModule(OnPolicyModule):
             warmup_steps: linear learning-rate warm-up, in rollouts.
             logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
                 the whole logits tensor at once).
+            share_prefix: the responses to one prompt in a (mini-)batch run as packed sequences, the prompt
+                once (amrlhf.models.shared_prefix; docs/performance.md), for the policy and the reference;
+                false: the padded batch. The values agree to float32 rounding.
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
                          kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,
                          segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas, logits_chunk)
+        self.share_prefix = share_prefix
         self.advantage = advantage if advantage is not None else GroupRelative()
         if num_generations < 1 or (num_generations < 2 and getattr(self.advantage, "needs_groups", True)):
             raise ConfigError(f"GRPOModule: num_generations={num_generations}: {type(self.advantage).__name__} "
@@ -193,7 +198,13 @@ class GRPOModule(OnPolicyModule):
     def logps_in_eval(self, roll: dict) -> Tensor:
         """The rollout policy's log-probs [N, T-1], eval mode, a mini-batch of rows at a time."""
         return torch.cat(self.in_eval_by_minibatch(
-            roll, lambda mb: lean_forward(self.policy, mb, chunk_size=self.logits_chunk).logps))
+            roll, lambda mb: lean_forward(self.policy, mb, **self.forward_options()).logps))
+
+    def forward_options(self) -> dict:
+        """How the policy's forward passes run, and so the reference's: the projection `logits_chunk` tokens
+        at a time and for response tokens only (nothing else is read), a prompt's responses packed when
+        `share_prefix`."""
+        return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
 
     @torch.no_grad()
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
@@ -240,7 +251,7 @@ class GRPOModule(OnPolicyModule):
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """aggregate(clipped surrogate, response_mask * m) [+ beta x aggregate(KL_t, response_mask)]."""
-        out = lean_forward(self.policy, mb, entropy=True, chunk_size=self.logits_chunk)
+        out = lean_forward(self.policy, mb, entropy=True, **self.forward_options())
         logps = out.logps
         old = mb["old_logps"] if "old_logps" in mb else logps.detach()
         per_token, ratio = clipped_surrogate(logps, old, mb["advantages"], self.clip_low, self.clip_high)
