@@ -144,6 +144,19 @@ def test_ddp_two_cpu_processes_reduce_metrics_across_ranks(tmp_path):
     assert ddp_eval == pytest.approx(single, rel=1e-5)
 
 
+def test_ppo_with_a_critic_on_its_own_backbone_trains_under_ddp(tmp_path):
+    """On one process the critic's loss is backpropagated after the policy's; DDP's reducer refuses a second
+    backward before the first one's reduction, so under DDP the summed loss is backpropagated once."""
+    runs = tmp_path / "runs"
+    ok(amrlhf("fit", "--config", recipe("ppo"), "--runs_root", str(runs), "--trainer.devices=2",
+              "--trainer.strategy=ddp", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+              "--model.init_args.critic=amrlhf.modules.ValueModel",
+              "--model.init_args.critic.init_args.model.name=local:tiny-llama",
+              "--tracking.log_checkpoint=false", cwd=tmp_path, timeout=900))
+    df = runs_df(runs)
+    assert len(df) == 1 and df.loc[0, "metrics.loss/value_avg"] == df.loc[0, "metrics.loss/value_avg"]  # not NaN
+
+
 def test_export_full_and_lora(tmp_path):
     from transformers import AutoModelForCausalLM
 

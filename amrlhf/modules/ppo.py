@@ -173,23 +173,26 @@ class PPOModule(OnPolicyModule):
 
     def minibatch_parts(self, mb: dict) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """The policy loss and vf_coef x the value loss: one part with the shared value head (one backbone,
-        one backward), else two, the policy's backpropagated before the critic's forward runs. No parameter
-        is in both, so the gradients are those of the sum; the peak holds one backbone's activations."""
+        one backward), else two on a single process, the policy's backpropagated before the critic's forward
+        runs. No parameter is in both, so the gradients are those of the sum; the peak holds one backbone's
+        activations. Under DDP the sum is backpropagated once: DDP's reducer expects every parameter's
+        gradient from each backward pass before the next one starts."""
         shared = self.critic.shares_policy
+        split = not shared and getattr(self._trainer, "world_size", 1) == 1
         out = lean_forward(self.policy, mb, hidden=shared, entropy=True, chunk_size=self.logits_chunk)
         resp = mb["response_mask"]
         pg, pstats = policy_loss(out.logps, mb["old_logps"], mb["advantages"], mb["actor_mask"], self.cliprange)
         stats = {"policy/entropy_avg": masked_mean(out.entropy.detach(), resp), "loss/policy_avg": pg.detach()}
-        if not shared:
+        if split:
             yield pg, self._averaged(stats, pstats)
             stats = {}
         values = self.critic.values(mb, out.hidden)
         vf, vstats = value_loss(values[:, :-1], mb["old_values"], mb["returns"], resp, self.cliprange_value)
         stats["loss/value_avg"] = vf.detach()
-        if shared:
-            yield pg + self.vf_coef * vf, self._averaged(stats, {**pstats, **vstats})
-        else:
+        if split:
             yield self.vf_coef * vf, self._averaged(stats, vstats)
+        else:
+            yield pg + self.vf_coef * vf, self._averaged(stats, {**pstats, **vstats})
 
     @staticmethod
     def _averaged(stats: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, Tensor]:

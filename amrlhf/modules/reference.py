@@ -48,7 +48,9 @@ def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CH
 
 def module_forward_logps(model, module, batch: dict) -> Tensor:
     """Per-token log-probs of `model` computed as the module's policy computes its own (its
-    `forward_options()`, else its `logits_chunk`), so that at step 0 the two agree bit for bit."""
+    `forward_options()`, else its `logits_chunk`): on the same batch (DPO) the two agree bit for bit at
+    step 0. GRPO's reference reads the whole rollout and its policy mini-batches, packed in other runs, so
+    there they agree to float32 rounding."""
     if hasattr(module, "forward_options"):
         return lean_forward(model, batch, **module.forward_options()).logps
     return forward_logps(model, batch, getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK))
