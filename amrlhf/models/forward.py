@@ -207,7 +207,7 @@ def packing_for(decoder, batch: dict):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     runs = [run for rows in groups for run in bounded(ids, mask, rows, 2 * ids.shape[1])]
     packing = pack(ids, mask, runs)
-    if not 0 < packing.positions < batch["input_ids"].numel():
+    if not 0 < packing.positions < ids.numel():
         return None
     dtype = next(decoder.parameters()).dtype
     return packing, attention_mask_for(packing.allowed, implementation, dtype)

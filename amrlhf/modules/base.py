@@ -38,6 +38,20 @@ def check_optimizer(lr: float, weight_decay: float, warmup_steps: int, betas: tu
         raise ConfigError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
 
 
+class PackedForward:
+    """For a module whose policy reads response tokens only and has `logits_chunk` and `share_prefix`
+    (DPOModule, GRPOModule): the options of its policy's forward, which its reference reuses
+    (`amrlhf.modules.reference.module_forward_logps`), so the two are computed alike."""
+
+    logits_chunk: int | None
+    share_prefix: bool
+
+    def forward_options(self) -> dict:
+        """The vocabulary projection `logits_chunk` tokens at a time and for response tokens only (nothing
+        else is read), the rows of one item (a pair, a prompt's responses) packed when `share_prefix`."""
+        return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
+
+
 class AlignmentModule(L.LightningModule):
     """Base for SFT / reward / DPO modules: loads `policy` in `configure_model`, owns AdamW with
     linear warm-up, and logs metric dicts (`eval/` prefix for validation, reduced across devices)."""

@@ -7,13 +7,13 @@ import torch
 from amrlhf.losses import DPOLoss, SigmoidDPO, dpo_stats, masked_sum, nll_sums, sequence_logps
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, check_logits_chunk, lean_forward, response_logit_mean
-from amrlhf.modules.base import AlignmentModule
+from amrlhf.modules.base import AlignmentModule, PackedForward
 from amrlhf.modules.reference import FrozenReference, ReferenceModel
 from amrlhf.scorers import TokenScorer
 from amrlhf.segmenters import PivotSegmenter, segment_stats
 
 
-class DPOModule(AlignmentModule):
+class DPOModule(PackedForward, AlignmentModule):
     """L = loss(sum_t m^w_t d^w_t, sum_t m^l_t d^l_t) with d_t = log pi - log pi_ref (docs/method.md).
 
     The same mask applies to policy and reference terms. `nll_alpha` > 0 adds
@@ -65,12 +65,6 @@ class DPOModule(AlignmentModule):
         check_logits_chunk(logits_chunk)
         self.logits_chunk = logits_chunk
         self.share_prefix = share_prefix
-
-    def forward_options(self) -> dict:
-        """How the policy's forward pass runs, and so the reference's (at step 0 they agree bit for bit):
-        the vocabulary projection `logits_chunk` tokens at a time and for response tokens only (DPO reads
-        nothing else), each pair packed when `share_prefix`."""
-        return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
 
     def on_fit_start(self) -> None:
         self.reference.setup(self)

@@ -33,6 +33,7 @@ from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
+from amrlhf.modules.base import PackedForward
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule, refuse_per_example_caches
 from amrlhf.modules.reference import ReferenceModel
 from amrlhf.rollout import Sampling
@@ -67,7 +68,7 @@ def reward_stats(rewards: Tensor, group_size: int, components: dict[str, Tensor]
     return stats
 
 
-class GRPOModule(OnPolicyModule):
+class GRPOModule(PackedForward, OnPolicyModule):
     """GRPO and its relatives for a causal LM policy; the variation points are injected classes."""
 
     checkpoint_key = "grpo"
@@ -199,12 +200,6 @@ class GRPOModule(OnPolicyModule):
         """The rollout policy's log-probs [N, T-1], eval mode, a mini-batch of rows at a time."""
         return torch.cat(self.in_eval_by_minibatch(
             roll, lambda mb: lean_forward(self.policy, mb, **self.forward_options()).logps))
-
-    def forward_options(self) -> dict:
-        """How the policy's forward passes run, and so the reference's: the projection `logits_chunk` tokens
-        at a time and for response tokens only (nothing else is read), a prompt's responses packed when
-        `share_prefix`."""
-        return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
 
     @torch.no_grad()
     def make_rollout(self, prompt_batch: dict) -> tuple[dict, dict]:
