@@ -120,3 +120,23 @@ def test_resumed_sampler_skips_only_within_the_epoch_it_was_saved_in():
     s.resume(0, 8)  # saved at epoch 0's last batch: Lightning goes on with epoch 1, nothing skipped
     s.set_epoch(1)
     assert list(s) == epoch_order(1)
+
+
+def test_seeds_do_not_share_data_orders_across_epochs():
+    """Seed s's epoch 1 must not replay seed s+1's epoch 0 (the old `seed + epoch` rule did), epoch 0 keeps
+    the order it always had (the generator seeded with the seed itself), and resume stays exact."""
+    import torch
+
+    from amrlhf.data.sampler import ResumableSampler
+
+    def order(seed, epoch):
+        s = ResumableSampler(64, seed=seed, shuffle=True)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(3, 0) == torch.randperm(64, generator=torch.Generator().manual_seed(3)).tolist()
+    orders = {(s, e): tuple(order(s, e)) for s in range(6) for e in range(4)}
+    assert len(set(orders.values())) == len(orders)  # 24 (seed, epoch) pairs, 24 different permutations
+    s = ResumableSampler(64, seed=3, shuffle=True)
+    s.resume(1, 10)
+    assert list(s) == order(3, 1)[10:]

@@ -116,13 +116,24 @@ def test_mean_se_and_paired_delta_by_hand():
     assert d.se_seed == pytest.approx(0.1 / math.sqrt(3))  # sd(D) = 0.1
     # item deltas averaged over seeds: 0.4/3 and 0.2/3 -> sd = 0.1/3 * sqrt(2) / ... = 0.04714, se = 0.03333
     assert d.se_item == pytest.approx(1 / 30)
-    assert d.half_width == pytest.approx(math.sqrt((4.303 * 0.1 / math.sqrt(3)) ** 2 + (1.96 / 30) ** 2))
+    assert d.half_width == pytest.approx(math.sqrt((4.3026527 * 0.1 / math.sqrt(3)) ** 2 + (1.96 / 30) ** 2))
     assert d.verdict == "within noise"
     clear = paired_delta([0.9, 0.91, 0.92], [0.5, 0.5, 0.5])
     assert clear.verdict == "better" and clear.se_item is None
     assert paired_delta([0.1, 0.11], [0.5, 0.52]).verdict == "worse"
     with pytest.raises(ValueError, match="different held-out items"):
         paired_delta([0.5], [0.5], [[1.0, 0.0]], [[1.0]])
+
+
+def test_t_quantile_is_exact_past_ten_degrees_of_freedom():
+    from amrlhf.study.stats import t975
+
+    # Student's t 97.5% quantiles from published tables (3 decimals)
+    for df, q in {1: 12.706, 3: 3.182, 10: 2.228, 11: 2.201, 15: 2.131, 20: 2.086, 30: 2.042, 120: 1.980}.items():
+        assert t975(df) == pytest.approx(q, abs=5e-4), df
+    # 12 seeds (df 11): D_s alternating 0.1 / 0.3 -> delta 0.2, sd 0.10445, se 0.03015; interval 2.201 * se
+    d = paired_delta([0.1, 0.3] * 6, [0.0] * 12)
+    assert d.half_width == pytest.approx(2.201 * 0.1044466 / math.sqrt(12), rel=1e-3)
 
 
 def test_batch_mean_baseline_by_hand():

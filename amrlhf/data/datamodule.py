@@ -47,7 +47,7 @@ class _TextDataModule(L.LightningDataModule):
                 room are dropped; both are counted and reported.
             batch_size: examples (pairs, for preferences) per micro-batch and device.
             limit_train: read at most this many training rows.
-            seed: data order seed (epoch e uses seed + e).
+            seed: data order seed (epoch 0 uses seed, epoch e > 0 a hash of (seed, e): `sampler.epoch_seed`).
             token_scores: rows carry per-token scores (`chosen_token_scores`, ...) for DatasetScorer.
         """
         super().__init__()

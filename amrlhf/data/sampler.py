@@ -1,10 +1,23 @@
 """A seeded, resumable sampler: the permutation of epoch e depends only on (seed, e), and a
 resumed run skips exactly the batches it had already trained on, in the epoch it had trained them
-in only (a checkpoint at an epoch's last batch resumes at the start of the next epoch: nothing to skip)."""
+in only (a checkpoint at an epoch's last batch resumes at the start of the next epoch: nothing to skip).
+
+Independent seeds get independent orders in every epoch: epoch 0 draws from `seed` itself (so one-epoch
+runs keep the orders they always had), a later epoch from a 63-bit hash of (seed, epoch). The old rule,
+`seed + epoch`, made seed s's epoch 1 replay seed s+1's epoch 0."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of `epoch`'s permutation: `seed` for epoch 0, else sha256("seed:epoch") mod 2^63."""
+    if epoch == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "big") >> 1
 from torch.utils.data import Sampler
 
 
@@ -25,7 +38,7 @@ class ResumableSampler(Sampler[int]):
 
     def _order(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
