@@ -60,12 +60,15 @@ def _load(path: Path) -> dict:
 
 
 def training_means(logger, keys) -> dict[str, float]:
-    """Mean over training steps of the logged `segments/*` values (absent for the sample-wise path)."""
+    """Mean over training steps of the logged `segments/*` values (absent for the sample-wise path). A step
+    logged twice (replayed after a crash and resume) counts once, with its last value."""
     out = {}
     for key in keys:
-        hist = logger.experiment.get_metric_history(logger.run_id, key)
-        if hist:
-            out[key] = sum(m.value for m in hist) / len(hist)
+        last: dict[int, float] = {}
+        for m in sorted(logger.experiment.get_metric_history(logger.run_id, key), key=lambda m: m.timestamp):
+            last[m.step] = m.value  # stable sort: a tie in time keeps the order MLflow returned
+        if last:
+            out[key] = sum(last.values()) / len(last)
     return out
 
 

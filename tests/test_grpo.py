@@ -334,3 +334,124 @@ def test_a_reward_that_raises_stops_training_with_the_row_named(tmp_path):
     assert proc.returncode != 0
     assert "reward 'log' failed on the prompt of" in proc.stderr and "sft_train.jsonl line " in proc.stderr
     assert "TypeError" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+class KeepEveryOther(SampleWiseSegmenter):
+    """Keeps the 1st, 3rd, 5th ... response token of every response (a mask that keeps about half)."""
+
+    def segment(self, **kw):
+        seg = super().segment(**kw)
+        resp = kw["response_mask"].bool()
+        keep = (resp.cumsum(-1) % 2 == 1) & resp
+        seg.mask = keep.to(seg.mask.dtype)
+        return seg
+
+
+def _first_minibatch_token_grads(letters, monkeypatch, **kw):
+    """The gradient of the first mini-batch's loss with respect to each token's log-prob, and its loss mask."""
+    import amrlhf.modules.grpo as grpo
+
+    seen = {}
+    surrogate = grpo.clipped_surrogate
+
+    def spy(logps, old, adv, low, high):
+        if "logps" not in seen:
+            logps.retain_grad()
+            seen["logps"] = logps
+        return surrogate(logps, old, adv, low, high)
+
+    monkeypatch.setattr(grpo, "clipped_surrogate", spy)
+    module = letters_grpo(letters, epochs=1, mini_batch_size=16, **kw)
+    original = module.minibatch_loss
+
+    def loss_and_grad(mb):
+        loss, stats = original(mb)
+        if "grad" not in seen:
+            loss.backward(retain_graph=True)
+            seen["grad"], seen["mask"] = seen["logps"].grad.clone(), mb["response_mask"].clone()
+            seen["adv"] = mb["advantages"].clone()
+        return loss, stats
+
+    module.minibatch_loss = loss_and_grad
+    fit(module, letters, rollouts=1)
+    return seen
+
+
+@pytest.mark.parametrize("aggregation", ["TokenMean", "SequenceMean", "ConstantNormalizer"])
+def test_the_am_mask_removes_gradient_and_never_amplifies_it(letters, monkeypatch, aggregation):
+    """docs/rl.md: with a mask that keeps half the tokens, a kept token's gradient is the one it has under a mask
+    of ones (ratio 1, every aggregation) and a masked token's is 0; `mask_normalization: kept` (the old rule)
+    scales TokenMean's by responses' tokens / kept tokens."""
+    import amrlhf.losses as losses
+
+    agg = getattr(losses, aggregation)
+    ones = _first_minibatch_token_grads(letters, monkeypatch, segmenter=SampleWiseSegmenter(),
+                                        scorer=TargetTokenReward("x"), aggregation=agg())
+    half = _first_minibatch_token_grads(letters, monkeypatch, segmenter=KeepEveryOther(),
+                                        scorer=TargetTokenReward("x"), aggregation=agg())
+    resp = ones["mask"].bool()
+    keep = (resp.cumsum(-1) % 2 == 1) & resp
+    assert torch.equal(ones["mask"], half["mask"]) and bool(ones["grad"][keep].abs().gt(0).any())
+    torch.testing.assert_close(half["grad"][keep], ones["grad"][keep], rtol=1e-5, atol=1e-9)
+    assert bool((half["grad"][resp & ~keep] == 0).all())
+    if aggregation == "TokenMean":
+        old = _first_minibatch_token_grads(letters, monkeypatch, segmenter=KeepEveryOther(),
+                                           scorer=TargetTokenReward("x"), aggregation=agg(),
+                                           mask_normalization="kept")
+        ratio = resp.sum() / keep.sum()
+        torch.testing.assert_close(old["grad"][keep], ones["grad"][keep] * ratio, rtol=1e-5, atol=1e-9)
+
+
+def test_the_am_mask_keeps_the_dense_term_on_masked_tokens(letters, monkeypatch):
+    """A_t = m_t A_seq + d_t: on a token the mask drops only the sequence part goes; the dense part stays."""
+    dense = DenseAdvantage(TargetTokenReward("x"), signal="level")
+    plain = _first_minibatch_token_grads(letters, monkeypatch, dense=dense)
+    dense_only = _first_minibatch_token_grads(letters, monkeypatch, dense=DenseAdvantage(
+        TargetTokenReward("x"), signal="level", replace=True))
+    masked = _first_minibatch_token_grads(letters, monkeypatch, dense=dense, segmenter=KeepEveryOther(),
+                                          scorer=TargetTokenReward("x"))
+    resp = plain["mask"].bool()
+    keep = (resp.cumsum(-1) % 2 == 1) & resp
+    torch.testing.assert_close(masked["adv"][keep], plain["adv"][keep])
+    torch.testing.assert_close(masked["adv"][resp & ~keep], dense_only["adv"][resp & ~keep])
+    assert bool(dense_only["adv"][resp & ~keep].abs().gt(0).any())
+
+
+def test_kept_normalization_with_a_dense_term_is_refused(letters):
+    with pytest.raises(ConfigError, match="mask_normalization 'kept'"):
+        letters_grpo(letters, dense=DenseAdvantage(TargetTokenReward("x")), mask_normalization="kept")
+
+
+def test_dynamic_sampling_filter_and_overlong_shaping_reach_the_loss(letters, monkeypatch):
+    """drop_zero_std_groups: a group whose (shaped) rewards are all equal leaves the loss mask; overlong:
+    the length penalty changes the rewards the estimator sees (its spread), not the raw reward's mean."""
+    from amrlhf.losses import SoftOverlongPunishment
+    from amrlhf.losses.shaping import zero_std_groups
+
+    seen = []
+    module = letters_grpo(letters, drop_zero_std_groups=True, overlong=SoftOverlongPunishment(cache=4))
+    make = module.make_rollout
+
+    def spy(batch):
+        roll, stats = make(batch)
+        seen.append((roll, stats))
+        return roll, stats
+
+    module.make_rollout = spy
+    fit(module, letters, rollouts=3)
+    dropped = 0
+    for roll, stats in seen:
+        resp = roll["response_mask"]
+        tied = zero_std_groups(roll["rewards"], 4)
+        assert bool((roll["loss_mask"][tied] == 0).all())
+        assert torch.equal(roll["loss_mask"][~tied], resp[~tied])
+        dropped += int(tied.sum())
+        assert stats["frac_reward_zero_std"].item() == pytest.approx(tied.float().mean().item())
+    assert dropped > 0  # at random init most groups say no 'x' at all: tied at 0
+
+
+def test_an_overlong_cache_longer_than_the_budget_is_refused_at_construction(letters):
+    from amrlhf.losses import SoftOverlongPunishment
+
+    with pytest.raises(ConfigError, match="longer than the sampling budget"):
+        letters_grpo(letters, overlong=SoftOverlongPunishment(cache=9))

@@ -205,3 +205,33 @@ def test_verifiable_reward_sums_components_at_the_last_token_and_names_the_row_o
         missing.score(None, {**batch, "rows": rows}, "train")
     with pytest.raises(ConfigError, match="names must differ"):
         VerifiableReward([RegexReward("a"), RegexReward("b")])
+
+
+def test_reward_spread_is_measured_on_what_the_estimator_sees():
+    # a tied group (all 1.0) with one truncated member: the missing-EOS penalty (-1) gives it signal
+    raw = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    seen = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    stats = reward_stats(raw, 4, None, seen=seen)
+    assert stats["reward"].item() == 1.0  # the mean stays the raw reward's
+    assert stats["frac_reward_zero_std"].item() == 0.0
+    assert stats["reward_std"].item() == pytest.approx(0.5)  # sd of (1, 1, 1, 0), unbiased
+    assert reward_stats(raw, 4, None)["frac_reward_zero_std"].item() == 1.0
+
+
+def test_soft_overlong_punishment_by_hand():
+    from amrlhf.losses import SoftOverlongPunishment
+
+    # L_max 10, L_cache 4: free up to 6 tokens, then -(|y| - 6) / 4, -1 past the budget
+    p = SoftOverlongPunishment(cache=4).penalty(torch.tensor([3, 6, 7, 8, 10, 11]), 10)
+    assert p.tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert SoftOverlongPunishment(cache=4, factor=0.5).penalty(torch.tensor([8]), 10).tolist() == [-0.25]
+    with pytest.raises(ConfigError, match="longer than the sampling budget"):
+        SoftOverlongPunishment(cache=12).penalty(torch.tensor([1]), 10)
+    with pytest.raises(ConfigError, match="cache must be >= 1"):
+        SoftOverlongPunishment(cache=0)
+
+
+def test_zero_std_groups_by_hand():
+    from amrlhf.losses import zero_std_groups
+
+    assert zero_std_groups(SCORES, 4).tolist() == [False] * 4 + [True] * 4

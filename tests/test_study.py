@@ -208,6 +208,22 @@ def test_tiny_study_killed_and_continued_reports_what_mlflow_holds(tmp_path):
     assert (root / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artefacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"report.md", "report.png", "results.json"} <= artefacts
+    cell = json.loads((root / "dpo-seed0" / "cell.json").read_text())
+    assert cell["item_ids"]["eval/heldout/implicit_acc"] and cell["fingerprint"]["args"]
+
+    # a changed budget or held-out file is refused before anything trains, naming the cells and the change
+    cfg = yaml.safe_load(study.read_text())
+    cfg["common_args"] = [a.replace("max_steps=4", "max_steps=8") for a in cfg["common_args"]]
+    study.write_text(yaml.safe_dump(cfg))
+    third = amrlhf("study", str(study), cwd=tmp_path)
+    assert third.returncode == 2 and "Traceback" not in third.stderr, third.stderr[-3000:]
+    assert "4 cell(s)" in third.stderr and "--trainer.max_steps=8" in third.stderr
+    assert (root / "dpo-seed0" / "cell.json").stat().st_mtime_ns == done_before
+    cfg["common_args"] = [a.replace("max_steps=8", "max_steps=4") for a in cfg["common_args"]]
+    cfg["heldout"]["data"] = "local:arith_steps_conflicting/val"
+    study.write_text(yaml.safe_dump(cfg))
+    fourth = amrlhf("study", str(study), cwd=tmp_path)
+    assert fourth.returncode == 2 and "heldout" in fourth.stderr and "arith_steps_conflicting/val" in fourth.stderr
 
 
 @pytest.mark.parametrize("change,message", [
@@ -256,7 +272,7 @@ def test_marked_items_by_hand(tokenizer):
 
     from amrlhf.evaluation.localization import response_offsets
     from amrlhf.models import ModelSpec, load_causal_lm
-    from amrlhf.study.heldout import Heldout, Marked, marked_items
+    from amrlhf.study.heldout import Heldout, Marked, marked_items, row_id
 
     spans = {"class_path": "amrlhf.study.heldout.RegexSpans", "init_args": {"pattern": r"is (\d+)", "group": 1}}
     spec = Heldout(data="local:tiny-arith/prefs_heldout", limit=5, max_length=64, batch_size=2, marked=Marked(spans))
@@ -271,8 +287,9 @@ def test_marked_items_by_hand(tokenizer):
         opt.step()
         opt.zero_grad()
     model.eval()
-    got = marked_items(model, tokenizer, data, spec, "marked")
+    got, ids = marked_items(model, tokenizer, data, spec, "marked")
     assert len(got["marked_acc"]) == len(got["marked_logp"]) == 5
+    assert len(set(ids)) == 5 and ids == [row_id(spec.rows[e.index]) for e in data]
     assert set(got["marked_acc"]) == {0.0, 1.0}
     for i, e in enumerate(data):
         ex = spec.examples[e.index]
@@ -287,3 +304,46 @@ def test_marked_items_by_hand(tokenizer):
         right = all(int(logp[p].argmax()) == ids[p + 1] for p in at)
         assert got["marked_acc"][i] == float(right)
         assert got["marked_logp"][i] == pytest.approx(sum(logp[p, ids[p + 1]].item() for p in at) / len(at), abs=1e-4)
+
+
+def test_items_are_paired_by_identity_not_position():
+    # the same two items, stored in another order by the method's cell: pairing by position would compare
+    # item a with item b; by identity the deltas are 0.1 and 0.3 on every seed
+    base = [[0.5, 0.1], [0.5, 0.1]]
+    method = [[0.4, 0.6], [0.4, 0.6]]  # b, a
+    d = paired_delta([0.5, 0.5], [0.3, 0.3], method, base, [["b", "a"]] * 2, [["a", "b"]] * 2)
+    assert d.se_item == pytest.approx(math.sqrt(((0.1 - 0.2) ** 2 + (0.3 - 0.2) ** 2) / 1) / math.sqrt(2))
+    with pytest.raises(ValueError, match="different held-out items"):
+        paired_delta([0.5, 0.5], [0.3, 0.3], method, base, [["b", "c"]] * 2, [["a", "b"]] * 2)
+
+
+def test_verdicts_follow_each_metrics_direction():
+    from types import SimpleNamespace
+
+    from amrlhf.study.report import higher_is_better, summarise
+
+    assert not higher_is_better("lm_eval/wikitext/word_perplexity_none")
+    assert not higher_is_better("lm_eval/wikitext/bits_per_byte_none") and not higher_is_better("train/loss")
+    assert higher_is_better("eval/marked/marked_logp") and higher_is_better("lm_eval/gsm8k/exact_match_strict-match")
+    study = SimpleNamespace(methods=[SimpleNamespace(name="dpo"), SimpleNamespace(name="am")], baseline="dpo",
+                            seeds=[0, 1, 2])
+    ppl = "lm_eval/wikitext/word_perplexity_none"
+    cells = [{"method": m, "seed": s, "metrics": {ppl: v + 0.01 * s, "eval/heldout/implicit_acc": v + 0.01 * s},
+              "items": {}} for m, v in (("dpo", 20.0), ("am", 10.0)) for s in (0, 1, 2)]
+    out = summarise(study, cells)
+    assert out[ppl]["am"]["verdict"] == "better" and out[ppl]["am"]["higher_is_better"] is False
+    assert out["eval/heldout/implicit_acc"]["am"]["verdict"] == "worse"
+
+
+def test_training_means_count_a_replayed_step_once(tmp_path):
+    from types import SimpleNamespace
+
+    from amrlhf.pipeline import training_means
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("e"))
+    rid = run.info.run_id
+    for step, value, ts in ((0, 0.2, 1), (1, 0.4, 2), (2, 0.9, 3), (1, 0.6, 4), (2, 0.8, 5)):  # 1, 2 replayed
+        client.log_metric(rid, "segments/kept_frac_chosen", value, timestamp=ts, step=step)
+    got = training_means(SimpleNamespace(experiment=client, run_id=rid), ("segments/kept_frac_chosen",))
+    assert got["segments/kept_frac_chosen"] == pytest.approx((0.2 + 0.6 + 0.8) / 3)

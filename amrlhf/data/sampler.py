@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from torch.utils.data import Sampler
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -18,7 +19,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     if epoch == 0:
         return seed
     return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "big") >> 1
-from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):

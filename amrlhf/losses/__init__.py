@@ -9,10 +9,11 @@ from amrlhf.losses.logprobs import sequence_logps, token_logprobs
 from amrlhf.losses.reductions import masked_mean, masked_sum
 from amrlhf.losses.reward import bradley_terry_loss, centring_term, reward_stats
 from amrlhf.losses.sft import nll_sums
+from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 
 __all__ = [
     "GroupRelative", "LeaveOneOut", "ReinforcePlusPlus", "TokenMean", "SequenceMean", "ConstantNormalizer",
-    "DenseAdvantage",
+    "DenseAdvantage", "SoftOverlongPunishment", "zero_std_groups",
     "AdaptiveKL", "FixedKL", "KLController",
     "DPOLoss", "SigmoidDPO", "IPO", "HingeDPO", "RobustDPO", "dpo_stats",
     "token_logprobs", "sequence_logps", "masked_sum", "masked_mean",

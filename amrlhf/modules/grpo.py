@@ -9,7 +9,10 @@ reduced by the injected aggregation (token mean = DAPO, sequence mean = GRPO, co
 The KL to the reference goes in the loss (k3 by default, as TRL) or in the reward (k1 per token).
 
 AM variants: each response's label is the sign of its advantage (ties +1); sigma's token scores
-come from `scorer`; the mask multiplies the policy loss only (the KL term keeps every token). With
+come from `scorer`. The mask m_t multiplies the sequence advantage only, A_t = m_t A_seq + d_t (d the
+dense term, if any, which the mask never removes), and it removes gradient without amplifying it: the
+aggregation's denominators count every response token (`mask_normalization: response`), so a kept
+token's gradient is what it would be without the mask (docs/rl.md). The KL term keeps every token. With
 the sample-wise segmenter it is bit-identical to plain GRPO (tested).
 
 Metrics carry TRL GRPOTrainer's names and definitions (reward, reward_std, frac_reward_zero_std,
@@ -26,11 +29,12 @@ from torch import Tensor
 
 from amrlhf.errors import ConfigError
 from amrlhf.losses import masked_mean
-from amrlhf.losses.advantages import AdvantageEstimator, GroupRelative, group_std
+from amrlhf.losses.advantages import AdvantageEstimator, GroupRelative
 from amrlhf.losses.aggregation import LossAggregation, TokenMean
 from amrlhf.losses.dense import DenseAdvantage
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
+from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.modules.base import PackedForward
@@ -54,13 +58,15 @@ def completion_stats(resp: Tensor, ended: Tensor) -> dict[str, Tensor]:
             "completions/mean_terminated_length": done.mean()}
 
 
-def reward_stats(rewards: Tensor, group_size: int, components: dict[str, Tensor] | None) -> dict[str, Tensor]:
-    """TRL's reward metrics: `reward` (mean), `reward_std` (std over the rollout, unbiased),
-    `frac_reward_zero_std` (share of responses whose group's rewards are all equal: no signal),
-    `rewards/<name>/mean|std` per component."""
-    stats = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
-             "frac_reward_zero_std": torch.isclose(group_std(rewards, group_size),
-                                                   rewards.new_zeros(())).float().mean()}
+def reward_stats(rewards: Tensor, group_size: int, components: dict[str, Tensor] | None,
+                 seen: Tensor | None = None) -> dict[str, Tensor]:
+    """TRL's reward metrics: `reward` (mean of the raw rewards), `reward_std` (std over the rollout, unbiased)
+    and `frac_reward_zero_std` (share of responses whose group's rewards are all equal: no signal), both
+    computed on `seen`, the rewards the advantage estimator sees (after the missing-EOS penalty and length
+    shaping; default: `rewards`), and `rewards/<name>/mean|std` per component."""
+    seen = rewards if seen is None else seen
+    stats = {"reward": rewards.mean(), "reward_std": seen.std() if seen.numel() > 1 else seen.new_zeros(()),
+             "frac_reward_zero_std": zero_std_groups(seen, group_size).float().mean()}
     for name, values in (components or {}).items():
         values = values.float()
         stats[f"rewards/{name}/mean"] = values.mean()
@@ -90,6 +96,9 @@ class GRPOModule(PackedForward, OnPolicyModule):
         sampling: Sampling | None = None,
         missing_eos_penalty: float | None = None,
         mask_truncated: bool = False,
+        overlong: SoftOverlongPunishment | None = None,
+        drop_zero_std_groups: bool = False,
+        mask_normalization: Literal["response", "kept"] = "response",
         kl: KLController | None = None,
         kl_estimator: Literal["k1", "k3"] = "k3",
         kl_in: Literal["loss", "reward"] = "loss",
@@ -130,6 +139,15 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 temperature 1 for on-policy ratios).
             missing_eos_penalty: subtracted from the reward of a response cut before its EOS.
             mask_truncated: a response cut before its EOS is left out of the loss (DAPO's overlong mask).
+            overlong: SoftOverlongPunishment: DAPO's length penalty near the sampling budget, added to the
+                reward the estimator sees.
+            drop_zero_std_groups: groups whose rewards (as the estimator sees them) are all equal leave the
+                loss, the KL term included (DAPO's dynamic-sampling filter, without refilling the batch):
+                they no longer dilute TokenMean's denominator.
+            mask_normalization: `response` (default): the AM mask removes gradient and never amplifies it
+                (the aggregation's denominators count every response token); `kept`: they count the kept
+                tokens only (the behaviour before 0.2: a mask keeping a quarter of the tokens quadruples
+                TokenMean's step). `kept` cannot be combined with `dense`.
             kl: beta: FixedKL (default 0.0: no reference, as TRL's default) or AdaptiveKL.
             kl_estimator: k3 (default, as TRL) or k1, per token.
             kl_in: `loss` (beta x aggregated per-token KL added to the loss, over every response token)
@@ -166,11 +184,20 @@ class GRPOModule(PackedForward, OnPolicyModule):
             raise ConfigError("GRPOModule has no critic: CriticScorer reads PPO's value estimates")
         if dense is not None:
             refuse_per_example_caches("GRPOModule", dense.scorer)
+        if mask_normalization not in ("response", "kept"):
+            raise ConfigError(f"GRPOModule: mask_normalization must be response or kept, got {mask_normalization!r}")
+        if mask_normalization == "kept" and dense is not None:
+            raise ConfigError("GRPOModule: mask_normalization 'kept' divides by the kept tokens only, but the dense "
+                              "term trains every token: use 'response' with dense")
+        if overlong is not None and sampling is not None:
+            overlong.penalty(torch.zeros(1), sampling.max_new_tokens)  # a cache longer than the budget: now
         self.num_generations = num_generations
         self.group_seeds = group_seeds
         self.aggregation = aggregation if aggregation is not None else TokenMean()
         self.dense = dense
         self.mask_truncated = mask_truncated
+        self.overlong, self.drop_zero_std_groups = overlong, drop_zero_std_groups
+        self.mask_normalization = mask_normalization
         self.kl_estimator, self.kl_in = kl_estimator, kl_in
         self.clip_low = clip_low
         self.clip_high = clip_low if clip_high is None else clip_high
@@ -212,8 +239,13 @@ class GRPOModule(PackedForward, OnPolicyModule):
         resp = roll["response_mask"]
         n = resp.shape[0]
         raw, scores, ts = self.sequence_scores(roll, ended, rows, "train")
+        if self.overlong is not None:
+            scores = scores + self.overlong.penalty(resp.sum(-1), self.sampling.max_new_tokens).to(scores.dtype)
         loss_mask = resp * ended[:, None].to(resp.dtype) if self.mask_truncated else resp
-        stats = {**reward_stats(raw, G, ts.components), **completion_stats(resp, ended)}
+        stats = {**reward_stats(raw, G, ts.components, seen=scores), **completion_stats(resp, ended)}
+        roll["rewards"] = scores  # what the estimator sees
+        if self.drop_zero_std_groups:
+            loss_mask = loss_mask * (~zero_std_groups(scores, G))[:, None].to(resp.dtype)
         non_score = torch.zeros(resp.shape, dtype=torch.float32, device=resp.device)
         if self.needs_old_logps(n):
             roll["old_logps"] = self.logps_in_eval(roll) * resp
@@ -230,13 +262,16 @@ class GRPOModule(PackedForward, OnPolicyModule):
         # before any dense term (a per-token signal says nothing about the sequence's preference)
         first = adv[torch.arange(n, device=adv.device), first_response_index(resp)]
         roll["labels"] = torch.where(first >= 0, 1, -1).long()
+        dense = torch.zeros_like(adv)
         if self.dense is not None:
-            adv, dense = self.dense.apply(self, {**roll, "rows": rows}, adv, G)
+            total, dense = self.dense.apply(self, {**roll, "rows": rows}, adv, G)
+            adv = total - dense  # the sequence part: 0 with `replace`
             stats["advantages/dense_abs_mean"] = masked_mean(dense.abs(), resp)
-        roll["advantages"] = adv
         roll["loss_mask"] = loss_mask
         mask, seg = self.actor_mask(roll, ts, rows)
         roll["actor_mask"] = mask * loss_mask
+        # the mask weighs the sequence part only, A_t = m_t A_seq + d_t: a masked token keeps its dense signal
+        roll["advantages"] = mask.to(adv.dtype) * adv + dense if seg is not None else adv + dense
         if seg is not None:
             stats.update(segment_stats(seg, resp, roll["labels"]))
         stats["segments/actor_token_frac"] = roll["actor_mask"].sum() / resp.sum().clamp(min=1)
@@ -245,14 +280,17 @@ class GRPOModule(PackedForward, OnPolicyModule):
 
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """aggregate(clipped surrogate, response_mask * m) [+ beta x aggregate(KL_t, response_mask)]."""
+        """aggregate(clipped surrogate of m A_seq + d, loss_mask) [+ beta x aggregate(KL_t, loss_mask)]; the
+        surrogate is 0 where the advantage is, so the mask removes gradient without changing denominators
+        (`mask_normalization: kept`: the surrogate's denominators count the kept tokens only)."""
         out = lean_forward(self.policy, mb, entropy=True, **self.forward_options())
         logps = out.logps
         old = mb["old_logps"] if "old_logps" in mb else logps.detach()
         per_token, ratio = clipped_surrogate(logps, old, mb["advantages"], self.clip_low, self.clip_high)
         max_len = self.sampling.max_new_tokens
-        loss = self.aggregation.reduce(per_token, mb["actor_mask"], max_len)
         mask = mb["loss_mask"]
+        loss = self.aggregation.reduce(per_token, mb["actor_mask"] if self.mask_normalization == "kept" else mask,
+                                       max_len)
         stats = clip_fractions(ratio, mb["advantages"], mask, self.clip_low, self.clip_high)
         if self.uses_reference and self.kl_in == "loss":
             # both sides masked: outside the response k3 of unrelated log-probs could overflow (inf x 0 = NaN)

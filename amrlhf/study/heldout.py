@@ -6,7 +6,9 @@ against the known wrong spans (mask localisation)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -99,6 +101,25 @@ class Heldout:
         return encoded
 
 
+def row_id(row: dict) -> str:
+    """A held-out item's identity: a hash of its row's content (the same row in any file or order gets the same
+    id), so per-item values are paired by item, never by position."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def data_sha256(source: str) -> str:
+    """A hash of every row of a data source, in order: a study's fingerprint notices an edited or swapped file."""
+    h = hashlib.sha256()
+    for _, _, row in iter_rows(source):
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def item_ids(spec: Heldout, items) -> list[str]:
+    """The identities of encoded held-out items (`row_id` of each one's raw row)."""
+    return [row_id(spec.rows[e.index]) for e in items]
+
+
 def instantiate(spec: dict):
     """{class_path, init_args} -> an instance (the study's injected components)."""
     if not isinstance(spec, dict) or "class_path" not in spec:
@@ -143,7 +164,9 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     return out
 
 
-def generation_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[dict[str, list[float]], list[str]]:
+def generation_items(model, tokenizer, data, spec: Heldout, desc: str) \
+        -> tuple[dict[str, list[float]], list[str], list[str]]:
+    """-> per-item grades, the generated texts, the items' identities (`row_id`)."""
     gen = spec.generate
     grader = instantiate(gen.grader)
     items = data[: gen.limit]
@@ -158,13 +181,13 @@ def generation_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[
                               f"{exc.__class__.__name__}: {exc}") from None
         for k, v in grades.items():
             out.setdefault(k, []).append(float(v))
-    return out, texts
+    return out, texts, item_ids(spec, items)
 
 
 @torch.no_grad()
-def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> dict[str, list[float]]:
+def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[dict[str, list[float]], list[str]]:
     """Per held-out item (those with at least one marked token; the others are counted and logged):
-    `marked_acc` and `marked_logp` (see `Marked`)."""
+    `marked_acc` and `marked_logp` (see `Marked`), and the items' identities (`row_id`)."""
     from amrlhf.models.forward import lean_forward
 
     finder, where = instantiate(spec.marked.spans), spec.marked.spans["class_path"]
@@ -203,7 +226,7 @@ def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> dict[str, 
             out["marked_acc"].append(sum(right.values()) / len(right))
             out["marked_logp"].append(sum(marked) / len(marked))
     model.train(was_training)
-    return out
+    return out, item_ids(spec, [e for e, _ in owned])
 
 
 @torch.no_grad()

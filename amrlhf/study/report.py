@@ -5,7 +5,9 @@ markdown file, a PNG chart and `results.json` under <runs_root>/<study>/."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 from amrlhf.study.stats import mean_se, paired_delta
@@ -27,6 +29,14 @@ LABELS = {
 }
 SKIP = ("eval/loc/flagged_frac", "eval/loc/fallback_frac")
 DESCRIPTIVE = ("segments/",)  # how a method trains, not an outcome: a delta, no better/worse
+# metrics where lower is better (matched on the last part of the key, e.g. lm_eval/wikitext/word_perplexity_none)
+LOWER_IS_BETTER = re.compile(r"perplexity|bits_per_byte|(^|_)loss($|_)|(^|_)nll($|_)|(^|_)error($|_)")
+log = logging.getLogger(__name__)
+
+
+def higher_is_better(key: str) -> bool:
+    """A metric's direction: lower is better for perplexities, bits per byte, losses, NLLs and error rates."""
+    return not LOWER_IS_BETTER.search(key.rsplit("/", 1)[-1])
 
 
 def _metric_order(keys: set[str]) -> list[str]:
@@ -57,13 +67,21 @@ def summarise(study, cells: list[dict]) -> dict:
             row = {"mean": mean, "se": se, "seeds": len(vals)}
             common = [s for s in study.seeds if s in seeds and s in base and key in seeds[s]["metrics"]
                       and key in base[s]["metrics"]]
+            up = higher_is_better(key)
+            row["higher_is_better"] = up
             if method != study.baseline and common:
-                has_items = all(key in seeds[s]["items"] and key in base[s]["items"] for s in common)
+                pair = [seeds[s] for s in common] + [base[s] for s in common]
+                has_items = all(key in c["items"] for c in pair)
+                has_ids = has_items and all(key in c.get("item_ids", {}) for c in pair)
+                if has_items and not has_ids:
+                    log.warning("%s: cells without item identities (an earlier amrlhf): items paired by position", key)
                 d = paired_delta([seeds[s]["metrics"][key] for s in common], [base[s]["metrics"][key] for s in common],
                                  [seeds[s]["items"][key] for s in common] if has_items else None,
-                                 [base[s]["items"][key] for s in common] if has_items else None)
+                                 [base[s]["items"][key] for s in common] if has_items else None,
+                                 [seeds[s]["item_ids"][key] for s in common] if has_ids else None,
+                                 [base[s]["item_ids"][key] for s in common] if has_ids else None)
                 row.update(delta=d.delta, se_seed=d.se_seed, se_item=d.se_item, half_width=d.half_width,
-                           verdict="descriptive" if key.startswith(DESCRIPTIVE) else d.verdict)
+                           verdict="descriptive" if key.startswith(DESCRIPTIVE) else d.verdict_for(up))
             out[key][method] = row
     return out
 
@@ -74,7 +92,7 @@ def format_table(study, summary: dict, base: dict) -> str:
     width = max(len(m.name) for m in study.methods) + 2
     for key, rows in summary.items():
         lines.append("")
-        head = LABELS.get(key, key)
+        head = LABELS.get(key, key) + ("" if higher_is_better(key) else " (lower is better)")
         if key in base.get("metrics", {}):
             head += f"   (untrained base: {_fmt(base['metrics'][key])})"
         lines.append(head)
@@ -95,7 +113,7 @@ def format_markdown(study, summary: dict, base: dict) -> str:
            f"`{study.heldout.data}`. Mean ± standard error over seeds; Δ = paired delta against the baseline "
            "(paired by seed and by held-out item) ± the half-width of its 95% interval (`amrlhf.study.stats`).", ""]
     for key, rows in summary.items():
-        label = LABELS.get(key, key)
+        label = LABELS.get(key, key) + ("" if higher_is_better(key) else " (lower is better)")
         if key in base.get("metrics", {}):
             label += f" (untrained base {_fmt(base['metrics'][key])})"
         out += [f"## {label}", "", "| method | mean ± SE | Δ vs baseline | 95% ± | seed SE | item SE | verdict |",
@@ -151,7 +169,8 @@ def write_report(study, cells: list[dict], base: dict) -> dict:
     chart(study, summary, png)
     res.write_text(json.dumps({"study": study.name, "seeds": study.seeds, "baseline": study.baseline,
                                "summary": summary, "base": base.get("metrics", {}),
-                               "cells": [{k: v for k, v in c.items() if k != "items"} for c in cells]}, indent=1))
+                               "cells": [{k: v for k, v in c.items() if k not in ("items", "item_ids")}
+                                         for c in cells]}, indent=1))
     parent_metrics = {}
     for key, rows in summary.items():
         for method, r in rows.items():

@@ -15,11 +15,19 @@ from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
 from amrlhf.study.config import Fit, Study, load_study
-from amrlhf.study.heldout import generation_items, localisation, marked_items, preference_items
+from amrlhf.study.heldout import (
+    data_sha256,
+    generation_items,
+    item_ids,
+    localisation,
+    marked_items,
+    preference_items,
+)
 
 log = logging.getLogger(__name__)
 STATE = "study.json"
 CELL_DONE = "cell.json"
+FINGERPRINT = "fingerprint.json"  # what a cell (or setup fit) was started with; written before it trains
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
@@ -30,6 +38,21 @@ def _write_atomic(path: Path, payload: dict) -> None:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def _sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _changes(saved: dict | None, now: dict) -> list[str]:
+    """What differs between a stored fingerprint and the current one, in words."""
+    if saved is None:
+        return ["no fingerprint stored (started by an earlier amrlhf)"]
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            out.append(f"{key}: {json.dumps(saved.get(key))[:120]} -> {json.dumps(now.get(key))[:120]}")
+    return out
 
 
 class StudyRun:
@@ -46,6 +69,49 @@ class StudyRun:
         self.parent = self._parent_run()
         self.base: dict | None = None
         self._held = None  # (tokenizer, encoded pairs, base log-probs)
+        self._data_hash = data_sha256(study.heldout.data)
+
+    # ------------------------------------------------------------------ fingerprints
+    def fingerprint(self, fit: Fit, seed: int | None) -> dict:
+        """Everything a cell's (or setup fit's) results depend on that the study file states: the recipe's
+        text, the arguments it is run with, and (cells) the held-out specification with its data's hash."""
+        args = self.study.cell_args(fit, seed) if seed is not None else list(map(str, fit.args))
+        out = {"recipe": fit.config, "recipe_sha256": _sha256_file(fit.config), "args": args}
+        if seed is not None:
+            out["heldout"] = self.heldout_key()
+        return out
+
+    def _stored_fingerprint(self, run_dir: Path, done_file: str) -> tuple[bool, dict | None]:
+        """(has the fit started or finished, its stored fingerprint)."""
+        done = run_dir / done_file
+        if done.exists():
+            return True, json.loads(done.read_text()).get("fingerprint")
+        started = (run_dir / FINGERPRINT).exists() or (run_dir / "checkpoints" / "last.ckpt").exists()
+        fp = json.loads((run_dir / FINGERPRINT).read_text()) if (run_dir / FINGERPRINT).exists() else None
+        return started, fp
+
+    def check_fingerprints(self) -> None:
+        """Refuse, before anything trains, to continue or reuse a cell started with other settings: its results
+        (or checkpoint) would be mixed with the new ones. Names every such cell and what changed."""
+        stale = []
+        fits = [(f, None, "setup.json") for f in self.study.setup] + \
+               [(m, s, CELL_DONE) for s in self.study.seeds for m in self.study.methods]
+        for fit, seed, done_file in fits:
+            name = fit.name if seed is None else f"{fit.name}-seed{seed}"
+            started, saved = self._stored_fingerprint(self.study.dir / name, done_file)
+            now = self.fingerprint(fit, seed)
+            if started and saved != now:
+                stale.append(f"  {name}: " + "; ".join(_changes(saved, now)))
+        if stale:
+            raise AmrlhfError(
+                f"study {self.study.name}: {len(stale)} cell(s) in {self.study.dir} were started with other settings "
+                "and cannot be mixed with this study's:\n" + "\n".join(stale) +
+                "\ngive the study a new 'name' (or runs_root), or delete those cells' folders to rerun them")
+
+    def _start(self, run_dir: Path, fp: dict) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / FINGERPRINT).exists():
+            _write_atomic(run_dir / FINGERPRINT, fp)
 
     # ------------------------------------------------------------------ tracking
     def _parent_run(self) -> str:
@@ -89,6 +155,8 @@ class StudyRun:
             log.info("setup %s: done before, skipped", fit.name)
             return
         t = time.perf_counter()
+        fp = self.fingerprint(fit, None)
+        self._start(self.study.dir / fit.name, fp)
         cli = run_lightning(self._fit_args(fit, fit.name, list(map(str, fit.args))))
         if fit.export:
             from amrlhf.export import export
@@ -96,7 +164,7 @@ class StudyRun:
             export(self.study.dir / fit.name / "final.ckpt", self.study.dir / fit.name / "hf")
         del cli
         gc.collect()
-        _write_atomic(done, {"name": fit.name, "seconds": time.perf_counter() - t})
+        _write_atomic(done, {"name": fit.name, "seconds": time.perf_counter() - t, "fingerprint": fp})
 
     def heldout_data(self, policy_name: str):
         """Tokenizer, encoded held-out pairs and the base's log-probs (the DPO reference), once per study."""
@@ -128,32 +196,34 @@ class StudyRun:
         path = self.study.dir / "base.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("heldout") == self._spec_key():
+            if saved.get("heldout") == self.heldout_key():
                 return saved
         from amrlhf.models import ModelSpec, load_causal_lm
 
         tok, data, _ = self._held
         model = base_model or load_causal_lm(ModelSpec(name=policy_name), trainable=False)
-        metrics, items = {}, {}
+        metrics, items, ids = {}, {}, {}
         if self.study.heldout.generate is not None:
-            gen, texts = generation_items(model, tok, data, self.study.heldout, "generate: base")
-            items.update(gen)
-            metrics.update({f"eval/gen/{k}": _mean(v) for k, v in gen.items()})
+            gen, _, gen_ids = generation_items(model, tok, data, self.study.heldout, "generate: base")
+            items.update({f"eval/gen/{k}": v for k, v in gen.items()})
+            ids.update({f"eval/gen/{k}": gen_ids for k in gen})
         if self.study.heldout.marked is not None:
-            marked = {f"eval/marked/{k}": v for k, v in marked_items(model, tok, data, self.study.heldout,
-                                                                     "marked: base").items()}
-            items.update(marked)
-            metrics.update({k: _mean(v) for k, v in marked.items()})
+            marked, marked_ids = marked_items(model, tok, data, self.study.heldout, "marked: base")
+            items.update({f"eval/marked/{k}": v for k, v in marked.items()})
+            ids.update({f"eval/marked/{k}": marked_ids for k in marked})
+        metrics.update({k: _mean(v) for k, v in items.items()})
         metrics.update(self._lm_eval(model, tok, self.study.dir / "base_lm_eval"))
-        base = {"policy": policy_name, "heldout": self._spec_key(), "metrics": metrics, "items": items}
+        base = {"policy": policy_name, "heldout": self.heldout_key(), "metrics": metrics, "items": items,
+                "item_ids": ids}
         _write_atomic(path, base)
         for key, value in metrics.items():
             self.client.log_metric(self.parent, f"base/{key}", value)
         return base
 
-    def _spec_key(self) -> dict:
+    def heldout_key(self) -> dict:
         h, g, m = self.study.heldout, self.study.heldout.generate, self.study.heldout.marked
-        return {"data": h.data, "limit": h.limit, "max_length": h.max_length, "eval": self.study.eval,
+        return {"data": h.data, "data_sha256": self._data_hash, "limit": h.limit, "max_length": h.max_length,
+                "batch_size": h.batch_size, "beta": h.beta, "spans": h.spans, "eval": self.study.eval,
                 "generate": None if g is None else {"limit": g.limit, "max_new_tokens": g.max_new_tokens,
                                                     "grader": g.grader},
                 "marked": None if m is None else {"spans": m.spans, "limit": m.limit}}
@@ -176,23 +246,32 @@ class StudyRun:
 
         name = f"{method.name}-seed{seed}"
         cell_dir = self.study.dir / name
+        fp = self.fingerprint(method, seed)
         if (cell_dir / CELL_DONE).exists():
-            return json.loads((cell_dir / CELL_DONE).read_text())
+            cell = json.loads((cell_dir / CELL_DONE).read_text())
+            if cell.get("fingerprint") != fp:  # check_fingerprints refuses this before anything runs
+                changed = "; ".join(_changes(cell.get("fingerprint"), fp))
+                raise AmrlhfError(f"{cell_dir}: finished with other settings: {changed}")
+            return cell
         t = time.perf_counter()
+        self._start(cell_dir, fp)
         cli = run_lightning(self._fit_args(method, name, self.study.cell_args(method, seed)))
         module, logger = cli.model, cli.trainer.logger
         tok, data, base_lp = self.heldout_data(module.policy_spec.name)
         spec = self.study.heldout
         items = {f"eval/heldout/{k}": v for k, v in
                  preference_items(module.policy, base_lp, data, tok.pad_token_id, spec, f"held-out: {name}").items()}
+        ids = {k: item_ids(spec, data) for k in items}
         if spec.generate is not None:
-            gen, texts = generation_items(module.policy, tok, data, spec, f"generate: {name}")
+            gen, texts, gen_ids = generation_items(module.policy, tok, data, spec, f"generate: {name}")
             items.update({f"eval/gen/{k}": v for k, v in gen.items()})
+            ids.update({f"eval/gen/{k}": gen_ids for k in gen})
             (cell_dir / "generations.jsonl").write_text("".join(json.dumps({"row": e.index, "text": x}) + "\n"
                                                                 for e, x in zip(data, texts, strict=False)))
         if spec.marked is not None:
-            items.update({f"eval/marked/{k}": v for k, v in
-                          marked_items(module.policy, tok, data, spec, f"marked: {name}").items()})
+            marked, marked_ids = marked_items(module.policy, tok, data, spec, f"marked: {name}")
+            items.update({f"eval/marked/{k}": v for k, v in marked.items()})
+            ids.update({f"eval/marked/{k}": marked_ids for k in marked})
         metrics = {k: _mean(v) for k, v in items.items()}
         loc = localisation(module, tok, data, spec)
         metrics.update({f"eval/loc/{k}": v for k, v in (loc or {}).items()})
@@ -202,7 +281,7 @@ class StudyRun:
             if key.startswith("eval/"):
                 self.client.log_metric(logger.run_id, key, value)
         cell = {"method": method.name, "seed": seed, "run_id": logger.run_id, "metrics": metrics, "items": items,
-                "seconds": time.perf_counter() - t}
+                "item_ids": ids, "seconds": time.perf_counter() - t, "fingerprint": fp}
         del cli, module
         gc.collect()
         _write_atomic(cell_dir / CELL_DONE, cell)  # first: a kill in between must not lose the trained cell
@@ -222,6 +301,7 @@ def run_study(path: str | Path) -> dict:
     check_recipes(Path(path), [{"config": f.config, "args": f.args} for f in study.setup] +
                   [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])
     run = StudyRun(study)
+    run.check_fingerprints()
     for fit in study.setup:
         run.run_setup(fit)
     cells = [(m, s) for s in study.seeds for m in study.methods]  # seed-major: an early stop leaves whole seeds
@@ -236,9 +316,13 @@ def run_study(path: str | Path) -> dict:
         if not done:
             times.append(cell["seconds"])
         results.append(cell)
-    if run.base is None:  # every cell was finished before: read the stored base row
+    if run.base is None:  # every cell was finished before: the stored base row, if it was scored on this held-out
         base_file = study.dir / "base.json"
-        run.base = json.loads(base_file.read_text()) if base_file.exists() else {"metrics": {}, "items": {}}
+        saved = json.loads(base_file.read_text()) if base_file.exists() else None
+        if saved is not None and saved.get("heldout") != run.heldout_key():
+            raise AmrlhfError(f"{base_file}: the untrained base was scored with other held-out settings "
+                              f"({'; '.join(_changes(saved.get('heldout'), run.heldout_key()))}); delete it to rescore")
+        run.base = saved or {"metrics": {}, "items": {}}
     report = write_report(study, results, run.base)
     for artefact in report["files"]:
         run.client.log_artifact(run.parent, str(artefact))

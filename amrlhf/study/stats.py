@@ -50,26 +50,54 @@ class Delta:
 
     @property
     def verdict(self) -> str:
+        """The verdict for a metric where higher is better."""
+        return self.verdict_for(higher_is_better=True)
+
+    def verdict_for(self, higher_is_better: bool) -> str:
+        """`better` / `worse` when the 95% interval excludes 0, read in the metric's direction (for a
+        perplexity or a loss a negative delta is `better`), else `within noise`."""
         if not math.isfinite(self.half_width):
             return "n/a (1 seed)"
         if self.half_width == 0 and self.se_item is None:
             return "no uncertainty estimate (same on every seed, no per-item values)"
+        up, down = ("better", "worse") if higher_is_better else ("worse", "better")
         if self.delta - self.half_width > 0:
-            return "better"
+            return up
         if self.delta + self.half_width < 0:
-            return "worse"
+            return down
         return "within noise"
 
 
+def _by_identity(items: list[list[float]], ids: list[list[str]], order: list[str]) -> list[list[float]]:
+    """Each seed's per-item values put in `order` (item identities); the same items everywhere or an error."""
+    out = []
+    for values, keys in zip(items, ids, strict=True):
+        if len(keys) != len(values) or len(set(keys)) != len(keys):
+            raise ValueError("paired over items: item identities do not match the values (or repeat)")
+        if set(keys) != set(order):
+            raise ValueError("paired over items: the cells were scored on different held-out items")
+        where = {k: i for i, k in enumerate(keys)}
+        out.append([values[where[k]] for k in order])
+    return out
+
+
 def paired_delta(method: list[float], base: list[float], method_items: list[list[float]] | None = None,
-                 base_items: list[list[float]] | None = None) -> Delta:
-    """method/base: per-seed values, in the same seed order; *_items: per seed, per-item values in the
-    same item order (optional). See the module docstring for the estimator."""
+                 base_items: list[list[float]] | None = None, method_ids: list[list[str]] | None = None,
+                 base_ids: list[list[str]] | None = None) -> Delta:
+    """method/base: per-seed values, in the same seed order; *_items: per seed, per-item values (optional);
+    *_ids: per seed, each item's identity. With ids, items are paired by identity (every cell must hold the
+    same items, in any order); without them, by position. See the module docstring for the estimator."""
     if len(method) != len(base):
         raise ValueError(f"paired over seeds: {len(method)} vs {len(base)} seeds")
     diffs = [m - b for m, b in zip(method, base, strict=True)]
     delta, se_seed = mean_se(diffs)
     se_item = None
+    if method_items is not None and base_items is not None and (method_ids is None) != (base_ids is None):
+        raise ValueError("paired over items: item identities for one side only")
+    if method_items is not None and base_items is not None and method_ids is not None:
+        order = list(base_ids[0])
+        method_items = _by_identity(method_items, method_ids, order)
+        base_items = _by_identity(base_items, base_ids, order)
     if method_items is not None and base_items is not None:
         if len(method_items) != len(base_items) or any(len(a) != len(b) for a, b in
                                                        zip(method_items, base_items, strict=True)):
