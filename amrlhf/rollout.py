@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from amrlhf.data.collate import pad_rows
+from amrlhf.errors import ConfigError
 from amrlhf.segmenters.rules import first_response_index
 
 
@@ -29,6 +30,20 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
+
+    def __post_init__(self):
+        """Refused when built (before any training): settings no rollout can sample with. Temperature 0 (greedy)
+        is refused too: every answer of a group would be the same, so group-relative methods get no signal."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"sampling.temperature must be > 0 (sampling draws from the policy; 0 would be greedy, "
+                              f"the same answer for every sample of a prompt), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be >= 0 (0: no top-k filtering), got {self.top_k!r}")
 
 
 def generation_config(sampling: Sampling, *, n: int, max_new_tokens: int, eos_id: int, pad_id: int

@@ -285,6 +285,12 @@ MISTAKES = {  # case -> tmp_path -> (command line, environment, what the error l
                                       str(_truncated_checkpoint(t / "old.ckpt"))], {}, ["old.ckpt", "damaged"]),
     "runs-folder-unwritable": lambda t: ([*FIT, f"--runs_root={_a_file(t / 'a-file')}/runs"], {},
                                          ["runs folder", "a-file"]),
+    "dpo-max-length-past-positions": lambda t: ([*FIT, "--data.init_args.max_length=4096"], {},
+                                                ["max_length (4096", "512 positions"]),
+    "grpo-max-new-tokens-0": lambda t: (["fit", "--config", recipe("grpo"),
+                                         "--model.init_args.sampling.max_new_tokens=0"], {}, ["max_new_tokens", "0"]),
+    "grpo-temperature-0": lambda t: (["fit", "--config", recipe("grpo"), "--model.init_args.sampling.temperature=0"],
+                                     {}, ["temperature must be > 0"]),
 }
 
 

@@ -233,6 +233,12 @@ def test_tiny_study_killed_and_continued_reports_what_mlflow_holds(tmp_path):
     ({"colour": "red"}, "unknown key(s) colour"),
     ({"heldout": {"limit": 3}}, "'heldout' needs at least 'data'"),
     ({"heldout": {"data": "local:x", "marked": {"limit": 3}}}, "heldout.marked needs 'spans'"),
+    ({"seeds": [-1, 0]}, "'seeds' must lie in [0, 4294967295]"),
+    ({"seed_args": ["--seed_everything={seed}", "--data.init_args.seed={sed}"]},
+     "seed_args[1] '--data.init_args.seed={sed}': only the placeholder"),
+    ({"heldout": {"data": "local:x", "limit": "abc"}}, "heldout.limit must be a positive integer or null, got 'abc'"),
+    ({"common_args": "--trainer.max_steps=4"}, "'common_args' must be a list of command-line overrides"),
+    ({"keep_checkpoints": "false"}, "'keep_checkpoints' must be true or false (unquoted), got 'false'"),
 ])
 def test_bad_study_files_are_named_errors(tmp_path, change, message):
     cfg = yaml.safe_load((ROOT / "recipes" / "smoke" / "study.yaml").read_text())
@@ -347,3 +353,37 @@ def test_training_means_count_a_replayed_step_once(tmp_path):
         client.log_metric(rid, "segments/kept_frac_chosen", value, timestamp=ts, step=step)
     got = training_means(SimpleNamespace(experiment=client, run_id=rid), ("segments/kept_frac_chosen",))
     assert got["segments/kept_frac_chosen"] == pytest.approx((0.2 + 0.6 + 0.8) / 3)
+
+
+def test_study_with_a_missing_heldout_file_stops_before_training(tmp_path):
+    cfg = yaml.safe_load(_study_yaml(tmp_path, None).read_text())
+    cfg["heldout"]["data"] = str(tmp_path / "nope.jsonl")
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = amrlhf("study", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data file not found") and "nope.jsonl" in proc.stderr
+    assert not (tmp_path / "runs" / "smoke-study" / "dpo-seed0").exists()
+
+
+def test_an_interrupted_study_says_to_continue_the_study_and_marks_its_parent_run_killed(tmp_path, monkeypatch):
+    import signal
+
+    from amrlhf.errors import Interrupted
+    from amrlhf.study import runner
+
+    def interrupted(run, study):
+        raise Interrupted(signal.SIGTERM, "interrupted by SIGTERM: saved runs/x/last.ckpt (step 2); resume with: "
+                                          "amrlhf fit --config recipes/smoke/dpo.yaml --ckpt_path last")
+
+    monkeypatch.setattr(runner, "_run_cells", interrupted)
+    monkeypatch.chdir(tmp_path)
+    path = _study_yaml(tmp_path, None)
+    with pytest.raises(Interrupted) as caught:
+        runner.run_study(path)
+    message = str(caught.value)
+    assert "amrlhf fit" not in message and message.endswith(f"amrlhf study {path}")
+    assert message.startswith("interrupted by SIGTERM: saved runs/x/last.ckpt (step 2)")
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db")
+    parent = client.search_runs([client.get_experiment_by_name("smoke-study").experiment_id])[0]
+    assert parent.info.status == "KILLED"

@@ -110,7 +110,21 @@ class AlignmentModule(L.LightningModule):
         return mask, seg
 
     def on_fit_start(self) -> None:
+        self.check_positions()
+        self._setup_frozen()
         setup_segmentation(self)
+
+    def _setup_frozen(self) -> None:
+        """Frozen components set up before training (DPO's reference): after the checks, before segmentation."""
+
+    def check_positions(self) -> None:
+        """data.max_length within the policy's positions, before anything runs on the data (a longer row would
+        fail deep inside the embedding with an IndexError)."""
+        limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
+        length = getattr(self.trainer.datamodule, "max_length", None)
+        if limit is not None and length is not None and length > limit:
+            raise ConfigError(f"data.max_length ({length} tokens) exceeds the policy's maximum of {limit} positions "
+                              f"({self.policy_spec.name}): set data.init_args.max_length to {limit} or less")
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":

@@ -66,9 +66,8 @@ class DPOModule(PackedForward, AlignmentModule):
         self.logits_chunk = logits_chunk
         self.share_prefix = share_prefix
 
-    def on_fit_start(self) -> None:
+    def _setup_frozen(self) -> None:
         self.reference.setup(self)
-        super().on_fit_start()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":

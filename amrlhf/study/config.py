@@ -30,6 +30,7 @@ from amrlhf.study.heldout import Generation, Heldout, Marked
 KEYS = {"name", "runs_root", "prepare", "setup", "seeds", "seed_args", "common_args", "baseline", "methods",
         "heldout", "eval", "keep_checkpoints"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_SEED = 2**32 - 1  # lightning.fabric.utilities.seed.max_seed_value
 
 
 @dataclass
@@ -89,10 +90,24 @@ def _fits(path: Path, value, key: str) -> list[Fit]:
     return out
 
 
+def _positive_int(path: Path, where: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AmrlhfError(f"{path}: {where} must be a positive integer{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
 def _heldout(path: Path, value) -> Heldout:
     if not isinstance(value, dict) or "data" not in value:
         raise AmrlhfError(f"{path}: 'heldout' needs at least 'data' (the held-out preference rows)")
     value = dict(value)
+    for key, optional in (("limit", True), ("max_length", False), ("batch_size", False)):
+        if key in value:
+            _positive_int(path, f"heldout.{key}", value[key], optional)
+    if "beta" in value and (isinstance(value["beta"], bool) or not isinstance(value["beta"], int | float)
+                            or not value["beta"] > 0):
+        raise AmrlhfError(f"{path}: heldout.beta must be a positive number, got {value['beta']!r}")
     gen, marked = value.pop("generate", None), value.pop("marked", None)
     try:
         if gen is not None:
@@ -128,6 +143,16 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds) or len(set(seeds)) != len(seeds):
         raise AmrlhfError(f"{path}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    if any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise AmrlhfError(f"{path}: 'seeds' must lie in [0, {MAX_SEED}] (the range a run's seed_everything takes), "
+                          f"got {seeds!r}")
+    for key in ("common_args",):
+        if key in cfg and cfg[key] is not None and (not isinstance(cfg[key], list)
+                                                     or not all(isinstance(a, str | int | float) for a in cfg[key])):
+            raise AmrlhfError(f"{path}: '{key}' must be a list of command-line overrides (one per item), "
+                              f"got {cfg[key]!r}")
+    if "keep_checkpoints" in cfg and not isinstance(cfg["keep_checkpoints"], bool):
+        raise AmrlhfError(f"{path}: 'keep_checkpoints' must be true or false (unquoted), got {cfg['keep_checkpoints']!r}")
     name = str(cfg.get("name") or path.stem)
     if not NAME.match(name):
         raise AmrlhfError(f"{path}: name '{name}': letters, digits, '-', '_' and '.' only")
@@ -141,5 +166,11 @@ def load_study(path: str | Path) -> Study:
     if "seed_args" in cfg:
         if not isinstance(cfg["seed_args"], list) or not any("{seed}" in str(a) for a in cfg["seed_args"]):
             raise AmrlhfError(f"{path}: 'seed_args' must be a list of overrides using {{seed}}")
+        for i, arg in enumerate(cfg["seed_args"]):
+            try:
+                str(arg).format(seed=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise AmrlhfError(f"{path}: seed_args[{i}] {arg!r}: only the placeholder {{seed}} is known "
+                                  f"({type(exc).__name__}: {exc}); write a literal brace as {{{{ or }}}}") from None
         study.seed_args = [str(a) for a in cfg["seed_args"]]
     return study

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from amrlhf.errors import AmrlhfError
+from amrlhf.errors import AmrlhfError, Interrupted
 from amrlhf.study.config import Fit, Study, load_study
 from amrlhf.study.heldout import (
     data_sha256,
@@ -62,6 +62,7 @@ class StudyRun:
         from amrlhf.tracking import check_reachable, default_uri
 
         self.study = study
+        self._data_hash = data_sha256(study.heldout.data)  # also: a missing held-out file, before anything runs
         study.dir.mkdir(parents=True, exist_ok=True)
         self.uri = default_uri(study.runs_root)
         check_reachable(self.uri)
@@ -69,7 +70,6 @@ class StudyRun:
         self.parent = self._parent_run()
         self.base: dict | None = None
         self._held = None  # (tokenizer, encoded pairs, base log-probs)
-        self._data_hash = data_sha256(study.heldout.data)
 
     # ------------------------------------------------------------------ fingerprints
     def fingerprint(self, fit: Fit, seed: int | None) -> dict:
@@ -290,18 +290,7 @@ class StudyRun:
         return cell
 
 
-def run_study(path: str | Path) -> dict:
-    from amrlhf.assets import prepare
-    from amrlhf.pipeline import check_recipes
-    from amrlhf.study.report import write_report
-
-    study = load_study(path)
-    if study.prepare:
-        prepare(study.prepare)
-    check_recipes(Path(path), [{"config": f.config, "args": f.args} for f in study.setup] +
-                  [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])
-    run = StudyRun(study)
-    run.check_fingerprints()
+def _run_cells(run: StudyRun, study: Study) -> list[dict]:
     for fit in study.setup:
         run.run_setup(fit)
     cells = [(m, s) for s in study.seeds for m in study.methods]  # seed-major: an early stop leaves whole seeds
@@ -316,6 +305,31 @@ def run_study(path: str | Path) -> dict:
         if not done:
             times.append(cell["seconds"])
         results.append(cell)
+    return results
+
+
+def run_study(path: str | Path) -> dict:
+    from amrlhf.assets import prepare
+    from amrlhf.pipeline import check_recipes
+    from amrlhf.study.report import write_report
+
+    study = load_study(path)
+    if study.prepare:
+        prepare(study.prepare)
+    check_recipes(Path(path), [{"config": f.config, "args": f.args} for f in study.setup] +
+                  [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])
+    run = StudyRun(study)
+    try:
+        run.check_fingerprints()
+        results = _run_cells(run, study)
+    except Interrupted as exc:  # the cell's own hint says `amrlhf fit ... --ckpt_path last`: a study continues whole
+        run.client.set_terminated(run.parent, "KILLED")
+        said = str(exc).partition("; resume with:")[0]
+        raise Interrupted(exc.signum, f"{said}; continue the study (finished cells are kept, the interrupted one "
+                                      f"resumes from its checkpoint) with: amrlhf study {path}") from None
+    except BaseException:
+        run.client.set_terminated(run.parent, "FAILED")
+        raise
     if run.base is None:  # every cell was finished before: the stored base row, if it was scored on this held-out
         base_file = study.dir / "base.json"
         saved = json.loads(base_file.read_text()) if base_file.exists() else None
