@@ -2,16 +2,22 @@
 test instead of taking the machine down (the fork loop stops at 2000, the allocation at 4 GiB)."""
 
 import json
+import logging
 import os
+import secrets
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.evaluation.humaneval import pass_at_k, program, run_completions, score
-from amrlhf.evaluation.sandbox import ALLOW_ENV, Limits, isolation, run_python
+from amrlhf.evaluation import sandbox
+from amrlhf.evaluation.harness import code_execution
+from amrlhf.evaluation.humaneval import check_returned, pass_at_k, program, run_completions, score
+from amrlhf.evaluation.sandbox import ALLOW_ENV, Limits, Outcome, isolation, run_python
 
 
 @pytest.fixture(autouse=True)
@@ -141,3 +147,114 @@ def test_exiting_with_status_zero_is_not_a_pass(completion):
     assert score(doc, [completion]) == {"pass_at_1": 0.0}
     assert score(doc, ["    return x + y\n"]) == {"pass_at_1": 1.0}
     assert score(doc, ["    print('chatty')\n    return x + y\n"]) == {"pass_at_1": 1.0}
+
+
+# The child owns its temp dir, so it can replace the files its output went to. The evaluator must read
+# that output only through its own handles: each trick below runs in a separate evaluating process
+# (`sandbox.py` loaded alone: no torch import), killed after DEADLINE s, so a sandbox that hangs fails
+# the test instead of hanging the suite.
+DEADLINE = 60
+ROOT = Path(__file__).resolve().parents[1]
+_EVALUATOR = """import dataclasses, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox_alone", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+print(json.dumps(dataclasses.asdict(mod.run_python(sys.stdin.read(), mod.Limits(wall_s=10)))))
+"""
+_REPLACE = ("import os\nfor name in ('stdout.txt', 'stderr.txt'):\n    try:\n        os.remove(name)\n"
+            "    except OSError:\n        pass\n")
+
+
+def _evaluate_elsewhere(source: str, **env: str) -> Outcome:
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _EVALUATOR, sandbox.__file__], input=source,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                              timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the evaluator hung: no outcome after {DEADLINE} s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.perf_counter() - start < DEADLINE
+    return Outcome(**json.loads(proc.stdout.splitlines()[-1]))
+
+
+def test_output_files_replaced_by_fifos_neither_hang_the_evaluator_nor_leave_the_temp_dir():
+    src = "import os\nprint(os.getcwd(), flush=True)\n" + _REPLACE + "    os.mkfifo(name)\n"
+    out = _evaluate_elsewhere(src)
+    assert out.status == "passed", out
+    tmp = Path(out.stdout.strip())
+    assert tmp.name.startswith("amrlhf-sandbox-") and not tmp.exists()  # removed, FIFOs and all
+
+
+def test_stdout_symlinked_to_the_program_then_os_exit_is_not_a_pass():
+    """program.py holds the pass token; a wrong answer that points stdout.txt at it must still fail."""
+    doc = {"prompt": "def add(x, y):\n", "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+           "entry_point": "add"}
+    completion = ("    import os\n    try:\n        os.remove('stdout.txt')\n    except OSError:\n        pass\n"
+                  "    os.symlink('program.py', 'stdout.txt')\n    os._exit(0)\n")
+    token = secrets.token_hex(16)
+    out = check_returned(_evaluate_elsewhere(program(doc, completion, token)), token)
+    assert token not in out.stdout and out.status == "failed", out
+
+
+@pytest.mark.parametrize("target", ["/proc/self/environ", "file"])
+def test_output_files_symlinked_elsewhere_reveal_nothing_of_the_evaluator(target, tmp_path):
+    """A symlink is resolved by whoever opens it: the evaluator's environment (/proc/self/environ) or a
+    file only it may read (like /etc/shadow) must not come back as the program's output."""
+    secret = "amrlhf-secret-" + secrets.token_hex(8)
+    if target == "file":
+        (tmp_path / "shadow").write_text(secret)
+        (tmp_path / "shadow").chmod(0o600)
+        target = str(tmp_path / "shadow")
+    out = _evaluate_elsewhere(_REPLACE + f"    os.symlink({target!r}, name)\n", AMRLHF_TEST_SECRET=secret)
+    assert out.status == "passed", out
+    assert secret not in out.stdout + out.stderr and "AMRLHF_TEST_SECRET" not in out.stdout + out.stderr, out
+
+
+# Without a usable `unshare` the child runs without namespaces: one warning line per evaluation says so.
+ADD = {"prompt": "def add(x, y):\n", "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+       "entry_point": "add"}
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    sandbox.isolation.cache_clear()
+    monkeypatch.setattr(sandbox, "_announced", False)
+    yield
+    sandbox.isolation.cache_clear()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == sandbox.__name__ and r.levelno >= logging.WARNING]
+
+
+def test_the_fallback_without_unshare_warns_once_per_evaluation(monkeypatch, caplog, fresh_probe):
+    monkeypatch.setattr(sandbox, "UNSHARE", "amrlhf-no-such-unshare")  # what the probe looks for
+    caplog.set_level(logging.WARNING, logger=sandbox.__name__)
+    for evaluation in (1, 2):
+        with code_execution(True, sandboxed=True):
+            assert score(ADD, ["    return x + y\n", "    return 0\n", "    return x + y\n"]) == {
+                "pass_at_1": pytest.approx(2 / 3)}
+        assert len(_warnings(caplog)) == evaluation, _warnings(caplog)  # one per evaluation, not per program
+    assert not isolation().network_cut
+    (line,) = set(_warnings(caplog))
+    assert "no usable `unshare`" in line and "NO network cut" in line and "double fork + setsid" in line
+    assert "\n" not in line
+
+
+def test_a_plain_run_without_an_evaluation_warns_once_per_process(monkeypatch, caplog, fresh_probe):
+    monkeypatch.setattr(sandbox, "UNSHARE", "amrlhf-no-such-unshare")
+    caplog.set_level(logging.WARNING, logger=sandbox.__name__)
+    assert all(run_python("print(1)").passed for _ in range(3))
+    assert len(_warnings(caplog)) == 1, _warnings(caplog)
+
+
+def test_no_fallback_warning_when_unshare_isolates(caplog, fresh_probe):
+    if not isolation().network_cut:
+        pytest.skip("unshare is not usable here: the sandbox runs in its fallback (docs/sandbox.md)")
+    caplog.set_level(logging.WARNING, logger=sandbox.__name__)
+    with code_execution(True, sandboxed=True):
+        assert score(ADD, ["    return x + y\n", "    return 0\n"]) == {"pass_at_1": 0.5}
+    assert run_python("print(1)").passed
+    assert not _warnings(caplog)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.evaluation.sandbox import ALLOW_ENV
-from amrlhf.evaluation.suites import EvalSuite, check_limit
+from amrlhf.evaluation.sandbox import ALLOW_ENV, announce
+from amrlhf.evaluation.suites import RUNS_CODE, EvalSuite, check_limit
 from amrlhf.evaluation.tasks import render_tasks
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,16 @@ class EvalReport:
 
 
 @contextmanager
-def code_execution(allowed: bool):
+def code_execution(allowed: bool, sandboxed: bool = False):
     """The suite's opt-in reaches the sandbox (amrlhf.evaluation.sandbox) through the environment, for
-    the duration of one evaluation only; without it the variable is removed, so nothing inherited counts."""
+    the duration of one evaluation only; without it the variable is removed, so nothing inherited counts.
+    `sandboxed`: the evaluation runs code in that sandbox, which says once here if its fallback is in force."""
     before = os.environ.pop(ALLOW_ENV, None)
-    if allowed:
-        os.environ[ALLOW_ENV] = "1"
     try:
+        if allowed:
+            os.environ[ALLOW_ENV] = "1"
+            if sandboxed:
+                announce()
         yield
     finally:
         os.environ.pop(ALLOW_ENV, None)
@@ -93,7 +96,8 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, out_dir: Path, limit: int | 
     start = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.batch_size, max_length=suite.max_length,
               device=device)
-    with code_execution(suite.allow_code_execution):
+    sandboxed = suite.source == "offline" and any(name in RUNS_CODE for name, _, _ in resolved)
+    with code_execution(suite.allow_code_execution, sandboxed):
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=limit if limit is not None else suite.limit,
             num_fewshot=suite.num_fewshot, apply_chat_template=suite.apply_chat_template,

@@ -4,7 +4,11 @@ One call = one fresh process, started from an empty environment in its own tempo
 under CPU, memory, process-count and file-size rlimits and a wall-time limit; its network is cut
 where the OS allows (a new network namespace through util-linux `unshare`; Python 3.11 has no
 `os.unshare`), and under root it first drops to an unprivileged user, since root ignores the
-process-count limit. docs/sandbox.md states exactly what this does and does not guarantee.
+process-count limit. Its output goes to two unnamed files the evaluator opened itself and reads back
+through its own handles: the child owns its temp dir and may replace anything in it (a FIFO, a symlink to
+program.py or /proc/self/environ), so nothing there is ever reopened by path. Without a usable `unshare`
+the fallback is much weaker, and each evaluation says so in one warning. docs/sandbox.md states exactly
+what this does and does not guarantee.
 
 Nothing runs unless the caller opted in: `AMRLHF_ALLOW_CODE_EXECUTION=1`, which `amrlhf eval`
 sets (only for the duration of the evaluation) from a suite's `allow_code_execution: true`.
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ALLOW_ENV = "AMRLHF_ALLOW_CODE_EXECUTION"
 UNPRIVILEGED_USER = "nobody"
+UNSHARE = "unshare"   # util-linux; when it cannot start a child, the fallback of `_candidates` is used
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Isolation:
     network_cut: bool
     user: str                 # who the child runs as
     uid: int | None           # the uid to hand the temp dir to (under root), else None
+    why: str = ""             # why the stronger ways failed (set when the fallback is in force)
 
 
 def require_opt_in() -> None:
@@ -79,7 +85,7 @@ def _drop_argv(uid: int, gid: int) -> tuple[str, ...]:
 
 def _candidates() -> list[tuple[tuple[str, ...], bool, str, int | None]]:
     """Ways to start the child, strongest first: (argv prefix, network cut, user, uid)."""
-    net = ("unshare", "--net", "--pid", "--fork", "--kill-child")
+    net = (UNSHARE, "--net", "--pid", "--fork", "--kill-child")
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             raise AmrlhfError("running as root: the code sandbox needs `setpriv` (util-linux) to drop to an "
@@ -110,11 +116,27 @@ def isolation() -> Isolation:
             proc = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(Path("/")), cwd="/",
                                   timeout=30)
             if proc.returncode == 0:
-                if not net:
-                    log.warning("code sandbox: the network is NOT cut (unshare failed: %s)", "; ".join(tried))
-                return Isolation(tuple(prefix), python, net, user, uid)
+                return Isolation(tuple(prefix), python, net, user, uid, "; ".join(tried))
             tried.append(f"{' '.join(argv[:3])}...: {proc.stderr.strip()[-200:]}")
     raise AmrlhfError("no way to start a sandboxed child here: " + " | ".join(tried))
+
+
+_announced = False  # set by the first announce() of this process
+
+
+def announce() -> Isolation:
+    """At the start of each evaluation that may run model code (and at the first run of a process that no
+    evaluation announced, e.g. a plain `lm-eval` run): probe the isolation and, where the fallback without
+    `unshare` is in force, log ONE warning line saying what the child can then do."""
+    global _announced
+    iso = isolation()
+    _announced = True
+    if not iso.network_cut:
+        log.warning("code sandbox: no usable `unshare` (%s), so model-written code runs as %s with NO network "
+                    "cut and NO PID namespace: it can write wherever %s can (for a non-root user: home, "
+                    "repository, checkpoints) and a double fork + setsid escapes the kill (docs/sandbox.md)",
+                    iso.why or "?", iso.user, iso.user)
+    return iso
 
 
 def _clean_env(tmp: Path) -> dict[str, str]:
@@ -131,28 +153,54 @@ def _set_limits(limits: Limits) -> None:
         resource.setrlimit(which, (value, value))
 
 
-def _read(path: Path, limit: int) -> str:
-    with open(path, "rb") as fh:
-        return fh.read(limit).decode("utf-8", errors="replace")
+def _read(fh, limit: int) -> str:
+    """Through the evaluator's own handle (the child shared its offset: rewind first)."""
+    fh.seek(0)
+    return fh.read(limit).decode("utf-8", errors="replace")
+
+
+def _remove(tmp: Path) -> None:
+    """Remove the child's temp dir whatever it left there: FIFOs, sockets and symlinks are unlinked, never
+    opened or followed (rmtree); read-only or mode-000 folders of a non-root child are made writable first."""
+    for _ in range(3):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(tmp):
+            return
+        _unlock(tmp)
+    log.warning("code sandbox: could not remove the temp dir %s", tmp)
+
+
+def _unlock(tmp: Path) -> None:
+    """chmod 700 every folder under `tmp` (a non-root child's own, so ours too), not following a symlink (that
+    raises NotImplementedError). Root ignores the modes: nothing to do, and nothing chmod-ed as root."""
+    if os.geteuid() == 0:
+        return
+    try:
+        os.chmod(tmp, 0o700, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        return
+    for root, dirs, _ in os.walk(tmp):  # top-down: each folder is unlocked before walk enters it
+        for name in dirs:
+            try:
+                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
 
 
 def run_python(source: str, limits: Limits = Limits()) -> Outcome:
     """Run `source` as a Python program in the sandbox; -> Outcome. Refuses without the opt-in."""
     require_opt_in()
-    iso = isolation()
+    iso = isolation() if _announced else announce()
     tmp = Path(tempfile.mkdtemp(prefix="amrlhf-sandbox-"))
     try:
         program = tmp / "program.py"
         program.write_text(source, encoding="utf-8")
-        out, err = tmp / "stdout.txt", tmp / "stderr.txt"
         if iso.uid is not None:
             for p in (tmp, program):
                 os.chown(p, iso.uid, -1)
         start = time.perf_counter()
-        with open(out, "wb") as fout, open(err, "wb") as ferr:
-            if iso.uid is not None:
-                os.fchown(fout.fileno(), iso.uid, -1)
-                os.fchown(ferr.fileno(), iso.uid, -1)
+        # unnamed files outside the temp dir: the child writes them through the inherited descriptors only
+        with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
             proc = subprocess.Popen([*iso.prefix, iso.python, "-I", "-S", str(program)], cwd=tmp,
                                     env=_clean_env(tmp), stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
                                     start_new_session=True, preexec_fn=functools.partial(_set_limits, limits))
@@ -163,10 +211,11 @@ def run_python(source: str, limits: Limits = Limits()) -> Outcome:
                 code, status = None, "timeout"
             finally:
                 _kill_group(proc)
-        seconds = time.perf_counter() - start
-        return Outcome(status, code, _read(out, limits.output_bytes), _read(err, limits.output_bytes), seconds)
+            seconds = time.perf_counter() - start
+            return Outcome(status, code, _read(fout, limits.output_bytes), _read(ferr, limits.output_bytes),
+                           seconds)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
