@@ -385,3 +385,21 @@ def test_dropout_is_off_in_trained_policies(tmp_path, tokenizer):
     assert train_eval_gap(ModelSpec(str(folder), lora=LoraSpec(r=4, dropout=0.1))) == 0.0
     assert train_eval_gap(ModelSpec(str(folder), disable_dropout=False)) > 1e-3
     assert train_eval_gap(ModelSpec("local:tiny-llama", lora=LoraSpec(r=4, dropout=0.1), disable_dropout=False)) > 1e-3
+
+
+def test_soft_weights_of_all_ones_are_plain_dpo_bit_for_bit(tokenizer):
+    from amrlhf.scorers import TargetTokenReward
+    from amrlhf.segmenters import RankWeightSegmenter
+
+    batch = _batch(tokenizer)
+    scorer = TargetTokenReward("1")  # token scores that vary along a response: each digit 1's running share
+    scorer.token_id = tokenizer("1", add_special_tokens=False)["input_ids"][-1]
+    l1, g1, p1 = _run(DPOModule, None, batch, reference=FrozenReference())
+    l2, g2, p2 = _run(DPOModule, RankWeightSegmenter(lo=1.0, hi=1.0), batch, reference=FrozenReference(),
+                      scorer=scorer, score_calibration_batches=0)
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2, strict=True))
+    assert all(torch.equal(g1[n], g2[n]) for n in g1)
+    assert all(torch.equal(p1[n], p2[n]) for n in p1)
+    l3, _, _ = _run(DPOModule, RankWeightSegmenter(), batch, reference=FrozenReference(),
+                    scorer=scorer, score_calibration_batches=0)
+    assert not torch.equal(l1[-1], l3[-1])  # weights in [0.7, 1.3] change the update

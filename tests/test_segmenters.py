@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.testing import assert_close
 
 from amrlhf.segmenters import PivotSegmenter, SampleWiseSegmenter, segment_stats
 
@@ -63,3 +64,51 @@ def test_one_sided_passes_the_inner_hooks_through():
     assert isinstance(wrapped, PivotSegmenter)
     with pytest.raises(ConfigError, match="side must be"):
         OneSidedSegmenter(inner, side="both")
+
+
+def _soft_inputs(scores):
+    scores = torch.tensor(scores)
+    resp = (~torch.isnan(scores)).float()
+    return dict(response_mask=resp, input_ids=torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.long),
+                scores=torch.nan_to_num(scores))
+
+
+def test_rank_weights_by_hand():
+    from amrlhf.segmenters import RankWeightSegmenter
+
+    nan = float("nan")
+    inp = _soft_inputs([[0.1, 0.5, 0.3, nan], [0.1, 0.5, 0.3, nan], [1.0, 1.0, 2.0, nan], [2.0, 1.0, nan, nan],
+                        [4.0, nan, nan, nan]])
+    seg = RankWeightSegmenter(0.7, 1.3).segment(labels=torch.tensor([1, -1, 1, 1, -1]), **inp)
+    expected = [[0.7, 1.3, 1.0, 0.0],    # chosen: ranks 0, 2, 1 of 3 -> 0.7 + 0.6 r / 2
+                [1.3, 0.7, 1.0, 0.0],    # rejected: the lowest score ranks highest
+                [0.85, 0.85, 1.3, 0.0],  # a tie shares its mean rank 0.5 -> 0.7 + 0.6 x 0.25
+                [1.3, 0.7, 0.0, 0.0],    # two tokens: the better one 1.3, the other 0.7
+                [1.0, 0.0, 0.0, 0.0]]    # one token: the middle of the band
+    assert_close(seg.mask, torch.tensor(expected))
+    assert seg.sigma[1].tolist() == [-1, -1, -1, 0] and not seg.pivot.any() and not seg.fell_back.any()
+
+
+def test_linear_weights_by_hand():
+    from amrlhf.segmenters import LinearWeightSegmenter
+
+    nan = float("nan")
+    inp = _soft_inputs([[0.0, 0.2, 1.0, nan], [0.0, 0.2, 1.0, nan]])
+    seg = LinearWeightSegmenter(slope=0.5).segment(labels=torch.tensor([1, -1]), **inp)
+    # mean 0.4: chosen 1 + 0.5 (s - 0.4) = 0.8, 0.9, 1.3; rejected 1 - 0.5 (s - 0.4) = 1.2, 1.1, 0.7
+    assert_close(seg.mask, torch.tensor([[0.8, 0.9, 1.3, 0.0], [1.2, 1.1, 0.7, 0.0]]))
+    clipped = LinearWeightSegmenter(slope=2.0).segment(labels=torch.tensor([1, -1]), **inp)
+    assert_close(clipped.mask, torch.tensor([[0.7, 0.7, 1.3, 0.0], [1.3, 1.3, 0.7, 0.0]]))
+
+
+def test_soft_weights_refuse_a_bad_band_and_missing_scores():
+    from amrlhf.errors import ConfigError
+    from amrlhf.segmenters import LinearWeightSegmenter, RankWeightSegmenter
+
+    with pytest.raises(ConfigError, match="lo <= hi"):
+        RankWeightSegmenter(1.3, 0.7)
+    with pytest.raises(ConfigError, match="slope"):
+        LinearWeightSegmenter(slope=-1)
+    with pytest.raises(ConfigError, match="set model.init_args.scorer"):
+        RankWeightSegmenter().segment(response_mask=torch.ones(1, 2), labels=torch.tensor([1]),
+                                      input_ids=torch.zeros(1, 3, dtype=torch.long))

@@ -13,7 +13,8 @@ from amrlhf.segmenters.onesided import OneSidedSegmenter
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
+from amrlhf.segmenters.weights import LinearWeightSegmenter, RankWeightSegmenter
 
 __all__ = ["PivotSegmenter", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
            "StepWiseSegmenter", "EntropySegmenter", "Baseline", "BatchMeanBaseline", "PromptScoreBaseline", "ConstantBaseline",
-           "RunningMeanBaseline", "OneSidedSegmenter", "segment_stats"]
+           "RunningMeanBaseline", "OneSidedSegmenter", "segment_stats", "RankWeightSegmenter", "LinearWeightSegmenter"]
