@@ -325,3 +325,37 @@ def test_a_metric_missing_at_a_step_is_not_repeated_from_an_earlier_step():
     assert steps["always"] == [0, 1, 2]
     assert steps["once_direct"] == [0]
     assert steps["once_via_log"] == [0, 1, 2]  # Lightning's repetition, which log_sometimes avoids
+
+
+def _ppo_first_minibatch_token_grads(letters, monkeypatch, **kw):
+    """The gradient of the first mini-batch's policy loss with respect to each token's log-prob, and the mask
+    its mean ran over."""
+    import amrlhf.modules.ppo as ppo
+
+    seen = {}
+    loss_fn = ppo.policy_loss
+
+    def spy(logps, old, adv, mask, clip):
+        out = loss_fn(logps, old, adv, mask, clip)
+        if "grad" not in seen:
+            seen["grad"] = torch.autograd.grad(out[0], logps, retain_graph=True)[0]
+            seen["mask"] = mask.clone()
+        return out
+
+    monkeypatch.setattr(ppo, "policy_loss", spy)
+    fit(letters_ppo(letters, ppo_epochs=1, mini_batch_size=16, **kw), letters, rollouts=1)
+    return seen
+
+
+def test_the_am_ppo_mask_removes_gradient_and_never_amplifies_it(letters, monkeypatch):
+    from test_grpo import KeepEveryOther
+
+    ones = _ppo_first_minibatch_token_grads(letters, monkeypatch, segmenter=SampleWiseSegmenter())
+    half = _ppo_first_minibatch_token_grads(letters, monkeypatch, segmenter=KeepEveryOther())
+    resp = ones["mask"].bool()
+    keep = (resp.cumsum(-1) % 2 == 1) & resp
+    assert bool(ones["grad"][keep].abs().gt(0).any())
+    torch.testing.assert_close(half["grad"][keep], ones["grad"][keep], rtol=1e-5, atol=1e-9)
+    assert bool((half["grad"][resp & ~keep] == 0).all())
+    old = _ppo_first_minibatch_token_grads(letters, monkeypatch, segmenter=KeepEveryOther(), mask_normalization="kept")
+    torch.testing.assert_close(old["grad"][keep], ones["grad"][keep] * resp.sum() / keep.sum(), rtol=1e-5, atol=1e-9)

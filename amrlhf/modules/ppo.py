@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from amrlhf.errors import ConfigError
 from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import KLController
 from amrlhf.losses.ppo import gae, kl_estimate, policy_loss, shape_rewards, value_loss, whiten
@@ -71,6 +72,7 @@ class PPOModule(OnPolicyModule):
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
+        mask_normalization: Literal["response", "kept"] = "response",
     ):
         """
         Args:
@@ -102,7 +104,12 @@ class PPOModule(OnPolicyModule):
             warmup_steps: linear learning-rate warm-up, in rollouts.
             logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
                 the whole logits tensor at once).
+            mask_normalization: `response` (default): the AM mask multiplies the advantages and the actor
+                loss is the mean over every response token, so the mask removes gradient and never amplifies
+                it (as GRPO's, docs/rl.md); `kept`: the mean over the kept tokens only (the rule before 0.2).
         """
+        if mask_normalization not in ("response", "kept"):
+            raise ConfigError(f"PPOModule: mask_normalization must be response or kept, got {mask_normalization!r}")
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty, kl, ppo_epochs,
                          mini_batch_size, max_grad_norm, label_momentum, segment_warmup_rollouts, seed, lr,
                          weight_decay, warmup_steps, betas, logits_chunk)
@@ -110,6 +117,7 @@ class PPOModule(OnPolicyModule):
         self.kl_estimator = kl_estimator
         self.gamma, self.lam = gamma, lam
         self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
+        self.mask_normalization = mask_normalization
 
     @property
     def ppo_epochs(self) -> int:
@@ -167,7 +175,7 @@ class PPOModule(OnPolicyModule):
 
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss (mean over response_mask * m) + vf_coef x clipped value loss."""
+        """Clipped policy loss of m A (mean over response tokens) + vf_coef x clipped value loss."""
         parts = list(self.minibatch_parts(mb))
         return sum(loss for loss, _ in parts), {k: v for _, stats in parts for k, v in stats.items()}
 
@@ -181,7 +189,11 @@ class PPOModule(OnPolicyModule):
         split = not shared and getattr(self._trainer, "world_size", 1) == 1
         out = lean_forward(self.policy, mb, hidden=shared, entropy=True, chunk_size=self.logits_chunk)
         resp = mb["response_mask"]
-        pg, pstats = policy_loss(out.logps, mb["old_logps"], mb["advantages"], mb["actor_mask"], self.cliprange)
+        if self.mask_normalization == "kept":
+            pg, pstats = policy_loss(out.logps, mb["old_logps"], mb["advantages"], mb["actor_mask"], self.cliprange)
+        else:  # the mask weighs the advantages; the mean runs over every response token
+            pg, pstats = policy_loss(out.logps, mb["old_logps"], mb["advantages"] * mb["actor_mask"], resp,
+                                     self.cliprange)
         stats = {"policy/entropy_avg": masked_mean(out.entropy.detach(), resp), "loss/policy_avg": pg.detach()}
         if split:
             yield pg, self._averaged(stats, pstats)
