@@ -22,7 +22,7 @@ class SFTModule(AlignmentModule):
 
     Under gradient accumulation each micro-batch is normalised by its own (all-device) kept-token
     count, so accumulation equals one large batch exactly when micro-batches hold equal token
-    counts; otherwise it is the mean of micro-batch token means (see README, known limits).
+    counts; otherwise it is the mean of micro-batch token means (see docs/limits.md).
     """
 
     progress_keys = ("sft/nll",)
