@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.paths import home
+from amrlhf.paths import LOCAL_PREFIX, home
 
 log = logging.getLogger(__name__)
 
@@ -425,3 +425,26 @@ def prepare(names: list[str] | None = None, force: bool = False) -> dict[str, fl
         timings[name] = time.perf_counter() - start
         log.info("%s: ready at %s (%.1f s)", name, target, timings[name])
     return timings
+
+
+def resolve_local(name: str, kind: str) -> Path:
+    """`local:ID[/PART]` -> `$AMRLHF_HOME/<kind>s/ID[/PART]`, checked to exist.
+
+    For data, `local:halueval_dialogue/train` resolves to `.../data/halueval_dialogue/train.jsonl`.
+    """
+    ident = name[len(LOCAL_PREFIX):]
+    asset, _, part = ident.partition("/")
+    if asset not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise AmrlhfError(f"unknown asset id '{name}': known local assets are {known}")
+    root = asset_dir(asset)
+    if not is_prepared(asset):
+        raise AmrlhfError(f"asset '{asset}' is not prepared under {home()}: run `amrlhf prepare {asset}`")
+    check_intact(asset)
+    if kind == "data":
+        path = root / f"{part or 'train'}.jsonl"
+        if not path.exists():
+            parts = sorted(p.stem for p in root.glob("*.jsonl"))
+            raise AmrlhfError(f"'{name}': asset '{asset}' has no part '{part}' (parts: {', '.join(parts)})")
+        return path
+    return root

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError, Interrupted
@@ -26,15 +25,10 @@ def _setup_logging() -> None:
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines
 
 
-def run_lightning(argv: list[str]):
-    """One Lightning command from an argument list. Studies and pipelines call it with their own `sys.argv`
-    (`amrlhf study X.yaml`) still set: the argument list is deliberate, so Lightning's warning about
-    having both is not shown."""
-    from amrlhf.lightning_cli import AmrlhfCLI
+def _lightning(argv: list[str]) -> None:
+    from amrlhf.train import run_lightning  # each command imports what it runs: `amrlhf --help` stays fast
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return AmrlhfCLI(args=argv)
+    run_lightning(argv)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
-            run_lightning(argv)
+            _lightning(argv)
             return 0
         args, rest = build_parser().parse_known_args(argv)
         if rest and args.command != "segments":

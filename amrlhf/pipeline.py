@@ -20,9 +20,9 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
+from amrlhf.config_files import read_mapping
 from amrlhf.errors import AmrlhfError, Interrupted
+from amrlhf.train import check_recipes, run_lightning, training_means
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +31,6 @@ ROWS = (
     ("implicit_margin", "implicit-reward margin"),
     ("lognorm_acc", "length-normalised log-prob preference accuracy"),
 )
-
-
-def read_mapping(path: Path, what: str) -> dict:
-    """A YAML file whose top level is a mapping, or one clear error naming the file."""
-    if not path.is_file():
-        raise AmrlhfError(f"{what} file not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AmrlhfError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise AmrlhfError(f"{path}: expected a mapping at the top level")
-    return cfg
 
 
 def _load(path: Path) -> dict:
@@ -57,37 +44,6 @@ def _load(path: Path) -> dict:
         if not Path(entry["config"]).is_file():
             raise AmrlhfError(f"{path}: fit[{i}].config: recipe not found: {entry['config']}")
     return cfg
-
-
-def training_means(logger, keys) -> dict[str, float]:
-    """Mean over training steps of the logged `segments/*` values (absent for the sample-wise path). A step
-    logged twice (replayed after a crash and resume) counts once, with its last value."""
-    out = {}
-    for key in keys:
-        last: dict[int, float] = {}
-        for m in sorted(logger.experiment.get_metric_history(logger.run_id, key), key=lambda m: m.timestamp):
-            last[m.step] = m.value  # stable sort: a tie in time keeps the order MLflow returned
-        if last:
-            out[key] = sum(last.values()) / len(last)
-    return out
-
-
-def check_recipes(path: Path, fits: list[dict]) -> None:
-    """Parse every fit's recipe (with its args) before anything runs, so a typo in the last stage
-    does not cost the earlier ones."""
-    import contextlib
-    import io
-
-    from amrlhf.cli import run_lightning
-
-    for i, entry in enumerate(fits):
-        args = ["fit", "--config", entry["config"], *map(str, entry.get("args", [])), "--print_config"]
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                run_lightning(args)
-        except SystemExit as exc:
-            if exc.code not in (0, None):
-                raise AmrlhfError(f"{path}: fit[{i}] ({entry['config']}) does not parse: see the message above") from None
 
 
 def _fmt(mean: float, se: float | None = None) -> str:
@@ -126,7 +82,6 @@ def run_pipeline(path: Path) -> dict:
         prepare(cfg["prepare"])
     timings["prepare"] = time.perf_counter() - t0
 
-    from amrlhf.cli import run_lightning
     from amrlhf.data import encode_examples, read_examples
     from amrlhf.evaluation import heldout_summary, pair_logps
     from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer

@@ -454,7 +454,7 @@ def test_segments_command_renders_the_html_view(tmp_path):
 def test_a_study_cell_parses_without_lightnings_args_warning(monkeypatch, capsys):
     import warnings
 
-    from amrlhf.cli import run_lightning
+    from amrlhf.train import run_lightning
 
     monkeypatch.setattr("sys.argv", ["amrlhf", "study", "recipes/study/surprisal.yaml"])
     with warnings.catch_warnings(record=True) as seen:

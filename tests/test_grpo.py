@@ -15,9 +15,9 @@ from test_cli import history, ok, runs_df
 
 from amrlhf.data import PromptDataModule
 from amrlhf.errors import ConfigError, DataError
-from amrlhf.losses import DenseAdvantage, FixedKL, LeaveOneOut, ReinforcePlusPlus, SequenceMean
+from amrlhf.losses import FixedKL, LeaveOneOut, ReinforcePlusPlus, SequenceMean
 from amrlhf.models import ModelSpec
-from amrlhf.modules import GRPOModule
+from amrlhf.modules import DenseAdvantage, GRPOModule
 from amrlhf.rollout import Sampling
 from amrlhf.scorers import TargetTokenReward
 from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter

@@ -6,8 +6,9 @@ import pytest
 from conftest import ROOT
 
 from amrlhf.lightning_cli import AmrlhfCLI
-from amrlhf.pipeline import _load, check_recipes
+from amrlhf.pipeline import _load
 from amrlhf.study import load_study
+from amrlhf.train import check_recipes
 
 
 def _is_study(p: Path) -> bool:

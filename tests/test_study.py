@@ -344,7 +344,7 @@ def test_verdicts_follow_each_metrics_direction():
 def test_training_means_count_a_replayed_step_once(tmp_path):
     from types import SimpleNamespace
 
-    from amrlhf.pipeline import training_means
+    from amrlhf.train import training_means
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.create_run(client.create_experiment("e"))

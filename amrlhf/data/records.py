@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from amrlhf.assets import resolve_local
 from amrlhf.errors import AmrlhfError, DataError
-from amrlhf.paths import is_local_id, resolve_local
+from amrlhf.paths import is_local_id
 
 log = logging.getLogger(__name__)
 

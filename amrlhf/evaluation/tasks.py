@@ -8,10 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+from amrlhf.assets import resolve_local
 from amrlhf.errors import AmrlhfError
 from amrlhf.evaluation.adversarial import adversarial_rows
 from amrlhf.evaluation.suites import EvalSuite
-from amrlhf.paths import cache_dir, resolve_local
+from amrlhf.paths import cache_dir
 
 TASK_YAMLS = Path(__file__).resolve().parents[2] / "eval"
 HOOKS = "amrlhf_task_fns.py"  # `!function` hooks, resolved by lm-eval beside the rendered YAMLs

@@ -2,7 +2,6 @@
 
 from amrlhf.losses.advantages import GroupRelative, LeaveOneOut, ReinforcePlusPlus
 from amrlhf.losses.aggregation import ConstantNormalizer, SequenceMean, TokenMean
-from amrlhf.losses.dense import DenseAdvantage
 from amrlhf.losses.dpo import IPO, DPOLoss, HingeDPO, RobustDPO, SigmoidDPO, dpo_stats
 from amrlhf.losses.kl_control import AdaptiveKL, FixedKL, KLController
 from amrlhf.losses.logprobs import sequence_logps, token_logprobs
@@ -13,7 +12,7 @@ from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 
 __all__ = [
     "GroupRelative", "LeaveOneOut", "ReinforcePlusPlus", "TokenMean", "SequenceMean", "ConstantNormalizer",
-    "DenseAdvantage", "SoftOverlongPunishment", "zero_std_groups",
+    "SoftOverlongPunishment", "zero_std_groups",
     "AdaptiveKL", "FixedKL", "KLController",
     "DPOLoss", "SigmoidDPO", "IPO", "HingeDPO", "RobustDPO", "dpo_stats",
     "token_logprobs", "sequence_logps", "masked_sum", "masked_mean",

@@ -1,5 +1,6 @@
-"""Dense token advantages: a token scorer's per-token signal added to (or replacing) the uniform
-advantage of a critic-free estimator, the alternative to masking (docs/rl.md compares the two).
+"""Dense token advantages, the pure part: a token scorer's per-token signal and its per-group normalisation
+(the component that reads the scorer is `amrlhf.modules.DenseAdvantage`). The alternative to masking
+(docs/rl.md compares the two).
 
 Masking keeps the uniform advantage and chooses which tokens carry it; a dense advantage changes the
 value each token carries. Per-token signals: `increment` d_t = s_t - s_{t-1} (s_{-1} = the prompt's
@@ -14,9 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.advantages import grouped
-from amrlhf.scorers.base import TokenScorer
 
 
 def token_signal(scores: Tensor, prompt_scores: Tensor | None, resp: Tensor,
@@ -47,29 +46,3 @@ def group_normalise(values: Tensor, resp: Tensor, group_size: int, eps: float = 
     var = grouped((dev * dev).sum(-1), group_size).sum(-1) / (n - 1).clamp(min=1)
     std_r = var.sqrt().repeat_interleave(group_size)
     return dev / (std_r[:, None] + eps)
-
-
-class DenseAdvantage:
-    """A_t <- A_t + weight * d_t (or weight * d_t alone with `replace: true`), d the scorer's per-token
-    signal normalised over each group's response tokens."""
-
-    def __init__(self, scorer: TokenScorer, signal: Literal["increment", "level"] = "increment",
-                 weight: float = 1.0, replace: bool = False):
-        if signal not in ("increment", "level"):
-            raise ConfigError(f"DenseAdvantage: signal must be increment or level, got {signal!r}")
-        self.scorer, self.signal, self.weight, self.replace = scorer, signal, weight, replace
-
-    def setup(self, module) -> None:
-        self.scorer.setup(module)
-
-    @torch.no_grad()
-    def apply(self, module, batch: dict, advantages: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-        """-> (the new advantages [N, T-1], the normalised dense part)."""
-        ts = self.scorer.score(module, batch, "train")
-        resp = batch["response_mask"]
-        if ts.scores.shape != resp.shape:
-            raise AmrlhfError(f"DenseAdvantage: the scorer gave scores of shape {tuple(ts.scores.shape)} for "
-                              f"responses of shape {tuple(resp.shape)}")
-        dense = group_normalise(token_signal(ts.scores, ts.prompt_scores, resp, self.signal), resp, group_size)
-        dense = self.weight * dense
-        return (dense if self.replace else advantages + dense), dense

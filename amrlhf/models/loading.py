@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from amrlhf.assets import resolve_local
 from amrlhf.errors import AmrlhfError
-from amrlhf.paths import LOCAL_PREFIX, is_local_id, resolve_local
+from amrlhf.paths import LOCAL_PREFIX, is_local_id
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import SharedValueHead, ValueModel
+from amrlhf.modules.dense import DenseAdvantage
 from amrlhf.modules.dpo import DPOModule
 from amrlhf.modules.grpo import GRPOModule
 from amrlhf.modules.onpolicy import OnPolicyModule
@@ -12,5 +13,5 @@ from amrlhf.modules.reward import RewardModule, prefix_scores
 from amrlhf.modules.sft import SFTModule
 
 __all__ = ["AlignmentModule", "DPOModule", "PPOModule", "GRPOModule", "OnPolicyModule", "SFTModule", "RewardModule", "prefix_scores",
-           "SharedValueHead", "ValueModel",
+           "SharedValueHead", "ValueModel", "DenseAdvantage",
            "BestOfN", "FrozenReference", "AdapterReference", "CachedReference", "ReferenceModel"]

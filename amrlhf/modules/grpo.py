@@ -31,13 +31,13 @@ from amrlhf.errors import ConfigError
 from amrlhf.losses import masked_mean
 from amrlhf.losses.advantages import AdvantageEstimator, GroupRelative
 from amrlhf.losses.aggregation import LossAggregation, TokenMean
-from amrlhf.losses.dense import DenseAdvantage
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
 from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.modules.base import PackedForward
+from amrlhf.modules.dense import DenseAdvantage
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule, refuse_per_example_caches
 from amrlhf.modules.reference import ReferenceModel
 from amrlhf.rollout import Sampling

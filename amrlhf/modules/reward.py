@@ -8,24 +8,11 @@ There is no segmenter slot here: the Bradley-Terry loss has no per-token term to
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from amrlhf.losses import bradley_terry_loss, centring_term, reward_stats
 from amrlhf.models import ModelSpec
 from amrlhf.modules.base import AlignmentModule
-from amrlhf.segmenters.rules import first_response_index, last_response_index
-
-
-def prefix_scores(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (token scores [N, T-1] aligned with input_ids[:, 1:], prompt scores s_0 [N],
-    sequence scores [N] at the last response token)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    scores = out[:, 1:]
-    resp = batch["response_mask"]
-    first, last = first_response_index(resp), last_response_index(resp)  # aligned indices
-    rows = torch.arange(resp.shape[0], device=resp.device)
-    prompt = out[rows, first]  # out[:, first] is the last prompt token (aligned index first = its position)
-    return scores, prompt, scores[rows, last]
+from amrlhf.scorers.models import prefix_scores
 
 
 class RewardModule(AlignmentModule):

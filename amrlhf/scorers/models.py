@@ -9,6 +9,7 @@ from torch import Tensor
 from amrlhf.models import ModelSpec, load_causal_lm, load_reward_model, load_tokenizer
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.scorers.base import TokenScores, check_same_tokenizer
+from amrlhf.segmenters.rules import first_response_index, last_response_index
 
 
 def _frozen(model, device):
@@ -22,6 +23,18 @@ def _policy_tokenizer(module):
 
 def _logits_chunk(module) -> int | None:
     return getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK)
+
+
+def prefix_scores(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """A reward model's head read after every token -> (token scores [N, T-1] aligned with input_ids[:, 1:],
+    prompt scores s_0 [N], sequence scores [N] at the last response token)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    scores = out[:, 1:]
+    resp = batch["response_mask"]
+    first, last = first_response_index(resp), last_response_index(resp)  # aligned indices
+    rows = torch.arange(resp.shape[0], device=resp.device)
+    prompt = out[rows, first]  # out[:, first] is the last prompt token (aligned index first = its position)
+    return scores, prompt, scores[rows, last]
 
 
 @torch.no_grad()
@@ -51,8 +64,6 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, module, batch: dict, split: str) -> TokenScores:
-        from amrlhf.modules.reward import prefix_scores
-
         scores, prompt, _ = prefix_scores(self._models["rm"], batch)
         ent = next_token_entropy(self._models["lm"], batch, _logits_chunk(module)) if "lm" in self._models else None
         return TokenScores(scores.float(), prompt.float(), ent)

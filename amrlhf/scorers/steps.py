@@ -8,6 +8,7 @@ import torch
 from amrlhf.data.arithmetic import start_value, step_verdicts
 from amrlhf.errors import AmrlhfError
 from amrlhf.scorers.base import TokenScores
+from amrlhf.scorers.models import _policy_tokenizer
 
 
 def token_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
@@ -30,8 +31,6 @@ class ArithmeticStepScorer:
         self.tokenizer = None
 
     def setup(self, module) -> None:
-        from amrlhf.scorers.models import _policy_tokenizer
-
         self.tokenizer = _policy_tokenizer(module)
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amrlhf.config_files import read_mapping
 from amrlhf.errors import AmrlhfError
 from amrlhf.study.heldout import Generation, Heldout, Marked
 
@@ -125,8 +126,6 @@ def _heldout(path: Path, value) -> Heldout:
 
 
 def load_study(path: str | Path) -> Study:
-    from amrlhf.pipeline import read_mapping
-
     path = Path(path)
     cfg = read_mapping(path, "study")
     unknown = set(cfg) - KEYS

@@ -23,6 +23,7 @@ from amrlhf.study.heldout import (
     marked_items,
     preference_items,
 )
+from amrlhf.train import check_recipes, run_lightning, training_means
 
 log = logging.getLogger(__name__)
 STATE = "study.json"
@@ -148,8 +149,6 @@ class StudyRun:
 
     # ------------------------------------------------------------------ stages
     def run_setup(self, fit: Fit) -> None:
-        from amrlhf.cli import run_lightning
-
         done = self.study.dir / fit.name / "setup.json"
         if done.exists():
             log.info("setup %s: done before, skipped", fit.name)
@@ -241,9 +240,6 @@ class StudyRun:
         return {k: v for k, v in report.metrics.items() if not k.endswith("_stderr")}
 
     def run_cell(self, method: Fit, seed: int) -> dict:
-        from amrlhf.cli import run_lightning
-        from amrlhf.pipeline import training_means
-
         name = f"{method.name}-seed{seed}"
         cell_dir = self.study.dir / name
         fp = self.fingerprint(method, seed)
@@ -310,7 +306,6 @@ def _run_cells(run: StudyRun, study: Study) -> list[dict]:
 
 def run_study(path: str | Path) -> dict:
     from amrlhf.assets import prepare
-    from amrlhf.pipeline import check_recipes
     from amrlhf.study.report import write_report
 
     study = load_study(path)
