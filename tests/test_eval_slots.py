@@ -11,7 +11,7 @@ from amrlhf.assets import REGISTRY
 from amrlhf.errors import AmrlhfError
 from amrlhf.evaluation.gsm_style import NO_ANSWER, extract_answer, normalise_number, row
 from amrlhf.evaluation.suites import SLOTS, EvalSuite, load_suite
-from amrlhf.evaluation.tasks import TASK_YAMLS, render_tasks
+from amrlhf.evaluation.tasks import render_tasks
 from amrlhf.evaluation.truthfulqa import mc_rows
 
 NEW = {"gsm": ("gsm_style", "gsm_style"), "truthfulqa": ("truthfulqa_mc_bigbench", "truthfulqa_bigbench"),
@@ -21,7 +21,7 @@ NEW = {"gsm": ("gsm_style", "gsm_style"), "truthfulqa": ("truthfulqa_mc_bigbench
 def test_new_slots_are_registered_offline_with_a_prepare_asset():
     for slot, (task, asset) in NEW.items():
         assert SLOTS[slot].offline == task and SLOTS[slot].asset == asset and asset in REGISTRY
-        assert (TASK_YAMLS / f"{task}.yaml").exists()
+        assert SLOTS[slot].task_yaml.exists() and SLOTS[slot].task_yaml.name == f"{task}.yaml"
     assert "8k" not in SLOTS["gsm"].offline  # GSM-style, never called GSM8K
     resolved = EvalSuite(slots=list(NEW), allow_code_execution=True).resolve()
     assert [(s, t) for s, t, _ in resolved] == [(s, t) for s, (t, _) in NEW.items()]
@@ -97,8 +97,9 @@ def test_multiple_choice_continuations_carry_exactly_one_space(tmp_path, monkeyp
 
 def test_rendered_tasks_carry_their_hooks_and_data(eval_slot_assets):
     folder = render_tasks(EvalSuite(slots=list(NEW), allow_code_execution=True))
-    assert (folder / "amrlhf_task_fns.py").exists()
-    gsm = (folder / "gsm_style.yaml").read_text()
+    assert (folder / "gsm" / "amrlhf_task_fns.py").exists() and (folder / "humaneval" / "amrlhf_task_fns.py").exists()
+    assert not (folder / "truthfulqa" / "amrlhf_task_fns.py").exists()  # hooks only where a task names them
+    gsm = (folder / "gsm" / "gsm_style.yaml").read_text()
     assert "__DATA__" not in gsm and "__FEWSHOT__" not in gsm and str(eval_slot_assets) in gsm
 
 
@@ -141,7 +142,7 @@ def test_gsm_scoring_matches_the_task_yaml():
     import yaml
     from lm_eval.api.registry import get_metric
 
-    text = (TASK_YAMLS / "gsm_style.yaml").read_text().replace("!function ", "")
+    text = SLOTS["gsm"].task_yaml.read_text().replace("!function ", "")
     ignore = yaml.safe_load(text)["metric_list"][0]["regexes_to_ignore"]
     gold = row({"question": "q", "answer": "28080", "answer_cot": "2340 * 12 = 28,080\n#### 28,080"}, 1)["answer"]
     em = get_metric("exact_match")

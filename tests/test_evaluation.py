@@ -2,6 +2,7 @@
 form and as a callback after fit, parity with the lm-eval command line, clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -169,3 +170,29 @@ def test_num_fewshot_zero_overrides_a_task_default(tmp_path):
     context = sample["arguments"][0][0]
     assert context.count("Q: ") == 1, context  # the question alone, no few-shot examples before it
     assert report.settings["num_fewshot"] == 0
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_runs_the_offline_suites_from_any_folder(tmp_path, tiny_mmlu, eval_slot_assets):
+    """The task YAMLs and their hooks are package data: a wheel installed elsewhere (no source tree on the path)
+    runs `amrlhf eval` with the offline slots from an unrelated working directory."""
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("amrlhf-*.whl")
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                               capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    assert (site / "amrlhf" / "evaluation" / "slots" / "gsm" / "amrlhf_task_fns.py").exists()
+    suite = suite_file(elsewhere, slots=["adversarial", "mmlu", "gsm"], limit=2)
+    entry = "import sys, amrlhf; print('amrlhf from', amrlhf.__file__, file=sys.stderr); " \
+            "from amrlhf.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", entry, "eval", "--config", str(suite), "--model", "local:tiny-llama",
+                           "--runs_root", str(elsewhere / "runs")], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"amrlhf from {site / 'amrlhf' / '__init__.py'}" in proc.stderr
+    assert "tasks run: adversarial -> adversarial_tricks, mmlu -> mmlu_0shot_offline, gsm -> gsm_style" in proc.stdout

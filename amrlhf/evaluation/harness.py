@@ -15,7 +15,7 @@ from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
 from amrlhf.evaluation.sandbox import ALLOW_ENV, announce
-from amrlhf.evaluation.suites import RUNS_CODE, EvalSuite, check_limit
+from amrlhf.evaluation.suites import EvalSuite, check_limit
 from amrlhf.evaluation.tasks import render_tasks
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, out_dir: Path, limit: int | 
     start = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.batch_size, max_length=suite.max_length,
               device=device)
-    sandboxed = suite.source == "offline" and any(name in RUNS_CODE for name, _, _ in resolved)
+    sandboxed = suite.source == "offline" and any(slot.runs_code for _, _, slot in resolved)
     with code_execution(suite.allow_code_execution, sandboxed):
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=limit if limit is not None else suite.limit,

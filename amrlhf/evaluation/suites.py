@@ -17,24 +17,7 @@ from typing import Literal
 import yaml
 
 from amrlhf.errors import AmrlhfError
-
-
-@dataclass(frozen=True)
-class Slot:
-    hub: str | None       # lm-eval built-in task, where a hub is reachable
-    offline: str | None   # the project's task (eval/<name>.yaml), on prepared data
-    asset: str | None     # the `amrlhf prepare` asset the offline task reads (None: generated here)
-
-
-SLOTS: dict[str, Slot] = {
-    "mmlu": Slot("mmlu", "mmlu_0shot_offline", "mmlu"),
-    "halueval": Slot(None, "halueval_dialogue_mc", "halueval_dialogue"),
-    "adversarial": Slot(None, "adversarial_tricks", None),
-    "gsm": Slot("gsm8k", "gsm_style", "gsm_style"),
-    "truthfulqa": Slot("truthfulqa_mc2", "truthfulqa_mc_bigbench", "truthfulqa_bigbench"),
-    "humaneval": Slot("humaneval", "humaneval_sandboxed", "humaneval"),
-}
-RUNS_CODE = {"humaneval"}  # slots that execute model-written code
+from amrlhf.evaluation.slots import SLOTS, Slot
 
 
 def _is_int(value) -> bool:
@@ -94,7 +77,7 @@ class EvalSuite:
                 other = "hub" if self.source == "offline" else "offline"
                 raise AmrlhfError(f"slot '{name}' has no {self.source} task in this version (it has a {other} one: "
                                   f"set source: {other}, or drop the slot)")
-            if name in RUNS_CODE and not self.allow_code_execution:
+            if slot.runs_code and not self.allow_code_execution:
                 raise AmrlhfError(f"slot '{name}' executes model-written code: set `allow_code_execution: true` in "
                                   "the suite to run it (offline: in the project's sandbox, docs/sandbox.md)")
             out.append((name, task, slot))

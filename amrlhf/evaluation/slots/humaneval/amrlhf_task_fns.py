@@ -1,14 +1,6 @@
-"""lm-eval `!function` hooks of the project's offline tasks. lm-eval loads `!function NAME.fn` from
-NAME.py beside the task YAML, so amrlhf copies this file next to the rendered YAMLs; the logic lives
-in the package (amrlhf.evaluation.*)."""
+"""lm-eval `!function` hooks of the `humaneval` slot (loaded by lm-eval from beside the rendered task YAML)."""
 
-from amrlhf.evaluation.gsm_style import extract_answer
 from amrlhf.evaluation.humaneval import score
-
-
-def gsm_answers(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """Filter: each generation -> its normalised final number (or '[no answer]')."""
-    return [[extract_answer(r) for r in resp] for resp, _ in zip(resps, docs, strict=True)]
 
 
 def keep_all(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:

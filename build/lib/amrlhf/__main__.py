@@ -1,0 +1,3 @@
+from amrlhf.cli import main
+
+raise SystemExit(main())

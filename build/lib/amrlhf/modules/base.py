@@ -1,0 +1,175 @@
+"""What every module shares: the policy slot, the segmenter slot, the optimizer, and logging.
+
+A module's step is: forward -> segmenter -> pure loss function -> log (docs/method.md, conventions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from amrlhf.errors import ConfigError
+from amrlhf.models import ModelSpec
+from amrlhf.modules.masking import segment_batch, setup_segmentation
+from amrlhf.scorers import TokenScorer
+from amrlhf.segmenters import PivotSegmenter, Segmentation
+
+log = logging.getLogger(__name__)
+
+
+def _writes_logs_now(trainer) -> bool:
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+def check_optimizer(lr: float, weight_decay: float, warmup_steps: int, betas: tuple[float, float]) -> None:
+    """Refuse optimizer settings AdamW would refuse only at the first step (or never, for warm-up)."""
+    if lr < 0:
+        raise ConfigError(f"lr must be >= 0, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+    if warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+
+
+class PackedForward:
+    """For a module whose policy reads response tokens only and has `logits_chunk` and `share_prefix`
+    (DPOModule, GRPOModule): the options of its policy's forward, which its reference reuses
+    (`amrlhf.modules.reference.module_forward_logps`), so the two are computed alike."""
+
+    logits_chunk: int | None
+    share_prefix: bool
+
+    def forward_options(self) -> dict:
+        """The vocabulary projection `logits_chunk` tokens at a time and for response tokens only (nothing
+        else is read), the rows of one item (a pair, a prompt's responses) packed when `share_prefix`."""
+        return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
+
+
+class AlignmentModule(L.LightningModule):
+    """Base for SFT / reward / DPO modules: loads `policy` in `configure_model`, owns AdamW with
+    linear warm-up, and logs metric dicts (`eval/` prefix for validation, reduced across devices)."""
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        segmenter: PivotSegmenter | None = None,
+        scorer: TokenScorer | None = None,
+        score_calibration_batches: int = 8,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ):
+        super().__init__()
+        check_optimizer(lr, weight_decay, warmup_steps, betas)
+        self.policy_spec = policy
+        # None = the unmasked path (m = response mask): the reference for parity tests.
+        self.segmenter = segmenter
+        self.scorer = scorer  # token scores for the segmenter (reward-model prefix scores, ...)
+        self.score_calibration_batches = score_calibration_batches
+        self._calibrated = False
+        self.lr, self.weight_decay, self.warmup_steps, self.betas = lr, weight_decay, warmup_steps, betas
+        self.policy = None
+
+    def load_policy(self):
+        from amrlhf.models import load_causal_lm
+
+        return load_causal_lm(self.policy_spec)
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.load_policy()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        if not self.warmup_steps:
+            return opt
+        warm = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next
+        step's closure, after the forward pass, so the last step's gradients (one float32 copy of the
+        trainable weights) would otherwise stay allocated through the next forward, on top of its
+        activations (docs/performance.md, "Gradients")."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    def mask_for(self, batch: dict, split: str) -> tuple[Tensor, Segmentation | None]:
+        """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
+        mask, seg, _ = segment_batch(self, batch, split)
+        return mask, seg
+
+    def on_fit_start(self) -> None:
+        self.check_positions()
+        self._setup_frozen()
+        setup_segmentation(self)
+
+    def _setup_frozen(self) -> None:
+        """Frozen components set up before training (DPO's reference): after the checks, before segmentation."""
+
+    def check_positions(self) -> None:
+        """data.max_length within the policy's positions, before anything runs on the data (a longer row would
+        fail deep inside the embedding with an IndexError)."""
+        limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
+        length = getattr(self.trainer.datamodule, "max_length", None)
+        if limit is not None and length is not None and length > limit:
+            raise ConfigError(f"data.max_length ({length} tokens) exceeds the policy's maximum of {limit} positions "
+                              f"({self.policy_spec.name}): set data.init_args.max_length to {limit} or less")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            setup_segmentation(self)
+
+    def log_stats(self, stats: dict[str, Tensor], split: str, batch_size: int) -> None:
+        prefix = "" if split == "train" else "eval/"
+        on_step = split == "train"
+        if on_step and self._trainer is not None and not _writes_logs_now(self.trainer):
+            return  # Lightning writes step metrics every log_every_n_steps: skip the work in between
+        for key, value in stats.items():
+            v = value.float().mean() if value.dim() else value.float()
+            self.log(prefix + key, v, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
+                     batch_size=batch_size, prog_bar=key in self.progress_keys)
+
+    def log_sometimes(self, stats: dict[str, Tensor]) -> None:
+        """Training metrics that a step may lack (no response labelled -1 in a PPO rollout): sent to the
+        logger directly at this step, since Lightning would repeat a metric's last value at every later
+        step that did not log it. Rank 0's values."""
+        if self._trainer is None or self.logger is None or not stats or not _writes_logs_now(self.trainer):
+            return
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch at
+        self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=step)
+
+    progress_keys: tuple[str, ...] = ()
+    best_metric: tuple[str, str] = ("eval/loss", "min")  # what the "best" checkpoint monitors
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What `amrlhf export` needs to rebuild the policy without the recipe.
+        checkpoint["amrlhf"] = {"module": f"{type(self).__module__}.{type(self).__qualname__}",
+                                "policy": dataclasses.asdict(self.policy_spec)}
+        if hasattr(self.segmenter, "state_dict"):  # measured scale, running-mean baseline
+            checkpoint["amrlhf"]["segmenter"] = self.segmenter.state_dict()
+        # Keep only trainable weights when the policy is LoRA: the frozen base is reloaded by name.
+        if self.policy_spec.lora is not None:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        state = checkpoint.get("amrlhf", {}).get("segmenter")
+        if state is not None and hasattr(self.segmenter, "load_state_dict"):
+            self.segmenter.load_state_dict(state)
+            self._calibrated = True
+        if self.policy_spec.lora is not None:
+            missing = self.state_dict()
+            missing.update(checkpoint["state_dict"])
+            checkpoint["state_dict"] = missing

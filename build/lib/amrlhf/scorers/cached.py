@@ -1,0 +1,39 @@
+"""Token scores precomputed once per example and cached per token (keyed by scorer, its models, data, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amrlhf.cache import PerTokenCache, model_fingerprint
+from amrlhf.models import ModelSpec
+from amrlhf.paths import cache_dir
+from amrlhf.scorers.base import TokenScorer, TokenScores
+
+
+class CachedScorer:
+    """Wraps a model-backed scorer: scores every training/validation example once at fit start,
+    then serves batches from the cache (no scorer forward pass per step); the scorer's models are
+    freed after caching."""
+
+    def __init__(self, source: TokenScorer, cache: str | None = None, batch_size: int = 4):
+        self.source, self.batch_size = source, batch_size
+        self.cache = PerTokenCache(Path(cache) if cache else None)
+
+    def setup(self, module) -> None:
+        self.cache.root = self.cache.root or cache_dir("scores")
+        models = {k: model_fingerprint(v) for k, v in vars(self.source).items() if isinstance(v, ModelSpec)}
+        meta = {"scorer": type(self.source).__name__, "models": models,
+                "params": {k: v for k, v in vars(self.source).items() if isinstance(v, int | float | str)}}
+
+        def compute(batch: dict, split: str):
+            out = self.source.score(module, batch, split)
+            return {k: v for k, v in vars(out).items() if v is not None}
+
+        self.cache.fill(module, meta, lambda: self.source.setup(module), compute, batch_size=self.batch_size,
+                        desc="token scores")
+        if hasattr(self.source, "_models"):
+            self.source._models.clear()
+
+    def score(self, module, batch: dict, split: str) -> TokenScores:
+        names = self.cache.tables[split][int(batch["index"][0])][0].keys()
+        return TokenScores(**{n: self.cache.lookup(batch, split, n) for n in names})

@@ -1,0 +1,86 @@
+"""MLflow tracking: a local sqlite store by default, any URI from the recipe or
+`MLFLOW_TRACKING_URI`; checked reachable before training; a resumed run reattaches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from amrlhf.errors import AmrlhfError
+
+log = logging.getLogger(__name__)
+RUN_FILE = "mlflow_run.json"
+
+
+@dataclass
+class Tracking:
+    """uri: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs>/mlflow.db).
+    experiment: MLflow experiment name. log_checkpoint: log the final weights as an artifact.
+    parent_run: an MLflow run id this run is nested under (a study's cells set it)."""
+
+    uri: str | None = None
+    experiment: str = "amrlhf"
+    log_checkpoint: bool = True
+    parent_run: str | None = None
+
+
+def default_uri(runs_root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_root.resolve()}/mlflow.db"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before training, with a clear message, when the tracking server does not answer or the
+    store cannot be opened (a `file:` store MLflow refuses, a database it cannot create)."""
+    if not uri.startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # any failure to open the store: the user's URI, not a bug here
+            line = " ".join(str(exc).split())
+            raise AmrlhfError(f"MLflow tracking URI {uri} cannot be used ({exc.__class__.__name__}: {line}); "
+                              "unset MLFLOW_TRACKING_URI / tracking.uri to use the local sqlite store") from None
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except Exception as exc:
+        raise AmrlhfError(f"MLflow tracking server {uri} is unreachable ({exc.__class__.__name__}); "
+                          "start it, or unset MLFLOW_TRACKING_URI / tracking.uri to use a local store") from None
+
+
+def make_logger(cfg: Tracking, run_dir: Path, run_name: str, resume: bool):
+    """An MLFlowLogger; with `resume`, reattached to the run recorded in run_dir/mlflow_run.json."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = cfg.uri or default_uri(run_dir.parent)
+    check_reachable(uri)
+    run_id = None
+    record = run_dir / RUN_FILE
+    if resume and record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("uri") == uri:
+            run_id = saved["run_id"]
+            log.info("resuming: reattaching to MLflow run %s", run_id)
+    artifacts = None if uri.startswith("http") else (run_dir.parent / "mlartifacts").resolve().as_uri()
+    tags = {"mlflow.parentRunId": cfg.parent_run} if cfg.parent_run else None
+    logger = MLFlowLogger(experiment_name=cfg.experiment, run_name=run_name, tracking_uri=uri, run_id=run_id,
+                          artifact_location=artifacts, log_model=False, tags=tags)
+    return logger
+
+
+def record_run(logger, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps({"uri": logger._tracking_uri, "run_id": logger.run_id,
+                                                "experiment_id": logger.experiment_id}))
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith("http"):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
