@@ -140,3 +140,22 @@ def test_seeds_do_not_share_data_orders_across_epochs():
     s = ResumableSampler(64, seed=3, shuffle=True)
     s.resume(1, 10)
     assert list(s) == order(3, 1)[10:]
+
+
+def test_sft_rows_can_train_on_one_side_of_preference_rows(tokenizer):
+    """completion_field: the chosen or the rejected answer of a preference row is the SFT response (the two
+    models of a ContrastiveScorer); a missing field names the file, line and field."""
+    from amrlhf.data import SFTDataModule
+
+    pairs = read_examples("local:tiny-arith/prefs_train", "preference", 3)
+    for side, pick in (("chosen", lambda e: e.chosen), ("rejected", lambda e: e.rejected)):
+        got = read_examples("local:tiny-arith/prefs_train", "sft", 3, completion_field=side)
+        assert [(g.prompt, g.chosen) for g in got] == [(p.prompt, pick(p)) for p in pairs]
+    dm = SFTDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", limit_train=3,
+                       completion_field="rejected")
+    dm.setup()
+    assert len(dm.train_data) == 3
+    with pytest.raises(DataError, match="nope"):
+        read_examples("local:tiny-arith/prefs_train", "sft", 1, completion_field="nope")
+    with pytest.raises(AmrlhfError, match="completion_field applies to SFT rows only"):
+        read_examples("local:tiny-arith/prefs_train", "preference", 1, completion_field="chosen")

@@ -162,3 +162,27 @@ def test_surprisal_scorer_refuses_a_negative_tolerance():
         SurprisalScorer(ModelSpec("local:tiny-llama"), tolerance=-1.0)
     with pytest.raises(ConfigError, match="max_entropy must be > 0"):
         SurprisalScorer(ModelSpec("local:tiny-llama"), max_entropy=0.0)
+
+
+def test_contrastive_scores_by_hand(monkeypatch):
+    """Two response tokens after a one-token prompt. The positive model gives them log-probs -0.1 and -2.0,
+    the negative one -1.0 and -0.5: d = (0.9, -1.5), so the level form is (0.9, -1.5) and the running form
+    (0.9, -0.6); the prompt position scores 0. The second token is the critical one (the negative model
+    predicts it better)."""
+
+    import amrlhf.scorers.models as models
+    from amrlhf.errors import ConfigError
+    from amrlhf.scorers import ContrastiveScorer
+
+    logps = {"pos": torch.tensor([[0.0, -0.1, -2.0]]), "neg": torch.tensor([[0.0, -1.0, -0.5]])}
+    monkeypatch.setattr(models, "lean_forward", lambda model, batch, chunk_size=None: SimpleNamespace(
+        logps=logps[model]))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "response_mask": torch.tensor([[0.0, 1.0, 1.0]])}
+    module = SimpleNamespace(logits_chunk=None)
+    for form, expected in (("level", [0.0, 0.9, -1.5]), ("running", [0.0, 0.9, -0.6])):
+        scorer = ContrastiveScorer(ModelSpec("a"), ModelSpec("b"), form=form, scale=2.0)
+        scorer._models = {"pos": "pos", "neg": "neg"}
+        out = scorer.score(module, batch, "train")
+        assert torch.allclose(out.scores, 2.0 * torch.tensor([expected])) and out.prompt_scores.tolist() == [0.0]
+    with pytest.raises(ConfigError, match="form must be level or running"):
+        ContrastiveScorer(ModelSpec("a"), ModelSpec("b"), form="sum")

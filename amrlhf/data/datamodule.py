@@ -71,7 +71,8 @@ class _TextDataModule(L.LightningDataModule):
 
     def _load(self, source: str, limit: int | None, name: str):
         examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores,
-                                 prompt_template=getattr(self, "prompt_template", None))
+                                 prompt_template=getattr(self, "prompt_template", None),
+                                 completion_field=getattr(self, "completion_field", None))
         encode = encode_prompts if self.kind == "prompt" else encode_examples
         encoded, rep = encode(examples, self.tokenizer, self.max_length)
         log.info(rep.describe(f"{name} ({source})", self.max_length))
@@ -148,9 +149,21 @@ class PreferenceDataModule(_TextDataModule):
 
 
 class SFTDataModule(_TextDataModule):
-    """Rows with `prompt` + `completion`, or `messages` (the last assistant turn is trained on)."""
+    """Rows with `prompt` + `completion`, or `messages` (the last assistant turn is trained on); with
+    `completion_field`, preference rows trained on one side (`chosen`: right answers, `rejected`: wrong ones,
+    e.g. the two models of a ContrastiveScorer)."""
 
     kind = "sft"
+
+    def __init__(self, train: str, val: str | None = None, tokenizer: str | None = None, max_length: int = 512,
+                 batch_size: int = 2, eval_batch_size: int | None = None, limit_train: int | None = None,
+                 limit_val: int | None = None, seed: int = 0, shuffle: bool = True, token_scores: bool = False,
+                 completion_field: str | None = None):
+        """completion_field: the row field trained on (e.g. `chosen` or `rejected` of preference rows), after
+        the row's `prompt`; None: `completion` or `messages`. The other arguments: as for every data module."""
+        super().__init__(train, val, tokenizer, max_length, batch_size, eval_batch_size, limit_train, limit_val,
+                         seed, shuffle, token_scores)
+        self.completion_field = completion_field
 
 
 class PromptDataModule(_TextDataModule):

@@ -144,7 +144,12 @@ def preference_example(src: str, line: int, row: dict) -> Example:
     return Example(src, line, _prompt(row, hist_c, src, line), chosen, rejected)
 
 
-def sft_example(src: str, line: int, row: dict) -> Example:
+def sft_example(src: str, line: int, row: dict, completion_field: str | None = None) -> Example:
+    """`prompt` + `completion`, or `messages`; with `completion_field` (e.g. `chosen` or `rejected` of a
+    preference row), that field is the response trained on, after `prompt` (or its own earlier turns)."""
+    if completion_field is not None:
+        hist, completion = _response(row, completion_field, src, line)
+        return Example(src, line, _prompt(row, hist, src, line), completion)
     if "messages" in row:
         hist, completion = _response(row, "messages", src, line)
         if not hist:
@@ -196,11 +201,17 @@ def attach_token_scores(ex: Example, row: dict) -> Example:
 
 
 def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False,
-                  prompt_template: str | None = None) -> list[Example]:
+                  prompt_template: str | None = None, completion_field: str | None = None) -> list[Example]:
     """Read and validate every row (up to `limit`); kind is 'preference', 'sft' or 'prompt'.
     With `token_scores`, rows must carry per-token scores (see `attach_token_scores`); `prompt_template`
-    (prompt rows only) builds each prompt from the row's fields."""
+    (prompt rows only) builds each prompt from the row's fields; `completion_field` (sft rows only) names
+    the field trained on."""
     parse = {"preference": preference_example, "sft": sft_example, "prompt": prompt_example}[kind]
+    if completion_field is not None:
+        if kind != "sft":
+            raise AmrlhfError("completion_field applies to SFT rows only")
+        def parse(src, line, row):  # noqa: E306
+            return sft_example(src, line, row, completion_field)
     if prompt_template is not None:
         if kind != "prompt":
             raise AmrlhfError("prompt_template applies to prompt rows only")

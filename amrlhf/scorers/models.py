@@ -1,11 +1,15 @@
 """Scorers backed by frozen models: reward-model prefix scores, implicit reward of a frozen
-trained policy against its reference, and the reference's next-token entropy."""
+trained policy against its reference, the contrastive log-likelihood ratio of two fine-tuned models, and
+the reference's next-token entropy."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from amrlhf.errors import ConfigError
 from amrlhf.models import ModelSpec, load_causal_lm, load_reward_model, load_tokenizer
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.scorers.base import TokenScores, check_same_tokenizer
@@ -93,3 +97,44 @@ class ImplicitRewardScorer:
              - lean_forward(self._models["ref"], batch, chunk_size=chunk).logps)
         scores = self.beta * (d * resp).cumsum(-1)
         return TokenScores(scores * resp, torch.zeros(resp.shape[0], device=resp.device))
+
+
+class ContrastiveScorer:
+    """Contrastive estimation of critical tokens (cDPO, arXiv 2411.19943): two FROZEN models fine-tuned from
+    the policy's starting point, `positive` on right answers and `negative` on wrong ones (on a split disjoint
+    from the pairs the policy trains on: recipes/sft/smollm2_arith_contrastive_*.yaml). Per response token
+
+        d_t = log p_pos(y_t | x, y_<t) - log p_neg(y_t | x, y_<t)
+
+    and the score fed to the segmenter is `scale` x d_t (`form: level`, the default): each token's own
+    evidence, low where the negative model predicts the token better than the positive one, which is what
+    marks the token critical. `form: running` gives the cumulative sum instead (s_t = scale x sum_{k<=t} d_k,
+    the form of ImplicitRewardScorer); a segmenter reading it with `signal: increment` sees d_t again. The
+    level form is the default because the running sum drifts with length: after one strongly negative
+    token every later token's score is low, so a hysteresis on it masks from the first error to the end
+    (what docs/studies.md shows for a running surprise on right answers). s_0 = 0."""
+
+    def __init__(self, positive: ModelSpec, negative: ModelSpec, form: Literal["level", "running"] = "level",
+                 scale: float = 1.0):
+        if form not in ("level", "running"):
+            raise ConfigError(f"ContrastiveScorer: form must be level or running, got {form!r}")
+        self.positive_spec, self.negative_spec, self.form, self.scale = positive, negative, form, scale
+        self._models: dict = {}
+
+    def setup(self, module) -> None:
+        if self._models:
+            return
+        policy_tok = _policy_tokenizer(module)
+        for key, spec in (("pos", self.positive_spec), ("neg", self.negative_spec)):
+            check_same_tokenizer(spec.name, load_tokenizer(spec.tokenizer or spec.name), policy_tok)
+            self._models[key] = _frozen(load_causal_lm(spec, trainable=False), module.device)
+
+    @torch.no_grad()
+    def score(self, module, batch: dict, split: str) -> TokenScores:
+        resp = batch["response_mask"]
+        chunk = _logits_chunk(module)
+        d = (lean_forward(self._models["pos"], batch, chunk_size=chunk).logps
+             - lean_forward(self._models["neg"], batch, chunk_size=chunk).logps).float() * resp
+        scores = self.scale * (d.cumsum(-1) if self.form == "running" else d)
+        return TokenScores(scores * resp, torch.zeros(resp.shape[0], device=resp.device))
+
