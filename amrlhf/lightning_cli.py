@@ -2,11 +2,11 @@
 
 Adds to plain LightningCLI: runs write to `<runs_root>/<run_name>/` (default run name: the
 recipe's folder and file name, e.g. `dpo-smollm2`, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
-resume), last/best checkpoints, the resolved recipe saved with the run, and `data.tokenizer`
-defaulting to the policy's tokenizer. Expected mistakes (a setting a class refuses, a trainer set-up
-Lightning refuses, a missing or damaged checkpoint, a runs folder that cannot be written) end as one
-AmrlhfError; SIGTERM / SIGINT during fit end as Interrupted after a resumable last.ckpt
-(callbacks/interrupt.py).
+resume), last/best checkpoints (each written to a temporary file beside it and renamed over it: a kill leaves the
+previous one whole), the resolved recipe saved with the run, and `data.tokenizer` defaulting to the policy's
+tokenizer. Expected mistakes (a setting a class refuses, a trainer set-up Lightning refuses, a missing or damaged
+checkpoint, a runs folder that cannot be written) end as one AmrlhfError; SIGTERM / SIGINT during fit end as
+Interrupted after a resumable last.ckpt (callbacks/interrupt.py).
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from amrlhf.callbacks import TrackRun
+from amrlhf.callbacks.checkpoint import StepCheckpoint
 from amrlhf.callbacks.interrupt import StopOnSignal
 from amrlhf.errors import AmrlhfError, Interrupted
 from amrlhf.modules import AlignmentModule
 from amrlhf.tracking import Tracking, make_logger
 
 log = logging.getLogger(__name__)
+PARTIAL = ".partial"  # `.<name>.partial`: a checkpoint being written beside `<name>`
 
 
 def default_run_name(recipe: Path) -> str:
@@ -70,9 +73,39 @@ def check_writable(folder: Path) -> None:
                           "choose another with --runs_root") from None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckedCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, with a missing or unreadable checkpoint (`--ckpt_path`, resume,
-    validate) reported as one line naming the file."""
+    """Lightning's checkpoint IO, saving atomically on a local disk, with a missing or unreadable checkpoint
+    (`--ckpt_path`, resume, validate) reported as one line naming the file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        """Written to `.<name>.partial` beside `path`, synced, then renamed over `path` (Lightning's save writes a
+        temporary file in $TMPDIR and moves it: across file systems a copy, which a kill truncates). A failed save
+        removes its temporary file; a save removes those that killed saves left in the folder."""
+        if storage_options is not None or "://" in str(path):  # Lightning's refusal, or a remote store
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".*{PARTIAL}"):
+            stale.unlink(missing_ok=True)
+        partial = path.with_name(f".{path.name}{PARTIAL}")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync(path.parent)  # the rename itself survives a crash
 
     def load_checkpoint(self, path, *args, **kwargs):
         if not Path(path).is_file():
@@ -163,8 +196,7 @@ class AmrlhfCLI(LightningCLI):
         self.stop = StopOnSignal(ckpt_dir)
         ours = [
             self.stop,
-            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                            every_n_train_steps=cfg.checkpoint_every),
+            StepCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every),
             TrackRun(self.run_dir, self.parser.dump(cfg, skip_none=False) if not self.subcommand
                      else self._parser(self.subcommand).dump(cfg, skip_none=False),
                      cfg.as_dict(), log_checkpoint=cfg.tracking.log_checkpoint and self.subcommand == "fit"),
@@ -205,10 +237,11 @@ class AmrlhfCLI(LightningCLI):
         try:
             with self.stop.handling_signals():
                 call(**kwargs)
-        except (SIGTERMException, Interrupted):
-            signum = self.stop.signum or signal.SIGTERM
+        except Interrupted as exc:
             self._mark_killed()
-            raise Interrupted(signum, self._interrupted_message(signum)) from None
+            if self.trainer.global_rank:  # the other processes of a multi-process run: rank 0 says it
+                raise Interrupted(exc.signum, f"rank {self.trainer.global_rank}: stopped with rank 0") from None
+            raise Interrupted(exc.signum, self._interrupted_message(exc.signum)) from None
 
     def _mark_killed(self) -> None:
         logger = self.trainer.logger

@@ -43,19 +43,24 @@ def letters(tmp_path_factory):
     return build_letters_model(root / "model"), write_letter_prompts(root / "prompts.jsonl")
 
 
-def amrlhf(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a subprocess."""
+def amrlhf(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
+           patched: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess; with `patched`, that script (`python -c`, which patches
+    something, then calls `amrlhf.cli.main()`) instead."""
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, "-m", "amrlhf", *args], cwd=cwd, capture_output=True, text=True,
+    entry = ["-m", "amrlhf"] if patched is None else ["-c", patched]
+    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**base, **(env or {})})
 
 
-def start_amrlhf(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
-    """The entry point in a background process, its output to `log` (a pipe could fill and block it)."""
+def start_amrlhf(*args: str, cwd: Path, log: Path, new_session: bool = False) -> subprocess.Popen:
+    """The entry point in a background process, its output to `log` (a pipe could fill and block it); with
+    `new_session`, in a process group of its own (which `os.killpg(proc.pid, ...)` signals, as a terminal's Ctrl-C
+    does its foreground job)."""
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "amrlhf", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                text=True, env=base)
+                                text=True, env=base, start_new_session=new_session)
 
 
 def wait_for_metric(db: Path, key: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:

@@ -1,6 +1,7 @@
 """End to end through the real `amrlhf` entry point: smoke recipes, MLflow round trip,
 resume after a crash, DDP with 2 CPU processes, export, clear errors for expected mistakes."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -126,6 +127,51 @@ def test_resume_at_an_epoch_boundary_trains_every_epoch(tmp_path):
     ckpt = torch.load(tmp_path / "b" / "smoke-dpo" / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
     assert ckpt["global_step"] == 6
+
+
+KILL_AFTER_CHECKPOINT = """
+import os
+import lightning as L
+from amrlhf.cli import main
+
+save, at = L.Trainer.save_checkpoint, int(os.environ["KILL_AT_STEP"])
+
+def save_then_die(trainer, filepath, *args, **kwargs):  # a SIGKILL right after last.ckpt of step `at` is written
+    save(trainer, filepath, *args, **kwargs)
+    if os.path.basename(filepath) == "last.ckpt" and trainer.global_step == at:
+        os._exit(17)
+
+L.Trainer.save_checkpoint = save_then_die
+raise SystemExit(main())
+"""
+
+
+def all_histories(runs_root: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of the store's one run: (step, value) for each time it was logged, a repeat included."""
+    client = mlflow.MlflowClient(f"sqlite:///{runs_root.resolve()}/mlflow.db")
+    run_id = runs_df(runs_root).loc[0, "run_id"]
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics}
+
+
+def test_a_kill_between_a_checkpoint_and_its_metrics_loses_none(tmp_path):
+    """Killed right after last.ckpt of step 3 is written (validation follows step 3), then, resumed, right after
+    that of step 4: Lightning writes a step's checkpoint in on_train_batch_end, before it logs the step's metrics
+    and before the validation that follows it, and a resumed run goes on from the next step. The history still has
+    every step's metrics exactly once (the same values), as an uninterrupted run's has."""
+    common = ["--config", recipe("dpo"), "--checkpoint_every=1", "--trainer.max_steps=6",
+              "--trainer.val_check_interval=3", "--tracking.log_checkpoint=false"]
+    ok(amrlhf("fit", *common, "--runs_root", str(tmp_path / "a"), cwd=tmp_path))
+    for step, resume in ((3, []), (4, ["--ckpt_path", "last"])):
+        killed = amrlhf("fit", *common, "--runs_root", str(tmp_path / "b"), *resume, cwd=tmp_path,
+                        patched=KILL_AFTER_CHECKPOINT, env={"KILL_AT_STEP": str(step)})
+        assert killed.returncode == 17, killed.stderr[-2000:]
+    ok(amrlhf("fit", *common, "--runs_root", str(tmp_path / "b"), "--ckpt_path", "last", cwd=tmp_path))
+    a, b = all_histories(tmp_path / "a"), all_histories(tmp_path / "b")
+    assert sorted(b) == sorted(a)
+    for key, logged in a.items():
+        assert [step for step, _ in b[key]] == [step for step, _ in logged], key
+        assert [v for _, v in b[key]] == pytest.approx([v for _, v in logged], rel=1e-6, abs=1e-7), key
 
 
 def test_ddp_two_cpu_processes_reduce_metrics_across_ranks(tmp_path):
@@ -339,10 +385,10 @@ def test_stop_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, sig, statu
     assert sorted(history(runs, df.loc[0, "run_id"], "loss")) == list(range(step + 2))  # went on from `step`
 
 
-def test_stop_signal_outside_the_training_loop_stops_at_once_and_sigint_takes_the_sigterm_path(tmp_path):
-    """Before Lightning listens (loading, caching) a signal stops at once; while it listens, SIGINT goes through
-    Lightning's SIGTERM handler (trainer.received_sigterm, its safe stopping points), and a second one stops
-    at once."""
+def test_a_stop_signal_is_recorded_while_training_and_stops_at_once_outside(tmp_path):
+    """Before a training loop runs (loading, caching) a signal stops at once; while one runs, the handler only
+    records it, for the next step boundary; a second one stops at once on one process, and changes nothing under
+    several (each process of a terminal's job gets Ctrl-C; a scheduler may signal twice)."""
     from amrlhf.callbacks.interrupt import StopOnSignal
     from amrlhf.errors import Interrupted
 
@@ -355,16 +401,67 @@ def test_stop_signal_outside_the_training_loop_stops_at_once_and_sigint_takes_th
     with stop.handling_signals(), pytest.raises(Interrupted) as raised:
         deliver(signal.SIGTERM)
     assert raised.value.signum == signal.SIGTERM
-    stop, seen = StopOnSignal(tmp_path), []
+    stop = StopOnSignal(tmp_path)
+    stop.training = True
     with stop.handling_signals():
-        ours = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), ours(s, f)))  # as Lightning composes it
         deliver(signal.SIGINT)
-        assert seen == [signal.SIGTERM] and stop.signum == signal.SIGINT
+        assert stop.signum == signal.SIGINT
         with pytest.raises(Interrupted) as raised:
             deliver(signal.SIGINT)
     assert raised.value.signum == signal.SIGINT
+    stop = StopOnSignal(tmp_path)
+    stop.training, stop.processes = True, 2
+    with stop.handling_signals():
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            deliver(sig)
+    assert stop.signum == signal.SIGINT and stop.saved is None
     assert signal.getsignal(signal.SIGINT) is before  # restored, whatever it was
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """The processes of a process group that have not exited (zombies excluded)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "sigint"])
+def test_stop_signal_to_a_ddp_process_group_saves_last_ckpt_and_exits(tmp_path, sig, status):
+    """Ctrl-C in a terminal, or a job-wide SIGTERM, signals every process of a 2-process DDP run: all of them stop
+    at the same step (no deadlock) after one fresh, loadable last.ckpt, within a bounded time."""
+    runs, log = tmp_path / "runs", tmp_path / "fit.log"
+    proc = start_amrlhf("fit", "--config", recipe("dpo"), "--runs_root", str(runs), "--trainer.devices=2",
+                        "--trainer.strategy=ddp", "--trainer.max_steps=100000", "--trainer.limit_val_batches=0",
+                        "--checkpoint_every=100000", "--tracking.log_checkpoint=false", cwd=tmp_path, log=log,
+                        new_session=True)
+    try:
+        wait_for_metric(runs / "mlflow.db", "loss", proc, log)
+        os.killpg(proc.pid, sig)
+        try:
+            returncode = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 120 s after {sig.name}:\n{log.read_text()[-3000:]}")
+        deadline = time.monotonic() + 60
+        while _alive_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive_in_group(proc.pid), log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert returncode == status and "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("interrupted by")]
+    last = runs / "smoke-dpo" / "checkpoints" / "last.ckpt"
+    assert len(lines) == 1 and f"saved {last}" in lines[0], out[-3000:]  # one line, rank 0's
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 1
+    df = runs_df(runs)
+    assert len(df) == 1 and df.loc[0, "status"] == "KILLED"
 
 
 def _free_port() -> int:
