@@ -3,6 +3,7 @@ form and as a callback after fit, parity with the lm-eval command line, clear er
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -176,10 +177,16 @@ def test_num_fewshot_zero_overrides_a_task_default(tmp_path):
 def test_a_non_editable_install_runs_the_offline_suites_from_any_folder(tmp_path, tiny_mmlu, eval_slot_assets):
     """The task YAMLs and their hooks are package data: a wheel installed elsewhere (no source tree on the path)
     runs `amrlhf eval` with the offline slots from an unrelated working directory."""
-    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    wheels, site, elsewhere, src = (tmp_path / d for d in ("wheels", "site", "elsewhere", "src"))
     elsewhere.mkdir()
+    # built from a copy of the tracked files: the build writes build/ and *.egg-info, never into the checkout
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheels.glob("amrlhf-*.whl")

@@ -1,3 +1,0 @@
-from amrlhf.cli import main
-
-raise SystemExit(main())
