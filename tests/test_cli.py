@@ -300,6 +300,15 @@ def _not_a_model(tmp_path: Path) -> str:
     return str(tmp_path / "notes")
 
 
+def _long_pairs(t: Path) -> Path:
+    """Preference rows, the second longer than tiny-llama's 512 positions."""
+    rows = [{"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "6"},
+            {"prompt": "Count.", "chosen": " ".join(["one"] * 700), "rejected": "no"}]
+    path = t / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 FIT = ("fit", "--config", recipe("dpo"))
 MISTAKES = {  # case -> tmp_path -> (command line, environment, what the error line must say)
     "negative-lr": lambda t: ([*FIT, "--model.init_args.lr=-1"], {}, ["lr", "-1"]),
@@ -331,8 +340,9 @@ MISTAKES = {  # case -> tmp_path -> (command line, environment, what the error l
                                       str(_truncated_checkpoint(t / "old.ckpt"))], {}, ["old.ckpt", "damaged"]),
     "runs-folder-unwritable": lambda t: ([*FIT, f"--runs_root={_a_file(t / 'a-file')}/runs"], {},
                                          ["runs folder", "a-file"]),
-    "dpo-max-length-past-positions": lambda t: ([*FIT, "--data.init_args.max_length=4096"], {},
-                                                ["max_length (4096", "512 positions"]),
+    "dpo-row-past-positions": lambda t: ([*FIT, "--data.init_args.max_length=4096",
+                                         f"--data.init_args.train={_long_pairs(t)}", "--data.init_args.val=null"],
+                                        {}, ["train row 2:", "max_length (4096)", "512 positions"]),
     "grpo-max-new-tokens-0": lambda t: (["fit", "--config", recipe("grpo"),
                                          "--model.init_args.sampling.max_new_tokens=0"], {}, ["max_new_tokens", "0"]),
     "grpo-temperature-0": lambda t: (["fit", "--config", recipe("grpo"), "--model.init_args.sampling.temperature=0"],

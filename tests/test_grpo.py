@@ -455,3 +455,26 @@ def test_an_overlong_cache_longer_than_the_budget_is_refused_at_construction(let
 
     with pytest.raises(ConfigError, match="longer than the sampling budget"):
         letters_grpo(letters, overlong=SoftOverlongPunishment(cache=9))
+
+
+class HalfWeights(SampleWiseSegmenter):
+    """Soft weights: 1.0 on odd response tokens (1st, 3rd, ...), 0.5 on the others."""
+
+    def segment(self, **kw):
+        seg = super().segment(**kw)
+        resp = kw["response_mask"].bool()
+        seg.mask = torch.where((resp.cumsum(-1) % 2 == 1) & resp, 1.0, 0.5) * resp.float()
+        return seg
+
+
+def test_soft_weights_scale_each_tokens_gradient_once_under_either_rule(letters, monkeypatch):
+    ones = _first_minibatch_token_grads(letters, monkeypatch, segmenter=SampleWiseSegmenter(),
+                                        scorer=TargetTokenReward("x"))
+    soft = _first_minibatch_token_grads(letters, monkeypatch, segmenter=HalfWeights(), scorer=TargetTokenReward("x"))
+    kept = _first_minibatch_token_grads(letters, monkeypatch, segmenter=HalfWeights(), scorer=TargetTokenReward("x"),
+                                        mask_normalization="kept")
+    resp = ones["mask"].bool()
+    w = torch.where((resp.cumsum(-1) % 2 == 1) & resp, 1.0, 0.5) * resp.float()
+    torch.testing.assert_close(soft["grad"][resp], (ones["grad"] * w)[resp], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(kept["grad"][resp], (ones["grad"] * w * resp.sum() / w.sum())[resp], rtol=1e-5,
+                               atol=1e-9)

@@ -278,7 +278,7 @@ def test_marked_items_by_hand(tokenizer):
 
     from amrlhf.evaluation.localization import response_offsets
     from amrlhf.models import ModelSpec, load_causal_lm
-    from amrlhf.study.heldout import Heldout, Marked, marked_items, row_id
+    from amrlhf.study.heldout import Heldout, Marked, marked_items, row_id, row_ids
 
     spans = {"class_path": "amrlhf.study.heldout.RegexSpans", "init_args": {"pattern": r"is (\d+)", "group": 1}}
     spec = Heldout(data="local:tiny-arith/prefs_heldout", limit=5, max_length=64, batch_size=2, marked=Marked(spans))
@@ -296,6 +296,7 @@ def test_marked_items_by_hand(tokenizer):
     got, ids = marked_items(model, tokenizer, data, spec, "marked")
     assert len(got["marked_acc"]) == len(got["marked_logp"]) == 5
     assert len(set(ids)) == 5 and ids == [row_id(spec.rows[e.index]) for e in data]
+    assert row_ids([{"a": 1}, {"a": 2}, {"a": 1}]) == [row_id({"a": 1}), row_id({"a": 2}), row_id({"a": 1}) + "#1"]
     assert set(got["marked_acc"]) == {0.0, 1.0}
     for i, e in enumerate(data):
         ex = spec.examples[e.index]
@@ -387,3 +388,47 @@ def test_an_interrupted_study_says_to_continue_the_study_and_marks_its_parent_ru
     client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db")
     parent = client.search_runs([client.get_experiment_by_name("smoke-study").experiment_id])[0]
     assert parent.info.status == "KILLED"
+
+
+def test_the_report_pairs_items_by_identity():
+    from types import SimpleNamespace
+
+    from amrlhf.study.report import summarise
+
+    study = SimpleNamespace(methods=[SimpleNamespace(name="dpo"), SimpleNamespace(name="am")], baseline="dpo",
+                            seeds=[0, 1])
+    key = "eval/marked/marked_acc"
+
+    def cell(method, seed, values, ids):
+        return {"method": method, "seed": seed, "metrics": {key: sum(values) / len(values)},
+                "items": {key: values}, "item_ids": {key: ids}}
+
+    # item a: +0.1 on both seeds, item b: +0.3; the method's cells store b first
+    cells = [cell("dpo", s, [0.5, 0.1], ["a", "b"]) for s in (0, 1)] + \
+            [cell("am", s, [0.4, 0.6], ["b", "a"]) for s in (0, 1)]
+    row = summarise(study, cells)[key]["am"]
+    assert row["delta"] == pytest.approx(0.2) and row["se_item"] == pytest.approx(0.1 / math.sqrt(2) * math.sqrt(2))
+
+
+def test_a_started_cell_or_a_changed_setup_fit_is_refused_before_training(tmp_path, monkeypatch):
+    from amrlhf.assets import prepare
+    from amrlhf.study.runner import FINGERPRINT, StudyRun
+
+    prepare(["arith_steps_conflicting"])
+    monkeypatch.chdir(tmp_path)
+    cfg = yaml.safe_load(_study_yaml(tmp_path, None).read_text())
+    cfg["setup"] = [{"name": "rm", "config": cfg["methods"][0]["config"], "args": ["--trainer.max_steps=2"]}]
+    path = tmp_path / "with_setup.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = StudyRun(load_study(path))
+    run.check_fingerprints()  # nothing started yet
+    started = run.study.dir / "dpo-seed1"
+    started.mkdir(parents=True)
+    (started / FINGERPRINT).write_text(json.dumps(run.fingerprint(run.study.methods[0], 1)))
+    run.check_fingerprints()  # started with these settings: it resumes
+    cfg["setup"][0]["args"] = ["--trainer.max_steps=3"]
+    path.write_text(yaml.safe_dump(cfg))
+    run = StudyRun(load_study(path))
+    with pytest.raises(AmrlhfError) as err:
+        run.check_fingerprints()
+    assert 'dpo-seed1: setup.rm.args[0]: "--trainer.max_steps=2" -> "--trainer.max_steps=3"' in str(err.value)

@@ -118,13 +118,20 @@ class AlignmentModule(L.LightningModule):
         """Frozen components set up before training (DPO's reference): after the checks, before segmentation."""
 
     def check_positions(self) -> None:
-        """data.max_length within the policy's positions, before anything runs on the data (a longer row would
-        fail deep inside the embedding with an IndexError)."""
+        """Every encoded row within the policy's positions, before anything runs on the data (a longer row
+        fails deep inside the model's embeddings): a max_length above the limit is fine while no row reaches it."""
         limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
-        length = getattr(self.trainer.datamodule, "max_length", None)
-        if limit is not None and length is not None and length > limit:
-            raise ConfigError(f"data.max_length ({length} tokens) exceeds the policy's maximum of {limit} positions "
-                              f"({self.policy_spec.name}): set data.init_args.max_length to {limit} or less")
+        dm = self.trainer.datamodule
+        if limit is None or dm is None:
+            return
+        for split in ("train", "val"):
+            for e in getattr(dm, f"{split}_data", None) or []:
+                n = len(e.prompt_ids) + max((len(r) for r in e.responses), default=0)
+                if n > limit:
+                    raise ConfigError(
+                        f"{split} row {e.index + 1}: {n} tokens under data.max_length "
+                        f"({getattr(dm, 'max_length', None)}), more than the policy's maximum of {limit} positions "
+                        f"({self.policy_spec.name}): set data.init_args.max_length to {limit} or less")
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":

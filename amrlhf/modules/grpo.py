@@ -143,7 +143,8 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 reward the estimator sees.
             drop_zero_std_groups: groups whose rewards (as the estimator sees them) are all equal leave the
                 loss, the KL term included (DAPO's dynamic-sampling filter, without refilling the batch):
-                they no longer dilute TokenMean's denominator.
+                they no longer dilute TokenMean's denominator. Use it with TokenMean (DAPO's): SequenceMean still
+                counts a dropped response as a 0 in its mean over responses (as it counts any fully masked one).
             mask_normalization: `response` (default): the AM mask removes gradient and never amplifies it
                 (the aggregation's denominators count every response token); `kept`: they count the kept
                 tokens only (the behaviour before 0.2: a mask keeping a quarter of the tokens quadruples
@@ -270,8 +271,10 @@ class GRPOModule(PackedForward, OnPolicyModule):
         roll["loss_mask"] = loss_mask
         mask, seg = self.actor_mask(roll, ts, rows)
         roll["actor_mask"] = mask * loss_mask
-        # the mask weighs the sequence part only, A_t = m_t A_seq + d_t: a masked token keeps its dense signal
-        roll["advantages"] = mask.to(adv.dtype) * adv + dense if seg is not None else adv + dense
+        # the mask weighs the sequence part only, A_t = m_t A_seq + d_t: a masked token keeps its dense signal;
+        # under `kept` the aggregation applies it (as numerator weights and denominators), so only once
+        fold = seg is not None and self.mask_normalization == "response"
+        roll["advantages"] = mask.to(adv.dtype) * adv + dense if fold else adv + dense
         if seg is not None:
             stats.update(segment_stats(seg, resp, roll["labels"]))
         stats["segments/actor_token_frac"] = roll["actor_mask"].sum() / resp.sum().clamp(min=1)

@@ -102,9 +102,20 @@ class Heldout:
 
 
 def row_id(row: dict) -> str:
-    """A held-out item's identity: a hash of its row's content (the same row in any file or order gets the same
-    id), so per-item values are paired by item, never by position."""
+    """A held-out row's content hash (the same row in any file or order gets the same hash)."""
     return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def row_ids(rows: list[dict]) -> list[str]:
+    """Each held-out item's identity: its content hash, and `#k` for the k-th repeat of identical rows, so
+    per-item values are paired by item (never by position) and repeated rows stay distinct items."""
+    seen: dict[str, int] = {}
+    out = []
+    for row in rows:
+        h = row_id(row)
+        seen[h] = seen.get(h, 0) + 1
+        out.append(h if seen[h] == 1 else f"{h}#{seen[h] - 1}")
+    return out
 
 
 def data_sha256(source: str) -> str:
@@ -116,8 +127,9 @@ def data_sha256(source: str) -> str:
 
 
 def item_ids(spec: Heldout, items) -> list[str]:
-    """The identities of encoded held-out items (`row_id` of each one's raw row)."""
-    return [row_id(spec.rows[e.index]) for e in items]
+    """The identities of encoded held-out items (`row_ids` of the raw rows)."""
+    ids = row_ids(spec.rows)
+    return [ids[e.index] for e in items]
 
 
 def instantiate(spec: dict):

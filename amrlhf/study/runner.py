@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -51,8 +52,16 @@ def _changes(saved: dict | None, now: dict) -> list[str]:
         return ["no fingerprint stored (started by an earlier amrlhf)"]
     out = []
     for key in sorted(set(saved) | set(now)):
-        if saved.get(key) != now.get(key):
-            out.append(f"{key}: {json.dumps(saved.get(key))[:120]} -> {json.dumps(now.get(key))[:120]}")
+        old, new = saved.get(key), now.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # name the changed leaf: setup.rm.args: ...
+            out += [f"{key}.{change}" for change in _changes(old, new)]
+        elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):  # args[4]: a -> b
+            out += [f"{key}[{i}]: {json.dumps(a)[:160]} -> {json.dumps(b)[:160]}"
+                    for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+        else:
+            out.append(f"{key}: {json.dumps(old)[:160]} -> {json.dumps(new)[:160]}")
     return out
 
 
@@ -75,11 +84,14 @@ class StudyRun:
     # ------------------------------------------------------------------ fingerprints
     def fingerprint(self, fit: Fit, seed: int | None) -> dict:
         """Everything a cell's (or setup fit's) results depend on that the study file states: the recipe's
-        text, the arguments it is run with, and (cells) the held-out specification with its data's hash."""
+        text, the arguments it is run with, and (cells) the held-out specification with its data's hash and the
+        fingerprints of the setup fits (a cell may read what they export)."""
         args = self.study.cell_args(fit, seed) if seed is not None else list(map(str, fit.args))
         out = {"recipe": fit.config, "recipe_sha256": _sha256_file(fit.config), "args": args}
         if seed is not None:
             out["heldout"] = self.heldout_key()
+            if self.study.setup:
+                out["setup"] = {f.name: self.fingerprint(f, None) for f in self.study.setup}
         return out
 
     def _stored_fingerprint(self, run_dir: Path, done_file: str) -> tuple[bool, dict | None]:
@@ -195,7 +207,7 @@ class StudyRun:
         path = self.study.dir / "base.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("heldout") == self.heldout_key():
+            if saved.get("heldout") == self.heldout_key() and saved.get("policy") == policy_name:
                 return saved
         from amrlhf.models import ModelSpec, load_causal_lm
 
@@ -221,8 +233,9 @@ class StudyRun:
 
     def heldout_key(self) -> dict:
         h, g, m = self.study.heldout, self.study.heldout.generate, self.study.heldout.marked
+        # what changes a held-out number (batch sizes only change the compute)
         return {"data": h.data, "data_sha256": self._data_hash, "limit": h.limit, "max_length": h.max_length,
-                "batch_size": h.batch_size, "beta": h.beta, "spans": h.spans, "eval": self.study.eval,
+                "beta": h.beta, "spans": h.spans, "spans_through_end": h.spans_through_end, "eval": self.study.eval,
                 "generate": None if g is None else {"limit": g.limit, "max_new_tokens": g.max_new_tokens,
                                                     "grader": g.grader},
                 "marked": None if m is None else {"spans": m.spans, "limit": m.limit}}
@@ -317,22 +330,24 @@ def run_study(path: str | Path) -> dict:
     try:
         run.check_fingerprints()
         results = _run_cells(run, study)
-    except Interrupted as exc:  # the cell's own hint says `amrlhf fit ... --ckpt_path last`: a study continues whole
+        if run.base is None:  # every cell finished before: the stored base row, if scored on this held-out
+            base_file = study.dir / "base.json"
+            saved = json.loads(base_file.read_text()) if base_file.exists() else None
+            if saved is not None and saved.get("heldout") != run.heldout_key():
+                changed = "; ".join(_changes(saved.get("heldout"), run.heldout_key()))
+                raise AmrlhfError(f"{base_file}: the untrained base was scored with other held-out settings "
+                                  f"({changed}); delete it to rescore")
+            run.base = saved or {"metrics": {}, "items": {}}
+        report = write_report(study, results, run.base)
+    except (Interrupted, KeyboardInterrupt) as exc:  # a cell's hint says `amrlhf fit ... --ckpt_path last`
         run.client.set_terminated(run.parent, "KILLED")
-        said = str(exc).partition("; resume with:")[0]
-        raise Interrupted(exc.signum, f"{said}; continue the study (finished cells are kept, the interrupted one "
-                                      f"resumes from its checkpoint) with: amrlhf study {path}") from None
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        said = str(exc).partition("; resume with:")[0] if isinstance(exc, Interrupted) else "interrupted by SIGINT"
+        raise Interrupted(signum, f"{said}; continue the study (finished cells are kept, the interrupted one "
+                                  f"resumes from its checkpoint) with: amrlhf study {path}") from None
     except BaseException:
         run.client.set_terminated(run.parent, "FAILED")
         raise
-    if run.base is None:  # every cell was finished before: the stored base row, if it was scored on this held-out
-        base_file = study.dir / "base.json"
-        saved = json.loads(base_file.read_text()) if base_file.exists() else None
-        if saved is not None and saved.get("heldout") != run.heldout_key():
-            raise AmrlhfError(f"{base_file}: the untrained base was scored with other held-out settings "
-                              f"({'; '.join(_changes(saved.get('heldout'), run.heldout_key()))}); delete it to rescore")
-        run.base = saved or {"metrics": {}, "items": {}}
-    report = write_report(study, results, run.base)
     for artefact in report["files"]:
         run.client.log_artifact(run.parent, str(artefact))
     for key, value in report["parent_metrics"].items():
