@@ -8,7 +8,7 @@ from conftest import ROOT
 
 # lower layers never import higher ones (same layer: allowed, circles are checked separately)
 LAYERS = [
-    {"errors", "distributed", "paths", "config_files"},
+    {"errors", "distributed", "paths", "config_files", "memory"},
     {"losses", "segmenters", "assets", "tracking"},
     {"models", "cache"},
     {"data"},

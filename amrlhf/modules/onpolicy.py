@@ -29,6 +29,7 @@ from amrlhf.distributed import mean_and_count
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import eos_penalised, last_index
+from amrlhf.memory import release_freed_memory
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import check_logits_chunk
 from amrlhf.modules.base import AlignmentModule
@@ -200,6 +201,7 @@ class OnPolicyModule(AlignmentModule):
         batch["index"] = prompt_batch["index"].cpu().repeat_interleave(n)
         records = prompt_batch.get("rows") or [{}] * len(prompt_batch["index"])
         rows = [r for r in records for _ in range(n)]
+        release_freed_memory()  # generation's KV cache and logits are freed: give them back to the OS
         return {k: v.to(self.device) for k, v in batch.items()}, ended.to(self.device), rows
 
     @torch.no_grad()
@@ -281,6 +283,7 @@ class OnPolicyModule(AlignmentModule):
                 opt.step()
                 # freed at once: not kept through the next mini-batch's forward or the next rollout
                 opt.zero_grad(set_to_none=True)
+                release_freed_memory()
                 for key, value in stats.items():
                     acc[key].append(value.detach())
         return {k: torch.stack(v).mean() for k, v in acc.items()}
