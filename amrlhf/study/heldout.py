@@ -196,12 +196,9 @@ def generation_items(model, tokenizer, data, spec: Heldout, desc: str) \
     return out, texts, item_ids(spec, items)
 
 
-@torch.no_grad()
-def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[dict[str, list[float]], list[str]]:
-    """Per held-out item (those with at least one marked token; the others are counted and logged):
-    `marked_acc` and `marked_logp` (see `Marked`), and the items' identities (`row_id`)."""
-    from amrlhf.models.forward import lean_forward
-
+def marked_rows(tokenizer, data, spec: Heldout) -> list[tuple]:
+    """The held-out items `marked_items` scores, with each response token's span (-1: none): those with at least
+    one marked token that lines up with the tokens (the others are counted and logged)."""
     finder, where = instantiate(spec.marked.spans), spec.marked.spans["class_path"]
     items = data[: spec.marked.limit] if spec.marked.limit else data
     owned = []
@@ -219,6 +216,16 @@ def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[dict
     if len(owned) < len(items):
         log.warning("marked spans: %d of %d held-out rows have no marked token that lines up and are left out",
                     len(items) - len(owned), len(items))
+    return owned
+
+
+@torch.no_grad()
+def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[dict[str, list[float]], list[str]]:
+    """Per held-out item (those with at least one marked token; the others are counted and logged):
+    `marked_acc` and `marked_logp` (see `Marked`), and the items' identities (`row_id`)."""
+    from amrlhf.models.forward import lean_forward
+
+    owned = marked_rows(tokenizer, data, spec)
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
     collate, out = Collator(tokenizer.pad_token_id), {"marked_acc": [], "marked_logp": []}
