@@ -308,8 +308,8 @@ def build_mmlu(out: Path) -> dict:
 
 # ---------------------------------------------------------------- tiny test assets (no network)
 def build_tiny_arith(out: Path) -> dict:
-    """Arithmetic preference pairs (right vs wrong sum) and SFT rows: a tiny, exact data set
-    for smoke recipes and tests. Built locally, deterministic."""
+    """Arithmetic preference pairs (right vs wrong sum, the wrong number's characters in `rejected_spans`) and
+    SFT rows: a tiny, exact data set for smoke recipes and tests. Built locally, deterministic."""
     import random
 
     rng = random.Random(0)
@@ -317,8 +317,9 @@ def build_tiny_arith(out: Path) -> dict:
     for _ in range(96):
         a, b = rng.randint(0, 49), rng.randint(0, 49)
         wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}.",
-                     "rejected": f"{a} plus {b} is {wrong}."})
+        head = f"{a} plus {b} is "
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{head}{a + b}.", "rejected": f"{head}{wrong}.",
+                     "rejected_spans": [[len(head), len(head) + len(str(wrong))]]})  # the wrong number
     splits = {"prefs_train": rows[:80], "prefs_heldout": rows[80:]}
     splits["sft_train"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:80]]
     splits["sft_heldout"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[80:]]

@@ -26,7 +26,8 @@ def check_recipes(path: Path, fits: list[dict]) -> None:
     """Parse every fit's recipe (with its args) before anything runs, so a typo in the last stage
     does not cost the earlier ones."""
     for i, entry in enumerate(fits):
-        args = ["fit", "--config", entry["config"], *map(str, entry.get("args", [])), "--print_config"]
+        configs = [entry["config"]] if isinstance(entry["config"], str) else entry["config"]
+        args = ["fit", *(arg for c in configs for arg in ("--config", c)), *map(str, entry.get("args", [])), "--print_config"]
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 run_lightning(args)

@@ -59,6 +59,7 @@ def ok(proc):
                  "eval/rewards/accuracies"]),
         ("sft", ["sft/nll", "eval/sft/nll", "segments/fallback_frac"]),
         ("rm", ["rm/accuracy", "rm/margin", "eval/rm/accuracy"]),
+        ("token_rm", ["rm/token_accuracy", "rm/flaw_recall", "rm/flawed_frac", "eval/rm/token_accuracy"]),
         ("am_dpo", ["rewards/accuracies", "segments/kept_frac_chosen", "segments/kept_frac_rejected",
                     "segments/pivots_per_response", "segments/mean_segment_len", "segments/fallback_frac",
                     "segments/score_std", "eval/segments/kept_frac_chosen"]),

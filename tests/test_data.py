@@ -159,3 +159,42 @@ def test_sft_rows_can_train_on_one_side_of_preference_rows(tokenizer):
         read_examples("local:tiny-arith/prefs_train", "sft", 1, completion_field="nope")
     with pytest.raises(AmrlhfError, match="completion_field applies to SFT rows only"):
         read_examples("local:tiny-arith/prefs_train", "preference", 1, completion_field="chosen")
+
+
+def test_span_labels_mark_the_tokens_a_flawed_span_overlaps_by_hand():
+    """1 where a token's characters overlap a span; the end-of-turn tokens after the text only when a span runs
+    to the text's end."""
+    from amrlhf.data.tokenize import span_token_labels
+
+    offsets = [(0, 4), (4, 7), (7, 9), (9, 9), (9, 9)]  # 'abcd' 'efg' 'hi', then two end-of-turn tokens
+    assert span_token_labels(offsets, [(5, 6)], 9) == [0.0, 1.0, 0.0, 0.0, 0.0]
+    assert span_token_labels(offsets, [(5, 9)], 9) == [0.0, 1.0, 1.0, 1.0, 1.0]  # to the end: the tail too
+    assert span_token_labels(offsets, [(3, 5), (8, 9)], 9) == [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert span_token_labels(offsets, [], 9) == [0.0] * 5
+
+
+def test_span_labels_travel_into_the_batch_aligned_with_the_response(tmp_path, tokenizer):
+    """The wrong number of a rejected answer becomes `token_flawed` = 1 at exactly its tokens (in the aligned
+    [N, T-1] layout), the chosen side (no field named) all 0; bad spans name file, line and field."""
+    from amrlhf.data import PreferenceDataModule
+
+    row = {**GOOD, "rejected_spans": [[12, 13]]}  # "1 plus 2 is 4.": the '4'
+    path = write(tmp_path, [row])
+    dm = PreferenceDataModule(path, tokenizer="local:tiny-llama", span_labels={"rejected": "rejected_spans"})
+    dm.setup()
+    batch = dm._collator()(dm.train_data)
+    flawed, resp = batch["token_flawed"], batch["response_mask"]
+    assert flawed[0].sum() == 0 and (flawed[1] <= resp[1]).all() and flawed[1].sum() >= 1
+    ids = batch["input_ids"][1, 1:][flawed[1].bool()].tolist()
+    assert tokenizer.decode(ids).strip() == "4"
+    for bad, msg in (([[12, 99]], "not inside"), ("12-13", "list of \\[start, end\\]"), ([[3, 3]], "not inside")):
+        p = write(tmp_path, [row, {**GOOD, "rejected_spans": bad}], name="bad.jsonl")
+        with pytest.raises(DataError, match=msg) as err:
+            read_examples(p, "preference", span_fields={"rejected": "rejected_spans"})
+        assert (err.value.line, err.value.field) == (2, "rejected_spans")
+    with pytest.raises(DataError, match="expected a list") as err:  # a row without the field is not skipped
+        read_examples(write(tmp_path, [row, GOOD], name="missing.jsonl"), "preference",
+                      span_fields={"rejected": "rejected_spans"})
+    assert err.value.line == 2
+    with pytest.raises(AmrlhfError, match="span_labels"):
+        PreferenceDataModule(path, span_labels={"prompt": "x"})

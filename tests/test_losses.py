@@ -119,3 +119,21 @@ def test_all_ones_mask_equals_unmasked_dpo():
     a = f.loss(d_unmasked[:2], d_unmasked[2:], resp.sum(-1)[:2], resp.sum(-1)[2:]).mean()
     b = f.loss(d_masked[:2], d_masked[2:], resp.sum(-1)[:2], resp.sum(-1)[2:]).mean()
     assert torch.equal(a, b)
+
+
+def test_token_label_loss_by_hand():
+    """BCE of sigmoid(s_t) against 'good' (1 - flawed) over response tokens: softplus(-s) on good tokens,
+    softplus(s) on flawed ones; accuracy counts s > 0 as good."""
+    from amrlhf.losses import token_label_loss
+
+    scores = torch.tensor([[9.0, 2.0, -1.0, 0.5], [7.0, -3.0, 1.0, 0.0]])
+    flawed = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])  # the 9 and 7 are prompt positions
+    loss, stats = token_label_loss(scores, flawed, mask)
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    by_hand = (sp(-2.0) + sp(-1.0) + sp(0.5) + sp(3.0) + sp(-1.0)) / 5
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    # right: 2.0 good (yes), -1.0 flawed (yes), 0.5 flawed (no), -3.0 good (no), 1.0 good (yes)
+    assert stats["rm/token_accuracy"].item() == pytest.approx(3 / 5)
+    assert stats["rm/flaw_recall"].item() == pytest.approx(1 / 2)
+    assert stats["rm/flawed_frac"].item() == pytest.approx(2 / 5)

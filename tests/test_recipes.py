@@ -16,7 +16,8 @@ def _is_study(p: Path) -> bool:
 
 
 TRAIN = sorted(p for p in (ROOT / "recipes").rglob("*.yaml")
-               if p.parent.name not in ("quickstart", "eval") and not _is_study(p))
+               if p.parent.name not in ("quickstart", "eval", "overlays") and not _is_study(p))
+OVERLAYS = sorted((ROOT / "recipes").rglob("overlays/*.yaml"))
 PIPELINES = sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
 STUDIES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if _is_study(p))
 
@@ -34,6 +35,21 @@ def test_training_recipe_parses_and_names_its_command(path: Path, capsys, monkey
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_:
         AmrlhfCLI(args=["fit", "--config", str(rel), "--print_config"])
+    assert exit_.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_overlay_names_its_base_and_parses_over_it(path: Path, capsys, monkeypatch):
+    """An overlay's first line is the command that composes it over its base recipe; that command parses."""
+    rel = path.relative_to(ROOT)
+    words = path.read_text().splitlines()[0].split()
+    assert words[:3] == ["#", "amrlhf", "fit"] and words[-2:] == ["--config", str(rel)], words
+    configs = words[4::2]
+    assert words[3::2] == ["--config"] * len(configs) and len(configs) >= 2 and all((ROOT / c).is_file() for c in configs)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        AmrlhfCLI(args=["fit", *words[3:], "--print_config"])
     assert exit_.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
 

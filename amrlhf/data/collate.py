@@ -25,7 +25,8 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 class Collator:
     """Batches `Encoded` items. Each item's k-th response goes to block k of the batch:
     [chosen_1..chosen_B, rejected_1..rejected_B] for preferences (one forward pass), with
-    labels +1 / -1; SFT batches are [completion_1..completion_B] with labels +1."""
+    labels +1 / -1; SFT batches are [completion_1..completion_B] with labels +1. Items with dataset token
+    scores add `token_scores`, items with flawed-span labels `token_flawed` (both [N, T-1], aligned)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -39,13 +40,22 @@ class Collator:
         batch["index"] = torch.tensor([it.index for it in items], dtype=torch.long)
         batch["response_lengths"] = batch["response_mask"].sum(-1).long()
         if items[0].scores is not None:
-            batch["token_scores"] = torch.zeros_like(batch["response_mask"])
-            for row, (k, it) in enumerate((k, it) for k in range(n_resp) for it in items):
-                start = len(it.prompt_ids) - 1
-                batch["token_scores"][row, start:start + len(it.scores[k])] = torch.tensor(it.scores[k])
+            batch["token_scores"] = self._per_token(items, n_resp, batch, lambda it: it.scores)
             if items[0].prompt_score is not None:
                 batch["prompt_scores"] = torch.tensor([it.prompt_score for _ in range(n_resp) for it in items])
+        if items[0].flawed is not None:
+            batch["token_flawed"] = self._per_token(items, n_resp, batch, lambda it: it.flawed)
         return batch
+
+    @staticmethod
+    def _per_token(items: list[Encoded], n_resp: int, batch: dict, values) -> torch.Tensor:
+        """Per-response-token values of each item (`values(item)[k]` for its k-th response) placed at the
+        response positions of the aligned [N, T-1] layout, 0 elsewhere."""
+        out = torch.zeros_like(batch["response_mask"])
+        for row, (k, it) in enumerate((k, it) for k in range(n_resp) for it in items):
+            start = len(it.prompt_ids) - 1
+            out[row, start:start + len(values(it)[k])] = torch.tensor(values(it)[k])
+        return out
 
 
 class PromptCollator:

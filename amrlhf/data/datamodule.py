@@ -72,7 +72,8 @@ class _TextDataModule(L.LightningDataModule):
     def _load(self, source: str, limit: int | None, name: str):
         examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores,
                                  prompt_template=getattr(self, "prompt_template", None),
-                                 completion_field=getattr(self, "completion_field", None))
+                                 completion_field=getattr(self, "completion_field", None),
+                                 span_fields=getattr(self, "span_labels", None))
         encode = encode_prompts if self.kind == "prompt" else encode_examples
         encoded, rep = encode(examples, self.tokenizer, self.max_length)
         log.info(rep.describe(f"{name} ({source})", self.max_length))
@@ -146,6 +147,19 @@ class PreferenceDataModule(_TextDataModule):
     assistant turn; without `prompt`, the earlier turns of `chosen` are the prompt)."""
 
     kind = "preference"
+
+    def __init__(self, train: str, val: str | None = None, tokenizer: str | None = None, max_length: int = 512,
+                 batch_size: int = 2, eval_batch_size: int | None = None, limit_train: int | None = None,
+                 limit_val: int | None = None, seed: int = 0, shuffle: bool = True, token_scores: bool = False,
+                 span_labels: dict[str, str] | None = None):
+        """span_labels: per-token flaw labels for a token-level reward model, {side: row field of flawed
+        character spans}, e.g. {rejected: rejected_spans, chosen: chosen_flaw_spans}; a side not named has
+        none. The batch then carries `token_flawed`. The other arguments: as for every data module."""
+        super().__init__(train, val, tokenizer, max_length, batch_size, eval_batch_size, limit_train, limit_val,
+                         seed, shuffle, token_scores)
+        if span_labels is not None and (not span_labels or set(span_labels) - {"chosen", "rejected"}):
+            raise ConfigError(f"data.span_labels maps 'chosen' and/or 'rejected' to a row field, got {span_labels!r}")
+        self.span_labels = dict(span_labels) if span_labels else None
 
 
 class SFTDataModule(_TextDataModule):

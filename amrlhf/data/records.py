@@ -34,6 +34,7 @@ class Example:
     token_scores: dict[str, list[float]] | None = None  # per response token, from the data set
     prompt_score: float | None = None
     fields: dict | None = None  # a prompt row's own fields (reference answers for verifiable rewards)
+    spans: dict[str, list[tuple[int, int]]] | None = None  # {side: flawed character spans} (token-level labels)
 
 
 def iter_rows(source: str) -> Iterator[tuple[str, int, dict]]:
@@ -200,12 +201,35 @@ def attach_token_scores(ex: Example, row: dict) -> Example:
     return ex
 
 
+def attach_spans(ex: Example, row: dict, span_fields: dict[str, str]) -> Example:
+    """Flawed character spans per response side, read from the row fields `span_fields` names ({side: field},
+    e.g. {"rejected": "rejected_spans"}); every [start, end) must lie inside that side's text. A side not
+    named has no flawed span."""
+    ex.spans = {}
+    for side, key in span_fields.items():
+        text = getattr(ex, side, None)
+        if side not in ("chosen", "rejected") or text is None:
+            raise DataError(ex.source, ex.line, key, f"names spans of '{side}', which this row has no text for")
+        value = row.get(key)
+        if not isinstance(value, list) or not all(
+                isinstance(sp, list | tuple) and len(sp) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in sp) for sp in value):
+            raise DataError(ex.source, ex.line, key, "expected a list of [start, end] character offsets")
+        for a, b in value:
+            if not 0 <= a < b <= len(text):
+                raise DataError(ex.source, ex.line, key, f"span [{a}, {b}] is not inside the {len(text)}-character "
+                                f"'{side}' text")
+        ex.spans[side] = [(a, b) for a, b in value]
+    return ex
+
+
 def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False,
-                  prompt_template: str | None = None, completion_field: str | None = None) -> list[Example]:
+                  prompt_template: str | None = None, completion_field: str | None = None,
+                  span_fields: dict[str, str] | None = None) -> list[Example]:
     """Read and validate every row (up to `limit`); kind is 'preference', 'sft' or 'prompt'.
     With `token_scores`, rows must carry per-token scores (see `attach_token_scores`); `prompt_template`
     (prompt rows only) builds each prompt from the row's fields; `completion_field` (sft rows only) names
-    the field trained on."""
+    the field trained on; `span_fields` ({side: field}) reads flawed character spans (`attach_spans`)."""
     parse = {"preference": preference_example, "sft": sft_example, "prompt": prompt_example}[kind]
     if completion_field is not None:
         if kind != "sft":
@@ -222,7 +246,8 @@ def read_examples(source: str, kind: str, limit: int | None = None, token_scores
         if limit is not None and len(out) >= limit:
             break
         ex = parse(src, line, row)
-        out.append(attach_token_scores(ex, row) if token_scores else ex)
+        ex = attach_token_scores(ex, row) if token_scores else ex
+        out.append(attach_spans(ex, row, span_fields) if span_fields else ex)
     if not out:
         raise AmrlhfError(f"no rows in {source}")
     log.info("read %d %s rows from %s", len(out), kind, source)

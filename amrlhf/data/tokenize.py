@@ -51,6 +51,7 @@ class Encoded:
     scores: list[list[float]] | None = None  # dataset token scores, one per response token
     prompt_score: float | None = None
     row: dict | None = None  # prompt rows: {"source", "line", "prompt", "fields"} for verifiable rewards
+    flawed: list[list[float]] | None = None  # per response token: 1 inside an annotated flawed span, else 0
 
 
 @dataclass
@@ -72,9 +73,52 @@ class LengthReport:
         )
 
 
+def response_offsets(tokenizer, ex: Example, response_ids: list[int],
+                     side: str = "rejected") -> list[tuple[int, int]] | None:
+    """(start, end) character offsets, in the raw `side` response text (`chosen` / `rejected`), of each of its
+    tokens `response_ids` as the template encodes them. None when the template's response text does not start
+    with the raw response, or tokenizes differently (offsets would not line up)."""
+    enc = ChatEncoder(tokenizer)
+    ptext = enc.prompt_text(ex)
+    raw = getattr(ex, side)
+    rtext = enc.response_text(ex, ptext, raw, side)
+    if not rtext.startswith(raw):
+        return None
+    got = tokenizer(rtext, add_special_tokens=False, return_offsets_mapping=True)
+    if got["input_ids"][: len(response_ids)] != response_ids:
+        return None
+    return got["offset_mapping"][: len(response_ids)]
+
+
+def span_token_labels(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], limit: int) -> list[float]:
+    """Per token (character offsets in a text of `limit` characters): 1.0 if it overlaps a span, else 0.0.
+    The end-of-turn tokens after the text are flawed when a span runs to the text's end (a span "from the
+    error to the end of the response" covers them too)."""
+    to_end = any(b >= limit for _, b in spans)
+    out = []
+    for start, end in offsets:
+        if start >= limit:
+            out.append(float(to_end))
+        else:
+            out.append(float(any(start < b and a < min(end, limit) for a, b in spans)))
+    return out
+
+
+def _flawed_labels(tokenizer, ex: Example, field: str, ids: list[int]) -> list[float]:
+    spans = (ex.spans or {}).get(field, [])
+    if not spans:
+        return [0.0] * len(ids)
+    offsets = response_offsets(tokenizer, ex, ids, field)
+    if offsets is None:
+        raise DataError(ex.source, ex.line, field, "its tokens do not line up with the raw text (the chat template "
+                        "changes it), so its flawed spans cannot be turned into token labels")
+    return span_token_labels(offsets, spans, len(getattr(ex, field)))
+
+
 def encode_examples(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Encoded], LengthReport]:
     """Encode every example; a prompt that leaves no room for a response drops the row (counted),
-    a response that does not fit is cut at max_length (counted; it then has no end-of-turn token)."""
+    a response that does not fit is cut at max_length (counted; it then has no end-of-turn token). Examples
+    carrying flawed spans (`Example.spans`) get per-token labels (`Encoded.flawed`)."""
     enc = ChatEncoder(tokenizer)
     out, rep = [], LengthReport(rows=len(examples))
     for i, ex in enumerate(examples):
@@ -84,7 +128,7 @@ def encode_examples(examples: list[Example], tokenizer, max_length: int) -> tupl
         if room < 1:
             rep.dropped_prompt_too_long += 1
             continue
-        responses, scores, cut = [], [], False
+        responses, scores, flawed, cut = [], [], [], False
         for field, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
             if text is None:
                 continue
@@ -96,11 +140,13 @@ def encode_examples(examples: list[Example], tokenizer, max_length: int) -> tupl
                                     f"has {len(given)} scores for {len(ids)} response tokens: scores must come "
                                     "from the same tokenizer (and chat template) as the policy")
                 scores.append(given[:room])
+            if ex.spans is not None:
+                flawed.append(_flawed_labels(tokenizer, ex, field, ids)[:room])
             cut |= len(ids) > room
             responses.append(ids[:room])
         rep.truncated += int(cut)
         out.append(Encoded(i, prompt_ids, responses, scores if ex.token_scores is not None else None,
-                           ex.prompt_score))
+                           ex.prompt_score, flawed=flawed if ex.spans is not None else None))
     rep.kept = len(out)
     return out, rep
 

@@ -10,24 +10,7 @@ import torch
 from torch import Tensor
 
 from amrlhf.data.records import Example
-from amrlhf.data.tokenize import ChatEncoder
-
-
-def response_offsets(tokenizer, ex: Example, response_ids: list[int],
-                     side: str = "rejected") -> list[tuple[int, int]] | None:
-    """(start, end) character offsets, in the raw `side` response text (`chosen` / `rejected`), of each of its
-    tokens `response_ids` as the template encodes them. None when the template's response text does not start
-    with the raw response, or tokenizes differently (offsets would not line up)."""
-    enc = ChatEncoder(tokenizer)
-    ptext = enc.prompt_text(ex)
-    raw = getattr(ex, side)
-    rtext = enc.response_text(ex, ptext, raw, side)
-    if not rtext.startswith(raw):
-        return None
-    got = tokenizer(rtext, add_special_tokens=False, return_offsets_mapping=True)
-    if got["input_ids"][: len(response_ids)] != response_ids:
-        return None
-    return got["offset_mapping"][: len(response_ids)]
+from amrlhf.data.tokenize import response_offsets
 
 
 def diff_token_mask(tokenizer, ex: Example, spans: list[list[int]], response_ids: list[int],

@@ -6,7 +6,7 @@ from amrlhf.losses.dpo import IPO, DPOLoss, HingeDPO, RobustDPO, SigmoidDPO, dpo
 from amrlhf.losses.kl_control import AdaptiveKL, FixedKL, KLController
 from amrlhf.losses.logprobs import sequence_logps, token_logprobs
 from amrlhf.losses.reductions import masked_mean, masked_sum
-from amrlhf.losses.reward import bradley_terry_loss, centring_term, reward_stats
+from amrlhf.losses.reward import bradley_terry_loss, centring_term, reward_stats, token_label_loss
 from amrlhf.losses.sft import nll_sums
 from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 
@@ -16,5 +16,5 @@ __all__ = [
     "AdaptiveKL", "FixedKL", "KLController",
     "DPOLoss", "SigmoidDPO", "IPO", "HingeDPO", "RobustDPO", "dpo_stats",
     "token_logprobs", "sequence_logps", "masked_sum", "masked_mean",
-    "bradley_terry_loss", "centring_term", "reward_stats", "nll_sums",
+    "bradley_terry_loss", "centring_term", "reward_stats", "token_label_loss", "nll_sums",
 ]

@@ -9,9 +9,10 @@ from amrlhf.modules.onpolicy import OnPolicyModule
 from amrlhf.modules.ppo import PPOModule
 from amrlhf.modules.reference import AdapterReference, CachedReference, FrozenReference, ReferenceModel
 from amrlhf.modules.rejection import BestOfN
-from amrlhf.modules.reward import RewardModule, prefix_scores
+from amrlhf.modules.reward import RewardModule, TokenRewardModule, prefix_scores
 from amrlhf.modules.sft import SFTModule
 
-__all__ = ["AlignmentModule", "DPOModule", "PPOModule", "GRPOModule", "OnPolicyModule", "SFTModule", "RewardModule", "prefix_scores",
+__all__ = ["AlignmentModule", "DPOModule", "PPOModule", "GRPOModule", "OnPolicyModule", "SFTModule", "RewardModule", "TokenRewardModule",
+           "prefix_scores",
            "SharedValueHead", "ValueModel", "DenseAdvantage",
            "BestOfN", "FrozenReference", "AdapterReference", "CachedReference", "ReferenceModel"]

@@ -1,16 +1,19 @@
-"""Bradley-Terry reward model with a scalar head at EVERY position (prefix scores in one pass).
+"""Reward models with a scalar head at EVERY position (prefix scores in one pass).
 
 The sequence score r(x, y) is the head's output at the last response token; the prefix score
 s_t (docs/method.md, conventions) is its output at token y_t's own position; s_0 is at the last prompt token.
-There is no segmenter slot here: the Bradley-Terry loss has no per-token term to mask.
+`RewardModule` trains the sequence score (Bradley-Terry); `TokenRewardModule` trains every position on
+per-token labels from annotated flawed spans (a token-level "risk" model). There is no segmenter slot here:
+neither loss has a term to mask.
 """
 
 from __future__ import annotations
 
 import torch
 
-from amrlhf.losses import bradley_terry_loss, centring_term, reward_stats
-from amrlhf.models import ModelSpec
+from amrlhf.errors import AmrlhfError
+from amrlhf.losses import bradley_terry_loss, centring_term, reward_stats, token_label_loss
+from amrlhf.models import ModelSpec, load_reward_model
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.scorers.models import prefix_scores
 
@@ -27,8 +30,6 @@ class RewardModule(AlignmentModule):
         self.center_coef = center_coef
 
     def load_policy(self):
-        from amrlhf.models import load_reward_model
-
         return load_reward_model(self.policy_spec)
 
     def model_step(self, batch: dict):
@@ -39,6 +40,41 @@ class RewardModule(AlignmentModule):
         if self.center_coef:
             loss = loss + self.center_coef * centring_term(chosen, rejected).mean()
         return loss, reward_stats(chosen, rejected)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.model_step(batch)
+        self.log_stats({"loss": loss.detach(), **stats}, "train", batch["index"].shape[0])
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int):
+        loss, stats = self.model_step(batch)
+        self.log_stats({"loss": loss, **stats}, "val", batch["index"].shape[0])
+
+
+class TokenRewardModule(AlignmentModule):
+    """A token-level reward model: the head's output s_t at every response token is trained on that token's
+    label (`token_label_loss`: good = 1, inside an annotated flawed span = 0), from rows whose spans the data
+    module reads (`PreferenceDataModule(span_labels={rejected: rejected_spans, chosen: chosen_flaw_spans})`;
+    both responses of a pair are trained on). Exported (`amrlhf export`), it is a token scorer:
+    `RewardModelScorer(model=<export>)` reads s_t in one pass, above 0 where the model judges the answer
+    still good, below 0 from where it judges it gone wrong."""
+
+    progress_keys = ("rm/token_accuracy",)
+
+    def __init__(self, policy: ModelSpec, lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 betas: tuple[float, float] = (0.9, 0.999)):
+        super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
+
+    def load_policy(self):
+        return load_reward_model(self.policy_spec)
+
+    def model_step(self, batch: dict):
+        if "token_flawed" not in batch:
+            raise AmrlhfError("TokenRewardModule trains on per-token labels: set data.init_args.span_labels "
+                              "(e.g. {rejected: rejected_spans, chosen: chosen_flaw_spans})")
+        scores, _, _ = prefix_scores(self.policy, batch)
+        return token_label_loss(scores, batch["token_flawed"], batch["response_mask"])
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, stats = self.model_step(batch)

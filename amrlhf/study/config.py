@@ -12,6 +12,7 @@
     methods:
       - {name: dpo, config: recipes/dpo/x.yaml, args: [...]}
       - {name: am-dpo, config: recipes/dpo/y.yaml}
+      - {name: am-x, config: [recipes/dpo/base.yaml, recipes/dpo/overlays/x.yaml]}   # overlays, merged in order
     heldout: {data, limit, max_length, batch_size, beta, spans, generate: {grader, limit, max_new_tokens},
               marked: {spans: {class_path: ...}, limit}}   # teacher-forced accuracy on marked spans
     eval: {suite: recipes/eval/quick.yaml, limit: 50}   # optional lm-eval suite per cell and the base
@@ -36,10 +37,20 @@ MAX_SEED = 2**32 - 1  # lightning.fabric.utilities.seed.max_seed_value
 
 @dataclass
 class Fit:
+    """One fit of a study: `config` is a recipe, or a base recipe and overlays merged in order (LightningCLI's
+    repeated `--config`: a later file sets only the keys it names)."""
+
     name: str
-    config: str
+    config: str | list[str]
     args: list[str] = field(default_factory=list)
     export: bool = False
+
+    @property
+    def configs(self) -> list[str]:
+        return [self.config] if isinstance(self.config, str) else list(self.config)
+
+    def config_args(self) -> list[str]:
+        return [arg for c in self.configs for arg in ("--config", c)]
 
 
 @dataclass
@@ -79,11 +90,19 @@ def _fits(path: Path, value, key: str) -> list[Fit]:
             raise AmrlhfError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         if not NAME.match(str(entry["name"])):
             raise AmrlhfError(f"{where}.name '{entry['name']}': letters, digits, '-', '_' and '.' only")
-        if not Path(entry["config"]).is_file():
-            raise AmrlhfError(f"{where}.config: recipe not found: {entry['config']}")
+        config = entry["config"]
+        if isinstance(config, list) and len(config) == 1:
+            config = config[0]
+        if not isinstance(config, str) and (not isinstance(config, list) or not config
+                                            or not all(isinstance(c, str) for c in config)):
+            raise AmrlhfError(f"{where}.config must be a recipe path or a list of them (a base recipe, then "
+                              f"overlays), got {config!r}")
+        for c in [config] if isinstance(config, str) else config:
+            if not Path(c).is_file():
+                raise AmrlhfError(f"{where}.config: recipe not found: {c}")
         if not isinstance(entry.get("args", []), list):
             raise AmrlhfError(f"{where}.args must be a list of command-line overrides")
-        out.append(Fit(str(entry["name"]), entry["config"], list(entry.get("args") or []),
+        out.append(Fit(str(entry["name"]), config, list(entry.get("args") or []),
                        bool(entry.get("export", False))))
     names = [f.name for f in out]
     if len(set(names)) != len(names):

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from amrlhf.data import Collator, encode_examples, read_examples
 from amrlhf.data.records import iter_rows
+from amrlhf.data.tokenize import response_offsets
 from amrlhf.errors import AmrlhfError
 from amrlhf.evaluation.localization import (
     Localization,
     diff_token_mask,
     flagged_wrong,
-    response_offsets,
     span_of_token,
     truth_tensor,
 )

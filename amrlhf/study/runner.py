@@ -87,7 +87,8 @@ class StudyRun:
         text, the arguments it is run with, and (cells) the held-out specification with its data's hash and the
         fingerprints of the setup fits (a cell may read what they export)."""
         args = self.study.cell_args(fit, seed) if seed is not None else list(map(str, fit.args))
-        out = {"recipe": fit.config, "recipe_sha256": _sha256_file(fit.config), "args": args}
+        shas = [_sha256_file(c) for c in fit.configs]
+        out = {"recipe": fit.config, "recipe_sha256": shas[0] if isinstance(fit.config, str) else shas, "args": args}
         if seed is not None:
             out["heldout"] = self.heldout_key()
             if self.study.setup:
@@ -149,7 +150,7 @@ class StudyRun:
         return run.info.run_id
 
     def _fit_args(self, fit: Fit, run_name: str, extra: list[str]) -> list[str]:
-        args = ["fit", "--config", fit.config, *extra, f"--run_name={run_name}", f"--runs_root={self.study.dir}",
+        args = ["fit", *fit.config_args(), *extra, f"--run_name={run_name}", f"--runs_root={self.study.dir}",
                 f"--tracking.uri={self.uri}", f"--tracking.experiment={self.study.name}",
                 f"--tracking.parent_run={self.parent}"]
         if not self.study.keep_checkpoints and fit not in self.study.setup:
