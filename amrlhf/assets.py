@@ -389,6 +389,8 @@ REGISTRY: dict[str, Asset] = {
                          "step-by-step arithmetic pairs, one planted carried-forward error, known spans"),
     "arith_steps_conflicting": Asset("data", _lazy("amrlhf.data.arithmetic", variant="conflicting"),
                                      "the same with mixed wording and minor flaws in 30% of chosen answers"),
+    "arith_ledger": Asset("data", _lazy("amrlhf.data.ledger"),
+                          "stock-ledger arithmetic in words: other wording, operations and step format (OOD)"),
     "tiny-llama": Asset("models", build_tiny_llama, "random 2-layer Llama + small BPE tokenizer (tests)"),
     "tiny-arith": Asset("data", build_tiny_arith, "arithmetic preference/SFT rows (tests)"),
 }

@@ -14,6 +14,14 @@ Needs `amrlhf prepare factual_summary_pairs smollm2-135m-instruct` and a trained
         --spans rejected_spans --through-end --oracle
 (`--oracle` adds the step checker, an upper bound; `--surprisal 2:1.5` the base model's confident surprise, no
 training needed and no reward model either. Both are read raw, with a zero baseline: the paper-figure preset.)
+
+The learned scorers of recipes/study/scorers.yaml (its setup fits export them to runs/scorers/*/hf), read raw with
+a zero baseline as that study's masks read them, in distribution and on the out-of-distribution ledger task:
+
+    python benchmarks/span_localization.py --data local:arith_steps_conflicting/heldout --spans rejected_spans \
+        --through-end --contrastive runs/scorers/sft-pos/hf,runs/scorers/sft-neg/hf \
+        --token-rm runs/scorers/token-rm/hf --implicit runs/scorers/dpo-val/hf --surprisal 1.5:1.5
+    (the same with --data local:arith_ledger/heldout; `amrlhf prepare arith_ledger`)
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from amrlhf.evaluation.localization import Localization, diff_token_mask, flagge
 from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer
 from amrlhf.scorers import (
     ArithmeticStepScorer,
+    ContrastiveScorer,
     ImplicitRewardScorer,
     RewardModelScorer,
     SurprisalScorer,
@@ -74,10 +83,15 @@ def main() -> None:
     p.add_argument("--surprisal", action="append", default=[], metavar="TOL:MAXH",
                    help="add the base model's confident surprise (SurprisalScorer) with this tolerance and max "
                         "entropy in nats ('none': every token); repeatable")
+    p.add_argument("--contrastive", metavar="POS,NEG", help="two fine-tuned model folders: ContrastiveScorer, raw")
+    p.add_argument("--token-rm", help="a token-level reward model folder (TokenRewardModule export), raw")
+    p.add_argument("--implicit", help="a trained policy folder: its implicit reward vs --base with beta 1, raw")
     p.add_argument("--json", help="write the table as JSON here too")
     args = p.parse_args()
-    if not (args.rm or args.policy or args.surprisal or args.oracle):
-        p.error("give at least one scorer: --rm, --policy, --surprisal or --oracle")
+    if not (args.rm or args.policy or args.surprisal or args.oracle or args.contrastive or args.token_rm
+            or args.implicit):
+        p.error("give at least one scorer: --rm, --policy, --surprisal, --oracle, --contrastive, --token-rm, "
+                "--implicit")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
@@ -101,6 +115,16 @@ def main() -> None:
         tol, _, maxh = spec.partition(":")
         scorers[f"surprisal tol={tol} maxH={maxh or 'none'} (raw)"] = SurprisalScorer(
             ModelSpec(args.base), float(tol), None if maxh in ("", "none") else float(maxh))
+    if args.contrastive:
+        pos, _, neg = args.contrastive.partition(",")
+        if not neg:
+            p.error("--contrastive takes two folders: POS,NEG")
+        scorers["contrastive level (raw)"] = ContrastiveScorer(ModelSpec(pos), ModelSpec(neg))
+    if args.token_rm:
+        scorers["token reward model (raw)"] = RewardModelScorer(ModelSpec(args.token_rm))
+    if args.implicit:
+        scorers["implicit reward beta=1 (raw)"] = ImplicitRewardScorer(ModelSpec(args.implicit), ModelSpec(args.base),
+                                                                       beta=1.0)
     if args.oracle:
         oracle = ArithmeticStepScorer()
         oracle.tokenizer = tok

@@ -198,3 +198,26 @@ def test_span_labels_travel_into_the_batch_aligned_with_the_response(tmp_path, t
     assert err.value.line == 2
     with pytest.raises(AmrlhfError, match="span_labels"):
         PreferenceDataModule(path, span_labels={"prompt": "x"})
+
+
+def test_the_ledger_task_plants_one_carried_error_where_its_span_starts():
+    """arith_ledger (the out-of-distribution task): a rejected answer equals its chosen answer up to the planted
+    wrong number, which its span starts at and which differs from the right one; the chosen answer's steps are
+    right and end on the true count; the wording shares no step format with arith_steps."""
+    import re
+
+    from amrlhf.data import arithmetic, ledger
+
+    rows = ledger.generate("heldout", 60)
+    assert len({r["prompt"] for r in rows}) == 60 and {r["rejected_error_step"] for r in rows} >= {1, 2, 3}
+    for r in rows:
+        at = r["rejected_spans"][0][0]
+        assert r["rejected_spans"][0][1] == len(r["rejected"]) and r["rejected"][:at] == r["chosen"][:at]
+        wrong, right = (int(re.match(r"\d+", t[at:])[0]) for t in (r["rejected"], r["chosen"]))
+        assert abs(wrong - right) in (2, 10)
+        steps = re.findall(r"(\d+) (plus|minus|times|divided by) (\d+) (?:makes|gives) (\d+)", r["chosen"])
+        assert steps and all(ledger.apply(int(a), {v: k for k, v in ledger.WORDS.items()}[op], int(b)) == int(c)
+                             for a, op, b, c in steps)
+        assert r["chosen"].endswith(f"ends with {r['answer']} " + r["chosen"].split()[-1])
+        assert not arithmetic.equations(r["chosen"]) and "Step 1:" not in r["chosen"]
+    assert ledger.generate("heldout", 5) == rows[:5] and ledger.generate("val", 5) != rows[:5]
