@@ -432,3 +432,36 @@ def test_a_started_cell_or_a_changed_setup_fit_is_refused_before_training(tmp_pa
     with pytest.raises(AmrlhfError) as err:
         run.check_fingerprints()
     assert 'dpo-seed1: setup.rm.args[0]: "--trainer.max_steps=2" -> "--trainer.max_steps=3"' in str(err.value)
+
+
+def test_a_method_given_as_base_and_overlay_runs_both_and_fingerprints_each(tmp_path, monkeypatch):
+    """`config: [base, overlay]` passes both files, in order, as repeated --config; the fingerprint holds each
+    file's sha256, so an edited overlay makes a started cell stale (named to the file)."""
+    from amrlhf.assets import prepare
+    from amrlhf.study.runner import FINGERPRINT, StudyRun
+
+    prepare(["arith_steps_conflicting"])
+    monkeypatch.chdir(tmp_path)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  init_args:\n    lr: 0.002\n")
+    cfg = yaml.safe_load(_study_yaml(tmp_path, None).read_text())
+    cfg["methods"][0]["config"] = [cfg["methods"][0]["config"], str(overlay)]
+    path = tmp_path / "overlaid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = StudyRun(load_study(path))
+    method = run.study.methods[0]
+    args = run._fit_args(method, "x", [])
+    assert args[:5] == ["fit", "--config", cfg["methods"][0]["config"][0], "--config", str(overlay)]
+    fp = run.fingerprint(method, 1)
+    assert fp["recipe"] == cfg["methods"][0]["config"] and len(fp["recipe_sha256"]) == 2
+    started = run.study.dir / f"{method.name}-seed1"
+    started.mkdir(parents=True)
+    (started / FINGERPRINT).write_text(json.dumps(fp))
+    run.check_fingerprints()
+    overlay.write_text("model:\n  init_args:\n    lr: 0.003\n")
+    with pytest.raises(AmrlhfError, match=rf"{method.name}-seed1: recipe_sha256\[1\]"):
+        StudyRun(load_study(path)).check_fingerprints()
+    cfg["methods"][0]["config"] = [str(overlay), str(tmp_path / "missing.yaml")]
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AmrlhfError, match="recipe not found: .*missing.yaml"):
+        load_study(path)
