@@ -13,6 +13,8 @@ from amrlhf.errors import AmrlhfError
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
+# MLflow 3's UI opens an experiment by its kind; without one it may open the GenAI "evaluation runs" view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 @dataclass
@@ -53,10 +55,28 @@ def check_reachable(uri: str) -> None:
                           "start it, or unset MLFLOW_TRACKING_URI / tracking.uri to use a local store") from None
 
 
+def experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created if new, and marked as model training (`EXPERIMENT_KIND`, MLflow's
+    own tag) so the UI lands on runs and metric charts; an experiment the user gave another kind keeps it."""
+    key, kind = EXPERIMENT_KIND
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
+    if key not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, key, kind)
+    return exp.experiment_id
+
+
+def artifact_location(uri: str, runs_root: Path) -> str | None:
+    """Local stores keep artifacts beside the runs (`<runs_root>/mlartifacts`); a server chooses its own."""
+    return None if uri.startswith("http") else (runs_root / "mlartifacts").resolve().as_uri()
+
+
 def make_logger(cfg: Tracking, run_dir: Path, run_name: str, resume: bool):
     """An MLFlowLogger; with `resume`, reattached to the run recorded in run_dir/mlflow_run.json."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
 
     uri = cfg.uri or default_uri(run_dir.parent)
     check_reachable(uri)
@@ -67,7 +87,8 @@ def make_logger(cfg: Tracking, run_dir: Path, run_name: str, resume: bool):
         if saved.get("uri") == uri:
             run_id = saved["run_id"]
             log.info("resuming: reattaching to MLflow run %s", run_id)
-    artifacts = None if uri.startswith("http") else (run_dir.parent / "mlartifacts").resolve().as_uri()
+    artifacts = artifact_location(uri, run_dir.parent)
+    experiment_id(MlflowClient(tracking_uri=uri), cfg.experiment, artifacts)
     tags = {"mlflow.parentRunId": cfg.parent_run} if cfg.parent_run else None
     logger = MLFlowLogger(experiment_name=cfg.experiment, run_name=run_name, tracking_uri=uri, run_id=run_id,
                           artifact_location=artifacts, log_model=False, tags=tags)

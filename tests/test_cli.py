@@ -78,6 +78,8 @@ def test_smoke_recipe_trains_and_round_trips_through_mlflow(tmp_path, name, keys
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "checkpoints")}
     assert {"config.yaml", "checkpoints/final.ckpt"} <= artifacts
+    kind = client.get_experiment(df.loc[0, "experiment_id"]).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"  # MLflow's UI opens it on runs and charts, not GenAI evaluation
     if name == "am_dpo":  # the segments view, logged at the start and every 3 steps
         views = {a.path for a in client.list_artifacts(run_id, "segments")}
         assert {"segments/step_000000.html", "segments/step_000003.html"} <= views
@@ -87,6 +89,19 @@ def test_smoke_recipe_trains_and_round_trips_through_mlflow(tmp_path, name, keys
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(k.startswith("policy.") for k in ckpt["state_dict"])  # no frozen reference inside
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
+
+
+def test_experiments_are_marked_as_model_training_unless_the_user_chose_a_kind(tmp_path):
+    from amrlhf.tracking import experiment_id
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    new = experiment_id(client, "a", None)
+    old = client.create_experiment("b")  # made before this tag existed
+    mine = client.create_experiment("c", tags={"mlflow.experimentKind": "genai_development"})
+    assert experiment_id(client, "a", None) == new and experiment_id(client, "b", None) == old
+    assert experiment_id(client, "c", None) == mine
+    kinds = [client.get_experiment(i).tags.get("mlflow.experimentKind") for i in (new, old, mine)]
+    assert kinds == ["custom_model_development", "custom_model_development", "genai_development"]
 
 
 def test_resume_after_crash_is_exact(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from amrlhf.evaluation.harness import EvalReport, evaluate, log_to_mlflow
 from amrlhf.evaluation.suites import load_suite
+from amrlhf.tracking import artifact_location, check_reachable, default_uri, experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "
              tracking_uri: str | None = None) -> EvalReport:
     import mlflow
 
-    from amrlhf.tracking import check_reachable, default_uri
-
     suite = load_suite(config, limit)
     uri = tracking_uri or default_uri(Path(runs_root))
     check_reachable(uri)
@@ -54,9 +53,7 @@ def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "
     report = evaluate(model, tok, suite, out_dir=out_dir, limit=limit)
     os.environ.pop("MLFLOW_RUN_ID", None)
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("eval")
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        "eval", artifact_location=None if uri.startswith("http") else (Path(runs_root) / "mlartifacts").resolve().as_uri())
+    exp_id = experiment_id(client, "eval", artifact_location(uri, Path(runs_root)))
     run = client.create_run(exp_id, run_name=f"eval-{label}", tags={"amrlhf.model": model_name})
     client.log_param(run.info.run_id, "model", model_name)
     log_to_mlflow(client, run.info.run_id, report)

@@ -24,6 +24,7 @@ from amrlhf.study.heldout import (
     marked_items,
     preference_items,
 )
+from amrlhf.tracking import artifact_location, check_reachable, default_uri, experiment_id
 from amrlhf.train import check_recipes, run_lightning, training_means
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ def _changes(saved: dict | None, now: dict) -> list[str]:
 class StudyRun:
     def __init__(self, study: Study):
         import mlflow
-
-        from amrlhf.tracking import check_reachable, default_uri
 
         self.study = study
         self._data_hash = data_sha256(study.heldout.data)  # also: a missing held-out file, before anything runs
@@ -136,14 +135,7 @@ class StudyRun:
                 log.info("study %s: continuing (MLflow parent run %s)", self.study.name, saved["parent_run"])
                 self.client.update_run(saved["parent_run"], status="RUNNING")
                 return saved["parent_run"]
-        exp = self.client.get_experiment_by_name(self.study.name)
-        if exp is None:
-            local = not self.uri.startswith("http")
-            exp_id = self.client.create_experiment(
-                self.study.name, artifact_location=(self.study.runs_root / "mlartifacts").resolve().as_uri()
-                if local else None)
-        else:
-            exp_id = exp.experiment_id
+        exp_id = experiment_id(self.client, self.study.name, artifact_location(self.uri, self.study.runs_root))
         run = self.client.create_run(exp_id, run_name=self.study.name, tags={"amrlhf.kind": "study"})
         self.client.log_artifact(run.info.run_id, str(self.study.path))
         _write_atomic(state_file, {"uri": self.uri, "parent_run": run.info.run_id, "experiment_id": exp_id})
