@@ -112,3 +112,26 @@ def test_soft_weights_refuse_a_bad_band_and_missing_scores():
     with pytest.raises(ConfigError, match="set model.init_args.scorer"):
         RankWeightSegmenter().segment(response_mask=torch.ones(1, 2), labels=torch.tensor([1]),
                                       input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_segment_stats_and_the_html_view_show_soft_weights_by_hand():
+    """Weights 0.7 / 1.0 / 1.3 on a chosen response: every token kept, mean 1.0, spread sqrt(0.06) = 0.2449;
+    the rejected 0/1 mask keeps 1 of 2 (mean 0.5, spread 0.5). The page shades soft weights and names them."""
+    from amrlhf.callbacks.segments_view import render_page
+    from amrlhf.segmenters import Segmentation
+
+    resp, labels, _ = batch()
+    mask = torch.tensor([[0, 0, 0.7, 1.0, 1.3, 0], [0, 1.0, 0, 0, 0, 0]])
+    seg = Segmentation(mask=mask, sigma=labels[:, None] * resp.long(), pivot=torch.zeros_like(resp, dtype=torch.long),
+                       segment_id=resp.long(), fell_back=torch.zeros(2, dtype=torch.bool))
+    st = segment_stats(seg, resp, labels)
+    assert st["segments/kept_frac_chosen"].item() == 1.0 and st["segments/kept_frac_rejected"].item() == 0.5
+    assert st["segments/weight_mean_chosen"].item() == pytest.approx(1.0)
+    assert st["segments/weight_std_chosen"].item() == pytest.approx(0.06 ** 0.5)
+    assert st["segments/weight_mean_rejected"].item() == 0.5 and st["segments/weight_std_rejected"].item() == 0.5
+    row = {"tokens": ["a", "b", "c"], "weights": [0.7, 1.0, 1.3], "pivot": [False] * 3, "scores": [0.1, 0.2, 0.3],
+           "fell_back": False, "kept_frac": 1.0}
+    page = render_page("t", "h", [{"prompt": "p", "chosen": row}])
+    assert "weight 1.300" in page and "weights 0.70-1.30, mean 1.00" in page and "rgba(46,160,67" in page
+    binary = render_page("t", "h", [{"prompt": "p", "chosen": {**row, "weights": [1.0, 0.0, 1.0]}}])
+    assert "weight" not in binary and "rgba" not in binary and "class='tok mask'>masked" in binary

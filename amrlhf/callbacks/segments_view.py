@@ -1,5 +1,6 @@
 """The token-level view of what a segmenter keeps and masks: one HTML page, chosen and rejected
-side by side, per-token scores in tooltips, pivot tokens outlined, kept spans green, masked grey."""
+side by side, per-token scores in tooltips, pivot tokens outlined, kept spans green, masked grey; soft weights
+(any weight other than 0 or 1) shaded by weight, pale below 1 and dark above, with the weight in the tooltip."""
 
 from __future__ import annotations
 
@@ -25,19 +26,34 @@ table{border-collapse:collapse;width:100%} td{vertical-align:top;padding:.5em;bo
 """
 
 
-def _row_html(tokens: list[str], keep: list[bool], pivot: list[bool], scores: list[float | None]) -> str:
+def _shade(w: float) -> str:
+    """A green whose depth follows the weight: 0.5 and below pale, 1 the kept green, 1.5 and above dark."""
+    alpha = min(max((w - 0.5) / 1.0, 0.0), 1.0) * 0.85 + 0.15
+    return f' style="background:rgba(46,160,67,{alpha:.2f})"'
+
+
+def _row_html(tokens: list[str], weights: list[float], pivot: list[bool], scores: list[float | None],
+              soft: bool) -> str:
     parts = []
-    for tok, k, p, s in zip(tokens, keep, pivot, scores, strict=True):
-        cls = "tok " + ("keep" if k else "mask") + (" pivot" if p else "")
-        title = "" if s is None else f' title="score {s:.3f}{" (pivot)" if p else ""}"'
-        parts.append(f'<span class="{cls}"{title}>{html.escape(tok)}</span>')
+    for tok, w, p, s in zip(tokens, weights, pivot, scores, strict=True):
+        cls = "tok " + ("keep" if w > 0 else "mask") + (" pivot" if p else "")
+        tip = ([] if s is None else [f"score {s:.3f}"]) + ([f"weight {w:.3f}"] if soft else []) + \
+            (["pivot"] if p else [])
+        title = f' title="{", ".join(tip)}"' if tip else ""
+        style = _shade(w) if soft and w > 0 else ""
+        parts.append(f'<span class="{cls}"{title}{style}>{html.escape(tok)}</span>')
     return "".join(parts)
 
 
 def render_page(title: str, header: str, pairs: list[dict]) -> str:
-    """pairs: [{"prompt": str, "chosen": row, "rejected": row}] with row = {"tokens", "keep", "pivot",
-    "scores", "fell_back", "kept_frac"}."""
+    """pairs: [{"prompt": str, "chosen": row, "rejected": row}] with row = {"tokens", "weights", "pivot",
+    "scores", "fell_back", "kept_frac"}; weights other than 0 and 1 anywhere make the page show soft weights."""
+    soft = any(w not in (0.0, 1.0) for pair in pairs for side in ("chosen", "rejected") if pair.get(side)
+               for w in pair[side]["weights"])
     body = [f"<h2>{html.escape(title)}</h2><p class='meta'>{html.escape(header)}</p>",
+            ("<p class='meta'>soft token weights: " + "".join(f"<span class='tok keep'{_shade(w)}>{w:.1f}</span> "
+                                                               for w in (0.5, 0.7, 1.0, 1.3, 1.5))
+             + "<span class='tok mask'>0</span>; hover a token for its score and weight.</p>") if soft else
             "<p class='meta'><span class='tok keep'>kept</span> <span class='tok mask'>masked</span> "
             "<span class='tok keep pivot'>pivot token</span>; hover a token for its score.</p>",
             "<table><tr><th>chosen (label +1)</th><th>rejected (label -1)</th></tr>"]
@@ -49,8 +65,10 @@ def render_page(title: str, header: str, pairs: list[dict]) -> str:
                 body.append("<td></td>")
                 continue
             fb = " <span class='fb'>fallback</span>" if row["fell_back"] else ""
-            body.append(f"<td><div class='meta'>kept {row['kept_frac']:.0%}{fb}</div>"
-                        f"{_row_html(row['tokens'], row['keep'], row['pivot'], row['scores'])}</td>")
+            ws = row["weights"]
+            spread = f", weights {min(ws):.2f}-{max(ws):.2f}, mean {sum(ws) / len(ws):.2f}" if soft and ws else ""
+            body.append(f"<td><div class='meta'>kept {row['kept_frac']:.0%}{spread}{fb}</div>"
+                        f"{_row_html(row['tokens'], ws, row['pivot'], row['scores'], soft)}</td>")
         body.append("</tr>")
     body.append("</table>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
@@ -74,11 +92,11 @@ def pairs_for_page(tokenizer, batch: dict, seg: Segmentation, scores: torch.Tens
                 pair["prompt"] = tokenizer.decode(batch["input_ids"][row, : first + 1].tolist())[-600:]
             pair[side] = {
                 "tokens": [tokenizer.decode([t]) for t in ids],
-                "keep": seg.mask[row, pos].bool().tolist(),
+                "weights": seg.mask[row, pos].float().tolist(),
                 "pivot": seg.pivot[row, pos].tolist(),
                 "scores": scores[row, pos].tolist() if scores is not None else [None] * len(pos),
                 "fell_back": bool(seg.fell_back[row]),
-                "kept_frac": float(seg.mask[row, pos].float().mean()) if pos else 0.0,
+                "kept_frac": float((seg.mask[row, pos] > 0).float().mean()) if pos else 0.0,
             }
         out.append(pair)
     return out
