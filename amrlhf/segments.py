@@ -10,14 +10,13 @@ import torch
 
 from amrlhf.callbacks.segments_view import describe, pairs_for_page, render_page
 from amrlhf.errors import AmrlhfError
+from amrlhf.modules.masking import training_batches
 
 log = logging.getLogger(__name__)
 
 
 def segments_page(recipe: str, overrides: list[str], limit: int, split: str, out: Path) -> Path:
     from amrlhf.lightning_cli import AmrlhfCLI
-    from amrlhf.modules.masking import calibrate, segment_batch
-    from amrlhf.scorers import CachedScorer
 
     cli = AmrlhfCLI(args=["--config", recipe, "--trainer.logger=false", *overrides], run=False)
     module, dm = cli.model, cli.datamodule
@@ -27,23 +26,19 @@ def segments_page(recipe: str, overrides: list[str], limit: int, split: str, out
         raise AmrlhfError(f"{recipe}: a PPO recipe's data are prompts; its responses exist only during training "
                           "(see the segments/* metrics); point `amrlhf segments` at a DPO or SFT recipe")
     dm.setup("fit")
-    if isinstance(module.scorer, CachedScorer):  # score just the shown examples, without a cache
-        module.scorer = module.scorer.source
-    if module.scorer is not None:
-        module.scorer.setup(module)
-    if hasattr(module.segmenter, "setup"):
-        module.segmenter.setup(dm.tokenizer)
-    if module.scorer is not None and hasattr(module.segmenter, "calibrate") and module.score_calibration_batches:
-        calibrate(module, dm)
+    masker = module.masker.uncached()  # score just the shown examples, without a cache
+    masker.setup(module, dm.tokenizer)
+    if masker.needs_scale and masker.calibration_batches:
+        masker.calibrate_on(module, training_batches(module, dm, masker.calibration_batches))
     data = dm.val_data if split == "val" and dm.val_data else dm.train_data
     pairs = []
     collate = dm._collator()
     for start in range(0, min(limit, len(data)), 4):
         batch = collate(data[start:min(start + 4, limit)])
         with torch.no_grad():
-            _, seg, scores = segment_batch(module, batch, split, observe=False)
-        pairs += pairs_for_page(dm.tokenizer, batch, seg, scores)
-    header = f"{describe(module.segmenter)}; scorer {type(module.scorer).__name__ if module.scorer else 'none'}; " \
+            masked = masker.mask(module, batch, split, observe=False)
+        pairs += pairs_for_page(dm.tokenizer, batch, masked.segmentation, masked.scores)
+    header = f"{describe(masker.segmenter)}; scorer {type(masker.scorer).__name__ if masker.scorer else 'none'}; " \
              f"data {dm.val_source if split == 'val' and dm.val_data else dm.train_source}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_page(f"segments: {Path(recipe).name}", header, pairs), encoding="utf-8")

@@ -27,6 +27,7 @@ from amrlhf.segmenters import (
     AdaptivePivotSegmenter,
     EntropySegmenter,
     SampleWiseSegmenter,
+    SegmentInputs,
     StepWiseSegmenter,
     TokenWiseSegmenter,
 )
@@ -87,7 +88,7 @@ def segmenter_costs(tokenizer_model: str, B: int = 8, T: int = 256, repeats: int
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            s.segment(**kwargs)
+            s.segment(SegmentInputs(**kwargs))
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times)
     return out

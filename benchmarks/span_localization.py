@@ -50,6 +50,7 @@ from amrlhf.segmenters import (
     ConstantBaseline,
     EntropySegmenter,
     SampleWiseSegmenter,
+    SegmentInputs,
     StepWiseSegmenter,
     TokenWiseSegmenter,
 )
@@ -153,8 +154,8 @@ def main() -> None:
                 seg.baseline = ConstantBaseline(0.0)
             cell = table.setdefault((sname, gname), Localization())
             for items, batch, out, tr in batches:
-                s = seg.segment(response_mask=batch["response_mask"], labels=batch["labels"],
-                                input_ids=batch["input_ids"], **out.as_kwargs())
+                s = seg.segment(SegmentInputs(response_mask=batch["response_mask"], labels=batch["labels"],
+                                input_ids=batch["input_ids"], **out.as_kwargs()))
                 rows_rej = list(range(len(items), 2 * len(items)))
                 truth = truth_tensor(tr, batch, rows_rej)
                 cell.tokens += int(batch["response_mask"][rows_rej].sum())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from amrlhf.segmenters import PivotSegmenter
+from amrlhf.segmenters import PivotSegmenter, SegmentInputs
 
 
 def test_the_documented_custom_segmenter_works():
@@ -21,7 +21,7 @@ def test_the_documented_custom_segmenter_works():
     seg = ns["PrefixSegmenter"](k=2)
     assert isinstance(seg, PivotSegmenter)
     resp = torch.tensor([[0, 1, 1, 1, 1]], dtype=torch.float32)
-    out = seg.segment(response_mask=resp, labels=torch.tensor([1]), input_ids=torch.zeros(1, 6, dtype=torch.long))
+    out = seg.segment(SegmentInputs(response_mask=resp, labels=torch.tensor([1]), input_ids=torch.zeros(1, 6, dtype=torch.long)))
     assert out.mask.tolist() == [[0, 1, 1, 0, 0]] and out.pivot.tolist() == [[False, False, False, True, False]]
 
 
@@ -135,8 +135,8 @@ def test_the_documented_scorer_scores_by_hand(my_project):
     assert out.scores.tolist() == [[0, 0, -1, -1, -2]] * 2 and out.prompt_scores.tolist() == [0, 0]
     seg = _parse(PivotSegmenter, _yaml_with("amrlhf.segmenters.AdaptivePivotSegmenter"))
     assert isinstance(seg, AdaptivePivotSegmenter) and seg.scale == 1.0
-    s = seg.segment(response_mask=batch["response_mask"], labels=batch["labels"], input_ids=batch["input_ids"],
-                    **out.as_kwargs())
+    s = seg.segment(SegmentInputs(response_mask=batch["response_mask"], labels=batch["labels"], input_ids=batch["input_ids"],
+                    **out.as_kwargs()))
     assert s.mask.tolist() == [[0, 1, 0, 0, 0], [0, 1, 1, 1, 1]]
 
 

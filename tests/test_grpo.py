@@ -87,9 +87,9 @@ def test_am_labels_are_the_sign_of_the_estimators_advantage_even_with_a_dense_te
     seen = {}
 
     class Spy(SampleWiseSegmenter):
-        def segment(self, **kw):
-            seen.setdefault("labels", kw["labels"].clone())
-            return super().segment(**kw)
+        def segment(self, x):
+            seen.setdefault("labels", x.labels.clone())
+            return super().segment(x)
 
     module = letters_grpo(letters, segmenter=Spy(), scorer=TargetTokenReward("x"),
                           dense=DenseAdvantage(TargetTokenReward("x"), replace=True))
@@ -339,9 +339,9 @@ def test_a_reward_that_raises_stops_training_with_the_row_named(tmp_path):
 class KeepEveryOther(SampleWiseSegmenter):
     """Keeps the 1st, 3rd, 5th ... response token of every response (a mask that keeps about half)."""
 
-    def segment(self, **kw):
-        seg = super().segment(**kw)
-        resp = kw["response_mask"].bool()
+    def segment(self, x):
+        seg = super().segment(x)
+        resp = x.response_mask.bool()
         keep = (resp.cumsum(-1) % 2 == 1) & resp
         seg.mask = keep.to(seg.mask.dtype)
         return seg
@@ -460,9 +460,9 @@ def test_an_overlong_cache_longer_than_the_budget_is_refused_at_construction(let
 class HalfWeights(SampleWiseSegmenter):
     """Soft weights: 1.0 on odd response tokens (1st, 3rd, ...), 0.5 on the others."""
 
-    def segment(self, **kw):
-        seg = super().segment(**kw)
-        resp = kw["response_mask"].bool()
+    def segment(self, x):
+        seg = super().segment(x)
+        resp = x.response_mask.bool()
         seg.mask = torch.where((resp.cumsum(-1) % 2 == 1) & resp, 1.0, 0.5) * resp.float()
         return seg
 

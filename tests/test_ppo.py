@@ -82,9 +82,9 @@ def test_am_ppo_labels_come_from_the_raw_score_not_the_eos_penalised_one(letters
             return ts
 
     class Segmenter(SampleWiseSegmenter):
-        def segment(self, **kw):
-            seen.setdefault("labels", kw["labels"].clone())
-            return super().segment(**kw)
+        def segment(self, x):
+            seen.setdefault("labels", x.labels.clone())
+            return super().segment(x)
 
     module = letters_ppo(letters, reward=Reward("x"), segmenter=Segmenter(), missing_eos_penalty=10.0)
     fit(module, letters, rollouts=1)

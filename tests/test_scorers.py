@@ -127,7 +127,7 @@ def test_confident_surprise_and_worst_so_far_by_hand():
 def test_surprisal_scorer_reads_the_frozen_model_and_the_figure_preset_flags_from_the_surprise(tokenizer):
     from amrlhf.models.forward import lean_forward
     from amrlhf.scorers import SurprisalScorer
-    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline
+    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline, SegmentInputs
 
     _, batch = _batch(tokenizer)
     scorer = SurprisalScorer(ModelSpec("local:tiny-llama"), tolerance=1.0, max_entropy=None)
@@ -144,7 +144,7 @@ def test_surprisal_scorer_reads_the_frozen_model_and_the_figure_preset_flags_fro
     assert (out.scores[~resp.bool()] == 0).all() and (out.prompt_scores == 1.0).all()
     seg = AdaptivePivotSegmenter(delta=0.3, baseline=ConstantBaseline(0.0))
     labels = torch.tensor([-1] * resp.shape[0])
-    sigma = seg.segment(response_mask=resp, labels=labels, input_ids=batch["input_ids"], **out.as_kwargs()).sigma
+    sigma = seg.segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=batch["input_ids"], **out.as_kwargs())).sigma
     s = out.scores[row, cols]
     first_bad = int((s < -0.3).nonzero()[0]) if (s < -0.3).any() else len(cols)
     flagged = (sigma[row, cols] == -1).tolist()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from amrlhf.segmenters import PivotSegmenter, SampleWiseSegmenter, segment_stats
+from amrlhf.segmenters import PivotSegmenter, SampleWiseSegmenter, SegmentInputs, segment_stats
 
 
 def batch():
@@ -12,7 +12,7 @@ def batch():
 
 def test_sample_wise_keeps_exactly_the_response():
     resp, labels, ids = batch()
-    seg = SampleWiseSegmenter().segment(response_mask=resp, labels=labels, input_ids=ids)
+    seg = SampleWiseSegmenter().segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids))
     assert isinstance(SampleWiseSegmenter(), PivotSegmenter)
     assert torch.equal(seg.mask, resp)
     assert seg.sigma.tolist() == [[0, 0, 1, 1, 1, 0], [0, -1, -1, 0, 0, 0]]
@@ -27,9 +27,9 @@ def test_sample_wise_keeps_exactly_the_response():
 def test_misaligned_inputs_are_refused():
     resp, labels, ids = batch()
     with pytest.raises(ValueError, match="aligned"):
-        SampleWiseSegmenter().segment(response_mask=resp, labels=labels, input_ids=ids[:, :-1])
+        SampleWiseSegmenter().segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids[:, :-1]))
     with pytest.raises(ValueError, match=r"\+1"):
-        SampleWiseSegmenter().segment(response_mask=resp, labels=torch.tensor([1, 0]), input_ids=ids)
+        SampleWiseSegmenter().segment(SegmentInputs(response_mask=resp, labels=torch.tensor([1, 0]), input_ids=ids))
 
 
 def test_one_sided_masks_the_rejected_side_only_by_hand():
@@ -40,19 +40,20 @@ def test_one_sided_masks_the_rejected_side_only_by_hand():
     scores = torch.tensor([[0.0, 1.0, -1.0, -1.0], [0.0, 1.0, -1.0, -1.0]])
     labels, ids = torch.tensor([1, -1]), torch.zeros(2, 5, dtype=torch.long)
     inner = AdaptivePivotSegmenter(delta=0.3, baseline=ConstantBaseline(0.0))
-    both = inner.segment(response_mask=resp, labels=labels, input_ids=ids, scores=scores)
+    both = inner.segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids, scores=scores))
     assert both.mask.tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]  # sigma = +1, -1, -1 on each row
-    seg = OneSidedSegmenter(inner, side="rejected").segment(response_mask=resp, labels=labels, input_ids=ids,
-                                                            scores=scores)
+    seg = OneSidedSegmenter(inner, side="rejected").segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids,
+                                                            scores=scores))
     assert seg.mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]  # the chosen row keeps every token
     assert seg.sigma.tolist() == [[0, 1, 1, 1], [0, 1, -1, -1]]
     assert seg.pivot.tolist() == [[False] * 4, both.pivot[1].tolist()]
-    chosen = OneSidedSegmenter(inner, side="chosen").segment(response_mask=resp, labels=labels, input_ids=ids,
-                                                             scores=scores)
+    chosen = OneSidedSegmenter(inner, side="chosen").segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids,
+                                                             scores=scores))
     assert chosen.mask.tolist() == [[0, 1, 0, 0], [0, 1, 1, 1]]
 
 
 def test_one_sided_passes_the_inner_hooks_through():
+    """Its hooks are the inner segmenter's; whether it wants the score scale is the inner one's too."""
     from amrlhf.errors import ConfigError
     from amrlhf.segmenters import AdaptivePivotSegmenter, OneSidedSegmenter
 
@@ -60,7 +61,7 @@ def test_one_sided_passes_the_inner_hooks_through():
     wrapped = OneSidedSegmenter(inner)
     wrapped.calibrate(2.5)
     assert inner.scale == 2.5 and wrapped.state_dict() == inner.state_dict()
-    assert not hasattr(OneSidedSegmenter(SampleWiseSegmenter()), "calibrate")  # no hook where the inner has none
+    assert wrapped.calibrated_by_scale and not OneSidedSegmenter(SampleWiseSegmenter()).calibrated_by_scale
     assert isinstance(wrapped, PivotSegmenter)
     with pytest.raises(ConfigError, match="side must be"):
         OneSidedSegmenter(inner, side="both")
@@ -79,7 +80,7 @@ def test_rank_weights_by_hand():
     nan = float("nan")
     inp = _soft_inputs([[0.1, 0.5, 0.3, nan], [0.1, 0.5, 0.3, nan], [1.0, 1.0, 2.0, nan], [2.0, 1.0, nan, nan],
                         [4.0, nan, nan, nan]])
-    seg = RankWeightSegmenter(0.7, 1.3).segment(labels=torch.tensor([1, -1, 1, 1, -1]), **inp)
+    seg = RankWeightSegmenter(0.7, 1.3).segment(SegmentInputs(labels=torch.tensor([1, -1, 1, 1, -1]), **inp))
     expected = [[0.7, 1.3, 1.0, 0.0],    # chosen: ranks 0, 2, 1 of 3 -> 0.7 + 0.6 r / 2
                 [1.3, 0.7, 1.0, 0.0],    # rejected: the lowest score ranks highest
                 [0.85, 0.85, 1.3, 0.0],  # a tie shares its mean rank 0.5 -> 0.7 + 0.6 x 0.25
@@ -94,10 +95,10 @@ def test_linear_weights_by_hand():
 
     nan = float("nan")
     inp = _soft_inputs([[0.0, 0.2, 1.0, nan], [0.0, 0.2, 1.0, nan]])
-    seg = LinearWeightSegmenter(slope=0.5).segment(labels=torch.tensor([1, -1]), **inp)
+    seg = LinearWeightSegmenter(slope=0.5).segment(SegmentInputs(labels=torch.tensor([1, -1]), **inp))
     # mean 0.4: chosen 1 + 0.5 (s - 0.4) = 0.8, 0.9, 1.3; rejected 1 - 0.5 (s - 0.4) = 1.2, 1.1, 0.7
     assert_close(seg.mask, torch.tensor([[0.8, 0.9, 1.3, 0.0], [1.2, 1.1, 0.7, 0.0]]))
-    clipped = LinearWeightSegmenter(slope=2.0).segment(labels=torch.tensor([1, -1]), **inp)
+    clipped = LinearWeightSegmenter(slope=2.0).segment(SegmentInputs(labels=torch.tensor([1, -1]), **inp))
     assert_close(clipped.mask, torch.tensor([[0.7, 0.7, 1.3, 0.0], [1.3, 1.3, 0.7, 0.0]]))
 
 
@@ -110,8 +111,8 @@ def test_soft_weights_refuse_a_bad_band_and_missing_scores():
     with pytest.raises(ConfigError, match="slope"):
         LinearWeightSegmenter(slope=-1)
     with pytest.raises(ConfigError, match="set model.init_args.scorer"):
-        RankWeightSegmenter().segment(response_mask=torch.ones(1, 2), labels=torch.tensor([1]),
-                                      input_ids=torch.zeros(1, 3, dtype=torch.long))
+        RankWeightSegmenter().segment(SegmentInputs(response_mask=torch.ones(1, 2), labels=torch.tensor([1]),
+                                      input_ids=torch.zeros(1, 3, dtype=torch.long)))
 
 
 def test_segment_stats_and_the_html_view_show_soft_weights_by_hand():
@@ -135,3 +136,22 @@ def test_segment_stats_and_the_html_view_show_soft_weights_by_hand():
     assert "weight 1.300" in page and "weights 0.70-1.30, mean 1.00" in page and "rgba(46,160,67" in page
     binary = render_page("t", "h", [{"prompt": "p", "chosen": {**row, "weights": [1.0, 0.0, 1.0]}}])
     assert "weight" not in binary and "rgba" not in binary and "class='tok mask'>masked" in binary
+
+
+def test_hooks_come_from_the_base_class_and_do_nothing_until_overridden():
+    """Every segmenter has every hook (no hasattr at the call sites); the base's do nothing, the scored
+    segmenters' calibrate, and only they ask for the score scale."""
+    from amrlhf.segmenters import AdaptivePivotSegmenter, RankWeightSegmenter, StepWiseSegmenter
+
+    for seg in (SampleWiseSegmenter(), RankWeightSegmenter(), AdaptivePivotSegmenter(), StepWiseSegmenter()):
+        assert isinstance(seg, PivotSegmenter)
+        for hook in ("setup", "calibrate", "observe", "state_dict", "load_state_dict"):
+            assert callable(getattr(seg, hook))
+    plain = SampleWiseSegmenter()
+    plain.calibrate(3.0), plain.observe(torch.ones(1, 2), torch.ones(1, 2)), plain.load_state_dict({})
+    assert plain.state_dict() == {} and not plain.calibrated_by_scale
+    scored = AdaptivePivotSegmenter()
+    scored.calibrate(3.0)
+    assert scored.calibrated_by_scale and scored.state_dict() == {"scale": 3.0}
+    with pytest.raises(NotImplementedError, match="segment"):
+        PivotSegmenter().segment(SegmentInputs(torch.ones(1, 2), torch.tensor([1]), torch.zeros(1, 3, dtype=torch.long)))

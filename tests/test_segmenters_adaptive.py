@@ -13,6 +13,7 @@ from amrlhf.segmenters import (
     PivotSegmenter,
     PromptScoreBaseline,
     RunningMeanBaseline,
+    SegmentInputs,
     StepWiseSegmenter,
     TokenWiseSegmenter,
 )
@@ -22,8 +23,8 @@ IDS = torch.zeros(1, 7, dtype=torch.long)
 
 
 def seg(s, scores, label=1, resp=RESP, ids=IDS, **kw):
-    return s.segment(response_mask=resp, labels=torch.tensor([label] * resp.shape[0]), input_ids=ids,
-                     scores=torch.tensor(scores, dtype=torch.float32), **kw)
+    return s.segment(SegmentInputs(response_mask=resp, labels=torch.tensor([label] * resp.shape[0]), input_ids=ids,
+                     scores=torch.tensor(scores, dtype=torch.float32), **kw))
 
 
 def const(**kw):
@@ -192,8 +193,8 @@ def test_vectorised_equals_slow_loop(signal, first_token):
     prompt = torch.randn(B, generator=torch.Generator().manual_seed(4)).round(decimals=1)
     labels = torch.tensor([rng.choice([1, -1]) for _ in range(B)])
     s = AdaptivePivotSegmenter(delta=0.3, signal=signal, first_token=first_token)
-    out = s.segment(response_mask=resp, labels=labels, input_ids=torch.zeros(B, n + 1, dtype=torch.long),
-                    scores=scores, prompt_scores=prompt)
+    out = s.segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=torch.zeros(B, n + 1, dtype=torch.long),
+                    scores=scores, prompt_scores=prompt))
     for b in range(B):
         r = resp[b].bool().tolist()
         first = r.index(True)

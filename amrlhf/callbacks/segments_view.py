@@ -117,8 +117,6 @@ class SegmentsView(L.Callback):
         self.examples, self.every, self.split = examples, every_n_steps, split
 
     def _log(self, trainer, module) -> None:
-        from amrlhf.modules.masking import segment_batch
-
         if module.segmenter is None or not trainer.is_global_zero:
             return
         dm = trainer.datamodule
@@ -127,9 +125,9 @@ class SegmentsView(L.Callback):
         data = (dm.val_data if use_val else dm.train_data)[: self.examples]
         batch = {k: v.to(module.device) for k, v in dm._collator()(data).items()}
         with torch.no_grad():
-            mask, seg, scores = segment_batch(module, batch, split, observe=False)
+            masked = module.masker.mask(module, batch, split, observe=False)
         page = render_page(f"segments at step {trainer.global_step}", describe(module.segmenter),
-                           pairs_for_page(dm.tokenizer, batch, seg, scores))
+                           pairs_for_page(dm.tokenizer, batch, masked.segmentation, masked.scores))
         logger = next((lg for lg in trainer.loggers if hasattr(lg, "run_id")), None)
         if logger is None:
             return

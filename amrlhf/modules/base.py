@@ -15,7 +15,7 @@ from torch import Tensor
 from amrlhf.errors import ConfigError
 from amrlhf.memory import release_freed_memory
 from amrlhf.models import ModelSpec
-from amrlhf.modules.masking import segment_batch, setup_segmentation
+from amrlhf.modules.masking import Masker, setup_segmentation
 from amrlhf.scorers import TokenScorer
 from amrlhf.segmenters import PivotSegmenter, Segmentation
 
@@ -71,13 +71,27 @@ class AlignmentModule(L.LightningModule):
         super().__init__()
         check_optimizer(lr, weight_decay, warmup_steps, betas)
         self.policy_spec = policy
-        # None = the unmasked path (m = response mask): the reference for parity tests.
-        self.segmenter = segmenter
-        self.scorer = scorer  # token scores for the segmenter (reward-model prefix scores, ...)
-        self.score_calibration_batches = score_calibration_batches
-        self._calibrated = False
+        # segmenter None = the unmasked path (m = response mask): the reference for parity tests.
+        self.masker = Masker(segmenter, scorer, score_calibration_batches)
         self.lr, self.weight_decay, self.warmup_steps, self.betas = lr, weight_decay, warmup_steps, betas
         self.policy = None
+
+    # The masker's parts, as the recipe names them (model.init_args.segmenter / scorer).
+    @property
+    def segmenter(self) -> PivotSegmenter | None:
+        return self.masker.segmenter
+
+    @segmenter.setter
+    def segmenter(self, value: PivotSegmenter | None) -> None:
+        self.masker.segmenter = value
+
+    @property
+    def scorer(self) -> TokenScorer | None:
+        return self.masker.scorer
+
+    @scorer.setter
+    def scorer(self, value: TokenScorer | None) -> None:
+        self.masker.scorer = value
 
     def load_policy(self):
         from amrlhf.models import load_causal_lm
@@ -108,8 +122,8 @@ class AlignmentModule(L.LightningModule):
 
     def mask_for(self, batch: dict, split: str) -> tuple[Tensor, Segmentation | None]:
         """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
-        mask, seg, _ = segment_batch(self, batch, split)
-        return mask, seg
+        masked = self.masker.mask(self, batch, split)
+        return masked.mask, masked.segmentation
 
     def on_fit_start(self) -> None:
         self.check_positions()
@@ -165,8 +179,9 @@ class AlignmentModule(L.LightningModule):
         # What `amrlhf export` needs to rebuild the policy without the recipe.
         checkpoint["amrlhf"] = {"module": f"{type(self).__module__}.{type(self).__qualname__}",
                                 "policy": dataclasses.asdict(self.policy_spec)}
-        if hasattr(self.segmenter, "state_dict"):  # measured scale, running-mean baseline
-            checkpoint["amrlhf"]["segmenter"] = self.segmenter.state_dict()
+        state = self.masker.state_dict()  # measured scale, running-mean baseline
+        if state:
+            checkpoint["amrlhf"]["segmenter"] = state
         # Keep only trainable weights when the policy is LoRA: the frozen base is reloaded by name.
         if self.policy_spec.lora is not None:
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -175,9 +190,8 @@ class AlignmentModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
         state = checkpoint.get("amrlhf", {}).get("segmenter")
-        if state is not None and hasattr(self.segmenter, "load_state_dict"):
-            self.segmenter.load_state_dict(state)
-            self._calibrated = True
+        if state:
+            self.masker.load_state_dict(state)
         if self.policy_spec.lora is not None:
             missing = self.state_dict()
             missing.update(checkpoint["state_dict"])

@@ -1,74 +1,154 @@
-"""The segmentation step every masked module shares: scorer -> segmenter -> mask, plus the
-one-time setup (scorer models, delimiter ids, score scale measured on training data)."""
+"""The one masking object every masked path shares (DPO, SFT, the on-policy actor, the study's held-out
+localisation, `amrlhf segments` and the HTML view): scorer -> segmenter -> mask, with the one-time set-up
+(scorer models, the segmenter's tokenizer knowledge) and the score scale measured once on training data."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from amrlhf.distributed import pooled_std
-from amrlhf.segmenters import Segmentation
+from amrlhf.errors import AmrlhfError
+from amrlhf.scorers import CachedScorer, TokenScorer, TokenScores
+from amrlhf.segmenters import PivotSegmenter, Segmentation, SegmentInputs
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Masked:
+    """What masking a batch gives: the loss mask [N, T-1] (the segmenter's 0/1 mask or float weights, times the
+    response mask), the Segmentation (None on the unmasked path) and the scorer's signals (None without one)."""
+
+    mask: Tensor
+    segmentation: Segmentation | None
+    signals: TokenScores | None
+
+    @property
+    def scores(self) -> Tensor | None:
+        return None if self.signals is None else self.signals.scores
+
+
+class Masker:
+    """Owns the scorer, the segmenter and the calibration state.
+
+    `setup(module, tokenizer)` loads the scorer and gives the segmenter its tokenizer knowledge; `calibrate_on`
+    (batches) or `calibrate` (scores) measure the score scale once, when the segmenter reads scores in
+    standard deviations; `mask(module, batch, split)` scores a batch and segments it; `state_dict` is what a
+    checkpoint keeps (the scale, a running baseline). Without a segmenter every response token is kept: the
+    unmasked path, the reference of every parity test."""
+
+    def __init__(self, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
+                 calibration_batches: int = 8):
+        self.segmenter, self.scorer, self.calibration_batches = segmenter, scorer, calibration_batches
+        self.calibrated = False
+
+    @property
+    def needs_scale(self) -> bool:
+        """The segmenter reads scores in standard deviations and there are scores to measure."""
+        return self.segmenter is not None and self.scorer is not None and self.segmenter.calibrated_by_scale
+
+    def setup(self, module, tokenizer) -> None:
+        if self.scorer is not None:
+            self.scorer.setup(module)
+        if self.segmenter is not None:
+            self.segmenter.setup(tokenizer)
+
+    def uncached(self) -> Masker:
+        """The same masker scoring afresh (a CachedScorer's tables hold the training data's scores only), for
+        data outside the run: held-out localisation, `amrlhf segments`. Shares the segmenter and its scale."""
+        if not isinstance(self.scorer, CachedScorer):
+            return self
+        other = Masker(self.segmenter, self.scorer.source, self.calibration_batches)
+        other.calibrated = self.calibrated
+        return other
+
+    def release(self) -> None:
+        """Free the scorer's frozen models (after caching, or after scoring data outside the run)."""
+        if self.scorer is not None and hasattr(self.scorer, "_models"):
+            self.scorer._models.clear()
+
+    # ------------------------------------------------------------------ the score scale
+    @torch.no_grad()
+    def calibrate_on(self, module, batches: Iterable[dict]) -> dict[str, float]:
+        """Scale = std of the response-token scores of these (training) batches -> their distribution."""
+        values = []
+        for batch in batches:
+            scores = self.scorer.score(module, batch, "train").scores
+            values.append(scores[batch["response_mask"].bool()].float().cpu())
+        return self.calibrate(torch.cat(values))
+
+    def calibrate(self, flat: Tensor, pooled: bool = False, device: torch.device | None = None) -> dict[str, float]:
+        """Give the segmenter the scale (std of these response-token scores) -> their distribution (`segments/
+        score_*`, to log). `pooled`: the scores are this rank's own (a rollout): the std is over every rank's
+        (on `device`, where the process group communicates); without it every rank scored the same examples."""
+        if pooled:
+            std = pooled_std(flat.to(device))
+        else:
+            std = flat.std().item() if flat.numel() > 1 else 1.0
+        self.segmenter.calibrate(std)
+        self.calibrated = True
+        q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95])).tolist()
+        stats = {"segments/score_mean": flat.mean().item(), "segments/score_std": std, "segments/score_p05": q[0],
+                 "segments/score_p50": q[1], "segments/score_p95": q[2]}
+        log.info("token scores on %d training tokens: %s", flat.numel(), {k: round(v, 4) for k, v in stats.items()})
+        return stats
+
+    # ------------------------------------------------------------------ masking
+    def signals(self, module, batch: dict, split: str) -> TokenScores | None:
+        return self.scorer.score(module, batch, split) if self.scorer is not None else None
+
+    def segment(self, batch: dict, signals: TokenScores | None) -> Segmentation:
+        return self.segmenter.segment(SegmentInputs(batch["response_mask"], batch["labels"], batch["input_ids"],
+                                                    **(signals.as_kwargs() if signals is not None else {})))
+
+    def mask(self, module, batch: dict, split: str, observe: bool = True,
+             signals: TokenScores | None = None) -> Masked:
+        """Score (unless `signals` are given) and segment one batch. `observe`: let a stateful segmenter (a
+        running-mean baseline) learn from a training batch."""
+        resp = batch["response_mask"]
+        if self.segmenter is None:
+            return Masked(resp, None, None)
+        if signals is None:
+            signals = self.signals(module, batch, split)
+        seg = self.segment(batch, signals)
+        if observe and split == "train" and signals is not None and signals.scores is not None:
+            self.segmenter.observe(signals.scores, resp)
+        return Masked(seg.mask.to(resp.dtype) * resp, seg, signals)
+
+    def state_dict(self) -> dict:
+        return self.segmenter.state_dict() if self.segmenter is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.segmenter is None:
+            raise AmrlhfError("the checkpoint holds a segmenter's state, but this run has no segmenter")
+        self.segmenter.load_state_dict(state)
+        self.calibrated = True
+
+
 def setup_segmentation(module) -> None:
-    """Before training: load the scorer, give a segmenter its tokenizer knowledge, calibrate the scale."""
-    dm = module.trainer.datamodule
-    if module.scorer is not None:
-        module.scorer.setup(module)
-    if module.segmenter is not None and hasattr(module.segmenter, "setup"):
-        module.segmenter.setup(dm.tokenizer)
-    needs_scale = module.scorer is not None and hasattr(module.segmenter, "calibrate")
-    if needs_scale and module.score_calibration_batches and not module._calibrated:
-        calibrate(module, dm)
+    """Before training: the masker's set-up, then the score scale from the first training batches (when the
+    segmenter reads scores in standard deviations and no checkpoint restored it), logged at step 0."""
+    masker, dm = module.masker, module.trainer.datamodule
+    if masker.segmenter is None and masker.scorer is None:
+        return  # the unmasked path: nothing to set up
+    masker.setup(module, dm.tokenizer)
+    if masker.needs_scale and masker.calibration_batches and not masker.calibrated:
+        log_scale(module, masker.calibrate_on(module, training_batches(module, dm, masker.calibration_batches)))
 
 
-@torch.no_grad()
-def calibrate(module, dm) -> None:
-    """Scale = standard deviation of response-token scores over the first training batches, so that
-    delta is in standard deviations; logged with quantiles (the score distribution) and stored in
-    checkpoints (a resumed run keeps it)."""
+def training_batches(module, dm, n_batches: int) -> Iterable[dict]:
+    """The first `n_batches` training batches, in data order, on the module's device."""
     collate = dm._collator()
-    n = module.score_calibration_batches * dm.batch_size
-    values = []
+    n = n_batches * dm.batch_size
     for start in range(0, min(n, len(dm.train_data)), dm.batch_size):
-        batch = {k: v.to(module.device) for k, v in collate(dm.train_data[start:start + dm.batch_size]).items()}
-        scores = module.scorer.score(module, batch, "train").scores
-        values.append(scores[batch["response_mask"].bool()].float().cpu())
-    record_scale(module, torch.cat(values))
+        yield {k: v.to(module.device) for k, v in collate(dm.train_data[start:start + dm.batch_size]).items()}
 
 
-def record_scale(module, flat: torch.Tensor, pooled: bool = False) -> None:
-    """Give the segmenter the scale (std of these response-token scores) and log their distribution.
-    `pooled`: the scores are this rank's own (a PPO rollout): the std is over every rank's (the logged
-    quantiles are this rank's); without it every rank scored the same examples."""
-    if pooled:
-        std = pooled_std(flat.to(module.device))  # on the device the process group communicates on
-    else:
-        std = flat.std().item() if flat.numel() > 1 else 1.0
-    module.segmenter.calibrate(std)
-    module._calibrated = True
-    q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95])).tolist()
-    stats = {"segments/score_mean": flat.mean().item(), "segments/score_std": std, "segments/score_p05": q[0],
-             "segments/score_p50": q[1], "segments/score_p95": q[2]}
-    log.info("token scores on %d training tokens: %s", flat.numel(), {k: round(v, 4) for k, v in stats.items()})
+def log_scale(module, stats: dict[str, float]) -> None:
     if module.logger is not None:
         module.logger.log_metrics(stats, step=0)
-
-
-def segment_batch(module, batch: dict, split: str, observe: bool = True
-                  ) -> tuple[Tensor, Segmentation | None, Tensor | None]:
-    """-> (loss mask [N, T-1], Segmentation or None on the unmasked path, token scores or None).
-    `observe`: let a stateful segmenter (running-mean baseline) learn from a training batch."""
-    resp = batch["response_mask"]
-    if module.segmenter is None:
-        return resp, None, None
-    kwargs = module.scorer.score(module, batch, split).as_kwargs() if module.scorer is not None else {}
-    seg = module.segmenter.segment(response_mask=resp, labels=batch["labels"], input_ids=batch["input_ids"],
-                                   **kwargs)
-    if observe and split == "train" and kwargs.get("scores") is not None and hasattr(module.segmenter, "observe"):
-        module.segmenter.observe(kwargs["scores"], resp)
-    return seg.mask.to(resp.dtype) * resp, seg, kwargs.get("scores")

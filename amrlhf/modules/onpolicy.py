@@ -34,7 +34,7 @@ from amrlhf.models import ModelSpec
 from amrlhf.models.forward import check_logits_chunk
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import gather_rows
-from amrlhf.modules.masking import record_scale, setup_segmentation
+from amrlhf.modules.masking import log_scale, setup_segmentation
 from amrlhf.modules.reference import CachedReference, FrozenReference, ReferenceModel
 from amrlhf.rollout import Sampling, left_padded_prompts, sample_groups, sample_responses, seeded
 from amrlhf.scorers import TokenScorer, TokenScores
@@ -238,19 +238,17 @@ class OnPolicyModule(AlignmentModule):
         resp = roll["response_mask"]
         if self.segmenter is None or self.rollouts_done < self.segment_warmup_rollouts:
             return resp, None
+        batch = {**roll, "rows": rows}
         if self.scorer is not None:
-            ts = self.scorer.score(self, {**roll, "rows": rows}, "train")
+            ts = self.masker.signals(self, batch, "train")
         elif reward_scores is not None:
             ts = reward_scores
         else:
             raise AmrlhfError("the adaptive mask needs token scores: set model.init_args.scorer")
-        if hasattr(self.segmenter, "calibrate") and not self._calibrated:
-            record_scale(self, ts.scores[resp.bool()].float(), pooled=True)  # once, on the first segmented rollout
-        seg = self.segmenter.segment(response_mask=resp, labels=roll["labels"], input_ids=roll["input_ids"],
-                                     **ts.as_kwargs())
-        if hasattr(self.segmenter, "observe"):
-            self.segmenter.observe(ts.scores, resp)
-        return seg.mask.to(resp.dtype) * resp, seg
+        if self.segmenter.calibrated_by_scale and not self.masker.calibrated:  # once, on the first segmented rollout
+            log_scale(self, self.masker.calibrate(ts.scores[resp.bool()].float(), pooled=True, device=self.device))
+        masked = self.masker.mask(self, batch, "train", signals=ts)
+        return masked.mask, masked.segmentation
 
     # ------------------------------------------------------------------ optimisation
     def minibatch_loss(self, mb: dict) -> tuple[Tensor, dict[str, Tensor]]:
@@ -314,7 +312,7 @@ class OnPolicyModule(AlignmentModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["amrlhf"][self.checkpoint_key] = {
             "rollouts_done": self.rollouts_done, "kl": self.kl_ctl.state_dict(),
-            "label_baseline": self.label_baseline.state_dict(), "calibrated": self._calibrated, "seed": self.seed,
+            "label_baseline": self.label_baseline.state_dict(), "calibrated": self.masker.calibrated, "seed": self.seed,
             **self.extra_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -324,6 +322,6 @@ class OnPolicyModule(AlignmentModule):
             self.rollouts_done = state["rollouts_done"]
             self.kl_ctl.load_state_dict(state["kl"])
             self.label_baseline.load_state_dict(state["label_baseline"])
-            self._calibrated = state["calibrated"]
+            self.masker.calibrated = state["calibrated"]
             self.seed = state["seed"]
             self.load_extra_state(state)

@@ -31,7 +31,7 @@ class CachedScorer:
 
         self.cache.fill(module, meta, lambda: self.source.setup(module), compute, batch_size=self.batch_size,
                         desc="token scores")
-        if hasattr(self.source, "_models"):
+        if hasattr(self.source, "_models"):  # the source's frozen models: every later batch reads the cache
             self.source._models.clear()
 
     def score(self, module, batch: dict, split: str) -> TokenScores:

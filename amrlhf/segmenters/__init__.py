@@ -1,7 +1,7 @@
 """Pivot segmenters: turn a sequence-level label (and token scores) into token masks."""
 
 from amrlhf.segmenters.adaptive import AdaptivePivotSegmenter, TokenWiseSegmenter
-from amrlhf.segmenters.base import PivotSegmenter, Segmentation
+from amrlhf.segmenters.base import PivotSegmenter, Segmentation, SegmentInputs
 from amrlhf.segmenters.baselines import (
            Baseline,
            BatchMeanBaseline,
@@ -15,6 +15,6 @@ from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
 from amrlhf.segmenters.weights import LinearWeightSegmenter, RankWeightSegmenter
 
-__all__ = ["PivotSegmenter", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
+__all__ = ["PivotSegmenter", "SegmentInputs", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
            "StepWiseSegmenter", "EntropySegmenter", "Baseline", "BatchMeanBaseline", "PromptScoreBaseline", "ConstantBaseline",
            "RunningMeanBaseline", "OneSidedSegmenter", "segment_stats", "RankWeightSegmenter", "LinearWeightSegmenter"]

@@ -8,13 +8,15 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
-from amrlhf.segmenters.base import Segmentation, check_inputs
+from amrlhf.segmenters.base import PivotSegmenter, Segmentation, SegmentInputs
 from amrlhf.segmenters.baselines import Baseline, PromptScoreBaseline, RunningMeanBaseline
 from amrlhf.segmenters.rules import Fallback, finish, first_response_index, hold_last, sign_agreeing, signal
 
 
-class _ScoredSegmenter:
+class _ScoredSegmenter(PivotSegmenter):
     """Common state: signal kind, baseline, score scale (measured on training data), fallback."""
+
+    calibrated_by_scale = True
 
     def __init__(self, signal: Literal["level", "increment"], baseline: Baseline | None, scale: float,
                  fallback: Fallback, min_kept_frac: float):
@@ -23,7 +25,8 @@ class _ScoredSegmenter:
         if scale <= 0:
             raise ConfigError(f"{type(self).__name__}: scale must be > 0, got {scale}")
 
-    def _u(self, scores: Tensor | None, resp: Tensor, prompt_scores: Tensor | None) -> Tensor:
+    def _u(self, x: SegmentInputs, resp: Tensor) -> Tensor:
+        scores, prompt_scores = x.scores, x.prompt_scores
         if scores is None:
             raise ValueError(f"{type(self).__name__} needs token scores: give the module a `scorer`")
         scores = scores.float()
@@ -42,7 +45,7 @@ class _ScoredSegmenter:
 
     def state_dict(self) -> dict:
         state = {"scale": self.scale}
-        if hasattr(self.baseline, "state_dict"):
+        if isinstance(self.baseline, RunningMeanBaseline):
             state["baseline"] = self.baseline.state_dict()
         return state
 
@@ -79,19 +82,9 @@ class AdaptivePivotSegmenter(_ScoredSegmenter):
             raise ConfigError(f"{type(self).__name__}: first_token must be 'label' or 'sign', got {first_token!r}")
         self.delta, self.first_token = delta, first_token
 
-    def segment(
-        self,
-        *,
-        response_mask: Tensor,
-        labels: Tensor,
-        input_ids: Tensor,
-        scores: Tensor | None = None,
-        prompt_scores: Tensor | None = None,
-        ref_entropy: Tensor | None = None,
-    ) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
-        resp, labels = response_mask.bool(), labels.long()
-        u = self._u(scores, resp, prompt_scores)
+    def segment(self, x: SegmentInputs) -> Segmentation:
+        resp, labels = x.response_mask.bool(), x.labels.long()
+        u = self._u(x, resp)
         decided = (u > self.delta).long() - (u < -self.delta).long()
         if self.first_token == "label":
             init = labels
@@ -110,18 +103,8 @@ class TokenWiseSegmenter(_ScoredSegmenter):
                  scale: float = 1.0, fallback: Fallback = "ones", min_kept_frac: float = 0.0):
         super().__init__(signal, baseline, scale, fallback, min_kept_frac)
 
-    def segment(
-        self,
-        *,
-        response_mask: Tensor,
-        labels: Tensor,
-        input_ids: Tensor,
-        scores: Tensor | None = None,
-        prompt_scores: Tensor | None = None,
-        ref_entropy: Tensor | None = None,
-    ) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
-        resp, labels = response_mask.bool(), labels.long()
-        u = self._u(scores, resp, prompt_scores)
+    def segment(self, x: SegmentInputs) -> Segmentation:
+        resp, labels = x.response_mask.bool(), x.labels.long()
+        u = self._u(x, resp)
         sigma = torch.where(resp, sign_agreeing(u, labels), 0)
         return finish(sigma, resp, labels, fallback=self.fallback, min_kept_frac=self.min_kept_frac)

@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
-from amrlhf.segmenters.base import PivotSegmenter, Segmentation, check_inputs
+from amrlhf.segmenters.base import PivotSegmenter, Segmentation, SegmentInputs
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 
 SIDES = {"rejected": -1, "chosen": 1}
 
 
-class OneSidedSegmenter:
+class OneSidedSegmenter(PivotSegmenter):
     """Applies `segmenter` to the responses labelled `side` (`rejected`: label -1, a rejected answer or a
     negative advantage; `chosen`: +1) and trains every token of the others, as sample-wise does.
 
@@ -24,32 +24,34 @@ class OneSidedSegmenter:
     `calibrate`, `observe`, checkpointed state) are passed through; calibration and observation see every row.
     """
 
+    @property
+    def calibrated_by_scale(self) -> bool:
+        return self.segmenter.calibrated_by_scale
+
     def __init__(self, segmenter: PivotSegmenter, side: Literal["rejected", "chosen"] = "rejected"):
         if side not in SIDES:
             raise ConfigError(f"OneSidedSegmenter: side must be 'rejected' or 'chosen', got {side!r}")
         self.segmenter, self.side = segmenter, side
         self._all = SampleWiseSegmenter()
 
-    def __getattr__(self, name: str):
-        if name in ("setup", "calibrate", "observe", "state_dict", "load_state_dict") and "segmenter" in vars(self):
-            return getattr(self.segmenter, name)  # AttributeError when the inner segmenter has no such hook
-        raise AttributeError(name)
+    def setup(self, tokenizer) -> None:
+        self.segmenter.setup(tokenizer)
 
-    def segment(
-        self,
-        *,
-        response_mask: Tensor,
-        labels: Tensor,
-        input_ids: Tensor,
-        scores: Tensor | None = None,
-        prompt_scores: Tensor | None = None,
-        ref_entropy: Tensor | None = None,
-    ) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
-        inner = self.segmenter.segment(response_mask=response_mask, labels=labels, input_ids=input_ids,
-                                       scores=scores, prompt_scores=prompt_scores, ref_entropy=ref_entropy)
-        whole = self._all.segment(response_mask=response_mask, labels=labels, input_ids=input_ids)
-        on = labels.long() == SIDES[self.side]
+    def calibrate(self, scale: float) -> None:
+        self.segmenter.calibrate(scale)
+
+    def observe(self, scores: Tensor, response_mask: Tensor) -> None:
+        self.segmenter.observe(scores, response_mask)
+
+    def state_dict(self) -> dict:
+        return self.segmenter.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.segmenter.load_state_dict(state)
+
+    def segment(self, x: SegmentInputs) -> Segmentation:
+        inner, whole = self.segmenter.segment(x), self._all.segment(x)
+        on = x.labels.long() == SIDES[self.side]
         rows = on[:, None]
         return Segmentation(
             mask=torch.where(rows, inner.mask, whole.mask),

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from amrlhf.segmenters.adaptive import _ScoredSegmenter
-from amrlhf.segmenters.base import Segmentation, check_inputs
+from amrlhf.segmenters.base import Segmentation, SegmentInputs
 from amrlhf.segmenters.baselines import Baseline
 from amrlhf.segmenters.rules import Fallback, finish, pivots_and_segments, segment_values, sign_agreeing
 
@@ -31,8 +31,8 @@ def _segments_from_starts(starts: Tensor, resp: Tensor) -> Tensor:
 
 
 class _SegmentSigns(_ScoredSegmenter):
-    def _finish(self, segment_id: Tensor, resp: Tensor, labels: Tensor, scores, prompt_scores) -> Segmentation:
-        u = self._u(scores, resp, prompt_scores)
+    def _finish(self, segment_id: Tensor, resp: Tensor, labels: Tensor, x: SegmentInputs) -> Segmentation:
+        u = self._u(x, resp)
         value = segment_values(segment_id, u, resp.to(u.dtype), "last" if self.signal == "level" else "sum")
         sigma = torch.where(resp, sign_agreeing(value, labels), 0)
         pivot, _ = pivots_and_segments(sigma, resp)
@@ -66,23 +66,13 @@ class StepWiseSegmenter(_SegmentSigns):
                 ids.append(idx)
         self.delimiter_ids = torch.tensor(sorted(ids))
 
-    def segment(
-        self,
-        *,
-        response_mask: Tensor,
-        labels: Tensor,
-        input_ids: Tensor,
-        scores: Tensor | None = None,
-        prompt_scores: Tensor | None = None,
-        ref_entropy: Tensor | None = None,
-    ) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
+    def segment(self, x: SegmentInputs) -> Segmentation:
         if self.delimiter_ids is None:
             raise ValueError("StepWiseSegmenter needs setup(tokenizer) or delimiter_ids")
-        resp, labels = response_mask.bool(), labels.long()
-        is_delim = torch.isin(input_ids[:, 1:], self.delimiter_ids.to(input_ids.device))
+        resp, labels = x.response_mask.bool(), x.labels.long()
+        is_delim = torch.isin(x.input_ids[:, 1:], self.delimiter_ids.to(x.input_ids.device))
         starts = torch.cat([torch.zeros_like(is_delim[:, :1]), is_delim[:, :-1]], dim=1)  # after a delimiter
-        return self._finish(_segments_from_starts(starts, resp), resp, labels, scores, prompt_scores)
+        return self._finish(_segments_from_starts(starts, resp), resp, labels, x)
 
 
 class EntropySegmenter(_SegmentSigns):
@@ -95,19 +85,8 @@ class EntropySegmenter(_SegmentSigns):
         super().__init__(signal, baseline, scale, fallback, min_kept_frac)
         self.threshold = threshold
 
-    def segment(
-        self,
-        *,
-        response_mask: Tensor,
-        labels: Tensor,
-        input_ids: Tensor,
-        scores: Tensor | None = None,
-        prompt_scores: Tensor | None = None,
-        ref_entropy: Tensor | None = None,
-    ) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
-        if ref_entropy is None:
+    def segment(self, x: SegmentInputs) -> Segmentation:
+        if x.ref_entropy is None:
             raise ValueError("EntropySegmenter needs ref_entropy: use a scorer with `entropy_from` set")
-        resp, labels = response_mask.bool(), labels.long()
-        return self._finish(_segments_from_starts(ref_entropy > self.threshold, resp), resp, labels, scores,
-                            prompt_scores)
+        resp, labels = x.response_mask.bool(), x.labels.long()
+        return self._finish(_segments_from_starts(x.ref_entropy > self.threshold, resp), resp, labels, x)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
-from amrlhf.segmenters.base import Segmentation, check_inputs
+from amrlhf.segmenters.base import PivotSegmenter, Segmentation, SegmentInputs
 
 
 def _check_band(name: str, lo: float, hi: float) -> None:
@@ -33,7 +33,7 @@ def _keys(scores: Tensor | None, labels: Tensor, name: str) -> Tensor:
     return scores.float() * labels.float()[:, None]
 
 
-class RankWeightSegmenter:
+class RankWeightSegmenter(PivotSegmenter):
     """TIS-style rank weights: within each response, tokens ranked by label x score (ties share their mean
     rank), rank r of n mapped linearly onto [lo, hi]: w = lo + (hi - lo) r / (n - 1). A response of one
     token gets (lo + hi) / 2. lo = hi = 1 is plain (sample-wise) training, bit for bit."""
@@ -42,11 +42,9 @@ class RankWeightSegmenter:
         _check_band("RankWeightSegmenter", lo, hi)
         self.lo, self.hi = lo, hi
 
-    def segment(self, *, response_mask: Tensor, labels: Tensor, input_ids: Tensor, scores: Tensor | None = None,
-                prompt_scores: Tensor | None = None, ref_entropy: Tensor | None = None) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
-        resp = response_mask.bool()
-        keys = _keys(scores, labels, "RankWeightSegmenter").masked_fill(~resp, float("inf"))  # others sort last
+    def segment(self, x: SegmentInputs) -> Segmentation:
+        resp, labels = x.response_mask.bool(), x.labels
+        keys = _keys(x.scores, labels, "RankWeightSegmenter").masked_fill(~resp, float("inf"))  # others sort last
         ordered = keys.sort(-1).values.contiguous()
         below = torch.searchsorted(ordered, keys.contiguous(), right=False).float()  # response tokens ranked below t
         equal = torch.searchsorted(ordered, keys.contiguous(), right=True).float() - below  # t and its ties
@@ -57,7 +55,7 @@ class RankWeightSegmenter:
         return _soft(weights, resp, labels, torch.zeros(resp.shape[0], dtype=torch.bool, device=resp.device))
 
 
-class LinearWeightSegmenter:
+class LinearWeightSegmenter(PivotSegmenter):
     """Clipped linear weights: w = clip(1 + slope x label x (s_t - mean of s over the response), lo, hi), the
     score's deviation from its own response's mean in score units (a token as good as its answer's average
     keeps weight 1)."""
@@ -68,11 +66,9 @@ class LinearWeightSegmenter:
             raise ConfigError(f"LinearWeightSegmenter: slope must be >= 0, got {slope}")
         self.slope, self.lo, self.hi = slope, lo, hi
 
-    def segment(self, *, response_mask: Tensor, labels: Tensor, input_ids: Tensor, scores: Tensor | None = None,
-                prompt_scores: Tensor | None = None, ref_entropy: Tensor | None = None) -> Segmentation:
-        check_inputs(response_mask, labels, input_ids)
-        resp = response_mask.bool()
-        keys = _keys(scores, labels, "LinearWeightSegmenter")
+    def segment(self, x: SegmentInputs) -> Segmentation:
+        resp, labels = x.response_mask.bool(), x.labels
+        keys = _keys(x.scores, labels, "LinearWeightSegmenter")
         m = resp.float()
         mean = (keys * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
         weights = (1 + self.slope * (keys - mean)).clamp(self.lo, self.hi)

@@ -253,12 +253,12 @@ def localisation(module, tokenizer, data, spec: Heldout) -> dict[str, float] | N
     """Micro precision / recall / F1 of the rejected tokens a method's segmenter flags (sigma = -1)
     against the tokens inside the known wrong spans; sample-wise flags every token. None when the
     module has no segmenter."""
-    seg, scorer = module.segmenter, module.scorer
-    if seg is None or not spec.spans:
+    if module.segmenter is None or not spec.spans:
         return None
-    source = getattr(scorer, "source", scorer)  # a CachedScorer holds train/val scores only: score afresh
-    if source is not None and source is not scorer:
-        source.setup(module)
+    masker = module.masker.uncached()  # a CachedScorer holds train/val scores only: score afresh
+    fresh = masker is not module.masker
+    if fresh:
+        masker.setup(module, tokenizer)
     truths = []
     for e in data:
         ex, row = spec.examples[e.index], spec.rows[e.index]
@@ -274,14 +274,12 @@ def localisation(module, tokenizer, data, spec: Heldout) -> dict[str, float] | N
     for start in range(0, len(keep), spec.batch_size):
         rows = keep[start:start + spec.batch_size]
         batch = {k: v.to(device) for k, v in collate([data[i] for i in rows]).items()}
-        kwargs = source.score(module, batch, "eval").as_kwargs() if source is not None else {}
-        s = seg.segment(response_mask=batch["response_mask"], labels=batch["labels"], input_ids=batch["input_ids"],
-                        **kwargs)
+        s = masker.mask(module, batch, "eval", observe=False).segmentation
         rej = list(range(len(rows), 2 * len(rows)))
         resp = batch["response_mask"][rej].cpu()
         cell.tokens += int(resp.sum())
         cell.add(flagged_wrong(s.sigma[rej].cpu(), resp), truth_tensor([truths[i] for i in rows], batch, rej),
                  s.fell_back[rej].cpu())
-    if source is not None and source is not scorer and hasattr(source, "_models"):
-        source._models.clear()
+    if fresh:
+        masker.release()
     return cell.row()
