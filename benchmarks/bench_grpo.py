@@ -72,7 +72,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     from amrlhf.models import ModelSpec
     from amrlhf.modules import GRPOModule
     from amrlhf.rewards import FunctionReward, VerifiableReward
-    from amrlhf.rollout import Sampling
+    from amrlhf.sampling import Sampling
 
     L.seed_everything(SEED, verbose=False)
     dm = _prompts(model, data, max_length, args.prompts, args.prompts * (args.steps + args.warmup))

@@ -95,7 +95,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     from amrlhf.losses import FixedKL
     from amrlhf.models import ModelSpec
     from amrlhf.modules import FrozenReference, PPOModule, ValueModel
-    from amrlhf.rollout import Sampling
+    from amrlhf.sampling import Sampling
     from amrlhf.scorers import RewardModelScorer
 
     L.seed_everything(SEED, verbose=False)

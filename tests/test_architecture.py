@@ -12,7 +12,7 @@ LAYERS = [
     {"losses", "segmenters", "assets", "tracking"},
     {"models", "cache"},
     {"data"},
-    {"rollout", "scorers", "export"},
+    {"sampling", "scorers", "export"},
     {"evaluation", "modules"},
     {"rewards", "callbacks"},
     {"strategies", "lightning_cli"},

@@ -18,7 +18,7 @@ from amrlhf.errors import ConfigError, DataError
 from amrlhf.losses import FixedKL, LeaveOneOut, ReinforcePlusPlus, SequenceMean
 from amrlhf.models import ModelSpec
 from amrlhf.modules import DenseAdvantage, GRPOModule
-from amrlhf.rollout import Sampling
+from amrlhf.sampling import Sampling
 from amrlhf.scorers import TargetTokenReward
 from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter
 
@@ -112,7 +112,7 @@ def test_a_group_depends_on_its_seed_and_prompt_only(letters):
     """Each prompt's group comes from its own stream, (seed, rollout, prompt index) in the module: the same
     prompt draws the same group whatever else is in the batch, and where."""
     from amrlhf.models import load_causal_lm, load_tokenizer
-    from amrlhf.rollout import sample_groups
+    from amrlhf.sampling import sample_groups
 
     tok = load_tokenizer(str(letters[0]))
     model = load_causal_lm(ModelSpec(str(letters[0])))

@@ -177,7 +177,7 @@ def test_best_of_n_with_every_prompt_below_min_score_is_a_zero_loss_that_keeps_t
     and the batch counted as skipped."""
     from amrlhf.data import SFTDataModule
     from amrlhf.modules import BestOfN
-    from amrlhf.rollout import Sampling
+    from amrlhf.sampling import Sampling
     from amrlhf.scorers import TokenScores
 
     class Flat:  # every sample scores 0, below min_score

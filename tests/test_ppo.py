@@ -16,7 +16,7 @@ from amrlhf.errors import AmrlhfError
 from amrlhf.losses import FixedKL
 from amrlhf.models import LoraSpec, ModelSpec
 from amrlhf.modules import AdapterReference, PPOModule, ValueModel
-from amrlhf.rollout import Sampling, sample_responses, seeded
+from amrlhf.sampling import Sampling, sample_responses, seeded
 from amrlhf.scorers import TargetTokenReward
 from amrlhf.segmenters import AdaptivePivotSegmenter, SampleWiseSegmenter
 
@@ -67,14 +67,14 @@ def test_sample_wise_segmenter_is_bit_identical_to_ppo(letters):
 
 def test_am_ppo_labels_come_from_the_raw_score_not_the_eos_penalised_one(letters):
     """l = sign(raw score - running mean) (docs/method.md): `missing_eos_penalty` shapes the reward, not the label."""
-    from amrlhf.losses.ppo import last_index
+    from amrlhf.losses.reductions import last_response_index
 
     seen = {}
 
     class Reward(TargetTokenReward):
         def score(self, module, batch, split):
             ts = super().score(module, batch, split)
-            last = last_index(batch["response_mask"])
+            last = last_response_index(batch["response_mask"], empty=0)
             rows = torch.arange(last.shape[0])
             seen.setdefault("raw", ts.scores[rows, last].float())
             eos = module.trainer.datamodule.tokenizer.eos_token_id
@@ -178,7 +178,7 @@ def test_sampling_ignores_the_checkpoint_generation_config(tokenizer):
     """Only `Sampling` shapes the distribution: a checkpoint's repetition_penalty, no_repeat_ngram_size,
     min_new_tokens, top_k or suppress_tokens leave the samples as they were."""
     from amrlhf.models import load_causal_lm
-    from amrlhf.rollout import generate
+    from amrlhf.sampling import generate
 
     model = load_causal_lm(ModelSpec("local:tiny-llama"))
     prompts = [tokenizer("Hello there")["input_ids"], tokenizer("a")["input_ids"]]

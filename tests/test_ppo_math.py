@@ -11,12 +11,12 @@ from amrlhf.losses.ppo import (
     eos_penalised,
     gae,
     kl_estimate,
-    last_index,
     policy_loss,
     shape_rewards,
     value_loss,
     whiten,
 )
+from amrlhf.losses.reductions import last_response_index
 from amrlhf.models.forward import token_layout
 
 
@@ -46,7 +46,9 @@ def test_shape_rewards_adds_the_score_at_the_last_response_token():
     rewards, non_score = shape_rewards(torch.tensor([2.0, -1.0]), kl, resp, beta=0.1)
     assert torch.allclose(non_score, t([0, -0.05, -0.01, 0], [0, 0, 0, -0.02]))
     assert torch.allclose(rewards, t([0, -0.05, 1.99, 0], [0, 0, 0, -1.02]))
-    assert last_index(resp).tolist() == [2, 3]
+    assert last_response_index(resp).tolist() == [2, 3]
+    empty = t([0, 0, 0, 0], [0, 1, 1, 0])
+    assert last_response_index(empty).tolist() == [-1, 2] and last_response_index(empty, empty=0).tolist() == [0, 2]
 
 
 def test_gae_by_hand():

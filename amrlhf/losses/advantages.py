@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
-from amrlhf.losses.ppo import last_index, whiten
+from amrlhf.losses.ppo import whiten
+from amrlhf.losses.reductions import last_response_index
 
 
 @runtime_checkable
@@ -105,7 +106,7 @@ class ReinforcePlusPlus:
         m = resp.to(torch.float32)
         rewards = non_score.float() * m
         rows = torch.arange(s.shape[0], device=s.device)
-        rewards[rows, last_index(resp)] += s * (m.sum(-1) > 0)
+        rewards[rows, last_response_index(resp, empty=0)] += s * (m.sum(-1) > 0)
         returns = torch.zeros_like(rewards)
         running = torch.zeros_like(rewards[:, 0])
         for t in range(rewards.shape[1] - 1, -1, -1):

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from amrlhf.losses.reductions import masked_mean
+from amrlhf.losses.reductions import last_response_index, masked_mean
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: Literal["k1", "k3"] = "k1") -> Tensor:
@@ -28,12 +28,6 @@ def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: Literal["k1", "k3"] = "k
     raise ValueError(f"unknown KL estimator '{kind}': use k1 or k3")
 
 
-def last_index(resp: Tensor) -> Tensor:
-    """Index of each row's last response position [N] (0 for a row without response tokens)."""
-    pos = torch.arange(resp.shape[1], device=resp.device)
-    return (resp.bool() * pos).amax(-1)
-
-
 def eos_penalised(scores: Tensor, ended: Tensor, penalty: float | None) -> Tensor:
     """Sequence scores [N] less `penalty` where the response has no EOS (ended [N] False); None: unchanged."""
     return scores if penalty is None else scores - penalty * (~ended).to(scores.dtype)
@@ -46,7 +40,7 @@ def shape_rewards(scores: Tensor, kl: Tensor, resp: Tensor, beta: float) -> tupl
     non_score = -beta * kl * m
     rewards = non_score.clone()
     rows = torch.arange(scores.shape[0], device=scores.device)
-    rewards[rows, last_index(resp)] += scores.to(rewards.dtype) * (m.sum(-1) > 0)
+    rewards[rows, last_response_index(resp, empty=0)] += scores.to(rewards.dtype) * (m.sum(-1) > 0)
     return rewards, non_score
 
 

@@ -33,6 +33,7 @@ from amrlhf.losses.advantages import AdvantageEstimator, GroupRelative
 from amrlhf.losses.aggregation import LossAggregation, TokenMean
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import clip_fractions, clipped_surrogate, kl_estimate
+from amrlhf.losses.reductions import first_response_index
 from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
@@ -40,10 +41,9 @@ from amrlhf.modules.base import PackedForward
 from amrlhf.modules.dense import DenseAdvantage
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule, refuse_per_example_caches
 from amrlhf.modules.reference import ReferenceModel
-from amrlhf.rollout import Sampling
+from amrlhf.sampling import Sampling
 from amrlhf.scorers import CriticScorer, TokenScorer
 from amrlhf.segmenters import PivotSegmenter, segment_stats
-from amrlhf.segmenters.rules import first_response_index
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from torch import Tensor
 from amrlhf.distributed import mean_and_count
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.kl_control import FixedKL, KLController
-from amrlhf.losses.ppo import eos_penalised, last_index
+from amrlhf.losses.ppo import eos_penalised
+from amrlhf.losses.reductions import last_response_index
 from amrlhf.memory import release_freed_memory
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import check_logits_chunk
@@ -36,7 +37,7 @@ from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.critic import gather_rows
 from amrlhf.modules.masking import log_scale, setup_segmentation
 from amrlhf.modules.reference import CachedReference, FrozenReference, ReferenceModel
-from amrlhf.rollout import Sampling, left_padded_prompts, sample_groups, sample_responses, seeded
+from amrlhf.sampling import Sampling, left_padded_prompts, sample_groups, sample_responses, seeded
 from amrlhf.scorers import TokenScorer, TokenScores
 from amrlhf.segmenters import PivotSegmenter, RunningMeanBaseline
 
@@ -210,7 +211,7 @@ class OnPolicyModule(AlignmentModule):
         """-> (raw sequence scores [N], scores after `missing_eos_penalty` [N], the reward's token scores).
         The sequence score is the reward's token score at the last response token."""
         ts = self.reward.score(self, {**batch, "rows": rows}, split)
-        raw = gather_rows(ts.scores, last_index(batch["response_mask"])).float()
+        raw = gather_rows(ts.scores, last_response_index(batch["response_mask"], empty=0)).float()
         return raw, eos_penalised(raw, ended, self.missing_eos_penalty), ts
 
     @torch.no_grad()

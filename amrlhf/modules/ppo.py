@@ -23,15 +23,15 @@ from amrlhf.errors import ConfigError
 from amrlhf.losses import masked_mean
 from amrlhf.losses.kl_control import KLController
 from amrlhf.losses.ppo import gae, kl_estimate, policy_loss, shape_rewards, value_loss, whiten
+from amrlhf.losses.reductions import first_response_index
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.modules.critic import SharedValueHead, ValueModel, gather_rows
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule
 from amrlhf.modules.reference import ReferenceModel
-from amrlhf.rollout import Sampling
+from amrlhf.sampling import Sampling
 from amrlhf.scorers import TokenScorer
 from amrlhf.segmenters import PivotSegmenter, segment_stats
-from amrlhf.segmenters.rules import first_response_index
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import torch
 
 from amrlhf.data.collate import pad_rows
 from amrlhf.errors import AmrlhfError, ConfigError
-from amrlhf.rollout import Sampling, generate, prompts_of
-from amrlhf.segmenters.rules import last_response_index
+from amrlhf.losses.reductions import last_response_index
+from amrlhf.sampling import Sampling, generate, prompts_of
 
 
 class BestOfN:

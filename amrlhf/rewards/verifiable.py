@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from amrlhf.errors import AmrlhfError, ConfigError
-from amrlhf.losses.ppo import last_index
+from amrlhf.losses.reductions import last_response_index
 from amrlhf.scorers.base import TokenScores
 
 
@@ -75,7 +75,7 @@ class VerifiableReward:
                 values[i, k] = self._one(component, prompt, response, row, i)
         total = values @ torch.tensor(self.weights)
         scores = torch.zeros(resp.shape, dtype=torch.float32)
-        scores[torch.arange(resp.shape[0]), last_index(resp).cpu()] = total * (resp.sum(-1).cpu() > 0)
+        scores[torch.arange(resp.shape[0]), last_response_index(resp, empty=0).cpu()] = total * (resp.sum(-1).cpu() > 0)
         device = resp.device
         return TokenScores(scores.to(device), torch.zeros(resp.shape[0], device=device),
                            components={c.name: values[:, k].to(device) for k, c in enumerate(self.components)})

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
+from amrlhf.losses.reductions import first_response_index, last_response_index
 from amrlhf.models import ModelSpec, load_causal_lm, load_reward_model, load_tokenizer
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.scorers.base import TokenScores, check_same_tokenizer
-from amrlhf.segmenters.rules import first_response_index, last_response_index
 
 
 def _frozen(model, device):

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
+from amrlhf.losses.reductions import first_response_index
 from amrlhf.segmenters.base import PivotSegmenter, Segmentation, SegmentInputs
 from amrlhf.segmenters.baselines import Baseline, PromptScoreBaseline, RunningMeanBaseline
-from amrlhf.segmenters.rules import Fallback, finish, first_response_index, hold_last, sign_agreeing, signal
+from amrlhf.segmenters.rules import Fallback, finish, hold_last, sign_agreeing, signal
 
 
 class _ScoredSegmenter(PivotSegmenter):

@@ -7,24 +7,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from amrlhf.losses.reductions import first_response_index
 from amrlhf.segmenters.base import Segmentation
 
 Fallback = Literal["ones", "drop"]
-
-
-def first_response_index(resp: Tensor) -> Tensor:
-    """[B] aligned index of each row's first response token (T-1 for an empty response).
-    argmax returns the first maximal index (a reduction over bytes: much faster than a long min)."""
-    on = resp.bool()
-    first = on.to(torch.uint8).argmax(-1)
-    return torch.where(on.any(-1), first, resp.shape[1])
-
-
-def last_response_index(resp: Tensor) -> Tensor:
-    """[B] aligned index of each row's last response token (-1 for an empty response)."""
-    on = resp.bool()
-    last = resp.shape[1] - 1 - on.flip(-1).to(torch.uint8).argmax(-1)
-    return torch.where(on.any(-1), last, -1)
 
 
 def signal(scores: Tensor, resp: Tensor, kind: str, baseline: Tensor, prompt_scores: Tensor | None) -> Tensor:

@@ -156,7 +156,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     fields from it)."""
     from transformers import GenerationConfig
 
-    from amrlhf.rollout import left_pad, own_generation_config
+    from amrlhf.sampling import left_pad, own_generation_config
 
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

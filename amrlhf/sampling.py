@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 
 from amrlhf.data.collate import pad_rows
 from amrlhf.errors import ConfigError
-from amrlhf.segmenters.rules import first_response_index
+from amrlhf.losses.reductions import first_response_index
 
 
 @dataclass
