@@ -18,6 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from amrlhf.data.collate import pad_rows
 from amrlhf.errors import ConfigError
@@ -115,15 +122,47 @@ def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos
 
 
 def sample_groups(model, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *, eos_id: int,
-                  pad_id: int, n: int, device: torch.device | None = None) -> tuple[dict[str, Tensor], Tensor]:
+                  pad_id: int, n: int, device: torch.device | None = None, batched: bool = True
+                  ) -> tuple[dict[str, Tensor], Tensor]:
     """n responses per prompt, each prompt's group drawn from a stream of its own (`seeds`, one per
-    prompt): a group depends on its seed and its prompt only, not on the other prompts of the batch, their
-    padding or their order; sample k is the group's k-th row. One `generate` call per prompt."""
+    prompt): a group depends on its seed and its prompt only, not on the other prompts of the batch or their
+    order; sample k is the group's k-th row. `batched` (the default): every prompt in one `generate` call
+    (KV cache, left padding), each group's tokens drawn from its own generator (`GroupSampler`); False: one
+    call per prompt with the global RNG seeded (the same draws; the reference the tests compare with)."""
+    if batched:
+        groups = generate(model, prompts, n, sampling, eos_id=eos_id, pad_id=pad_id, seeds=seeds)
+        return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
     groups = []
     for prompt, seed in zip(prompts, seeds, strict=True):
         with seeded(seed, device):
             groups.append(generate(model, [prompt], n, sampling, eos_id=eos_id, pad_id=pad_id)[0])
     return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
+
+
+class GroupSampler(LogitsProcessor):
+    """Samples inside a batched `generate`, each group of n rows from its own generator: the sampling warpers
+    transformers would apply (temperature, top-k, top-p, in its order), the softmax, then one
+    `torch.multinomial` per group on that group's rows, exactly the draw transformers makes for a batch of one
+    prompt from a seeded global RNG. The chosen token gets score 0 and every other -inf, so generate's greedy
+    step (do_sample off) takes it; padding, EOS and the cache stay transformers' own."""
+
+    def __init__(self, sampling: Sampling, seeds: list[int], n: int, device: torch.device):
+        warpers = []
+        if sampling.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            warpers.append(TopKLogitsWarper(top_k=sampling.top_k, min_tokens_to_keep=1))
+        if sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
+        self.warpers, self.n = LogitsProcessorList(warpers), n
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
+        n = self.n
+        picks = torch.cat([torch.multinomial(probs[g * n:(g + 1) * n], num_samples=1, generator=gen)
+                           for g, gen in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -139,8 +178,9 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos_id: int, pad_id: int,
-             max_length: int | None = None) -> list[list[list[int]]]:
-    """n sampled responses per prompt -> [prompt][sample] token ids, trimmed after the first EOS."""
+             max_length: int | None = None, seeds: list[int] | None = None) -> list[list[list[int]]]:
+    """n sampled responses per prompt -> [prompt][sample] token ids, trimmed after the first EOS. Drawn from
+    the global RNG, or with `seeds` (one per prompt) each prompt's from a generator of its own."""
     device = next(model.parameters()).device
     ids, attn = left_pad(prompts, pad_id)
     width = ids.shape[1]
@@ -148,11 +188,19 @@ def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos
     if new < 1:
         raise ValueError(f"prompts of {width} tokens leave no room to generate under max_length={max_length}")
     config = generation_config(sampling, n=n, max_new_tokens=new, eos_id=eos_id, pad_id=pad_id)
+    processors = None
+    if seeds is not None:  # the sampling is GroupSampler's: generate only takes the token it chose
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        config.do_sample, config.temperature, config.top_p, config.top_k, config.min_p = False, None, None, None, None
+        config.num_return_sequences = 1  # greedy decoding takes one row per input: the rows are repeated here,
+        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)  # as sampling's expansion does
+        processors = LogitsProcessorList([GroupSampler(sampling, seeds, n, device)])
     was_training = model.training
     model.eval()
     with own_generation_config(model):
         out: Tensor = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                     generation_config=config)
+                                     generation_config=config, logits_processor=processors)
     model.train(was_training)
     gen = out[:, width:].tolist()
     result: list[list[list[int]]] = []

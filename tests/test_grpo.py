@@ -130,6 +130,33 @@ def test_a_group_depends_on_its_seed_and_prompt_only(letters):
     assert len(set(map(tuple, one[4:]))) > 1  # the group's samples differ from each other
 
 
+@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, temperature=0.7,
+                                                                           top_k=12, top_p=0.9)],
+                         ids=["plain", "warped"])
+def test_batched_groups_are_the_per_prompt_groups(letters, sampling):
+    """One batched generate (each group drawn from its own generator) gives the groups that one seeded
+    generate per prompt gives, token for token, for prompts of different lengths (left padding), with the
+    sampling warpers on, and whatever the other prompts of the batch are."""
+    from amrlhf.models import load_causal_lm, load_tokenizer
+    from amrlhf.sampling import sample_groups
+
+    tok = load_tokenizer(str(letters[0]))
+    model = load_causal_lm(ModelSpec(str(letters[0])))
+    prompts = [tok(t)["input_ids"] for t in ("a b c", "d", "e f g h i", "j k", "l m n o")]
+    seeds = [101, 7, 55, 3, 99]
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, n=4)
+
+    def responses(batch):
+        return [row[1:][m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["response_mask"], strict=True)]
+
+    batched = responses(sample_groups(model, prompts, seeds, sampling, **kw)[0])
+    one_by_one = responses(sample_groups(model, prompts, seeds, sampling, batched=False, **kw)[0])
+    assert batched == one_by_one
+    assert any(r[-1] == tok.eos_token_id for r in batched) and len({tuple(r) for r in batched}) > 10
+    alone = responses(sample_groups(model, prompts[2:3], seeds[2:3], sampling, **kw)[0])
+    assert alone == batched[8:12]
+
+
 def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):
     kw = dict(kl=FixedKL(0.05), clip_high=0.28)
     a, b = letters_grpo(letters, **kw), letters_grpo(letters, segmenter=SampleWiseSegmenter(), **kw)
