@@ -1,4 +1,4 @@
-"""The one entry point: `amrlhf fit|validate|test|prepare|run|study|eval|compare|segments|export`.
+"""The one entry point: `amrlhf fit|validate|test|prepare|study|eval|compare|segments|export`.
 
 An expected mistake (bad path, bad config, missing asset, malformed data) is printed as one
 `error:` line with exit code 2; a traceback means a bug.
@@ -41,12 +41,6 @@ def _prepare(args: argparse.Namespace) -> None:
     timings = prepare(args.names, force=args.force)
     for name, sec in timings.items():
         print(f"{name}: {'already prepared' if sec == 0 else f'built in {sec:.1f} s'}")
-
-
-def _run(args: argparse.Namespace) -> None:
-    from amrlhf.pipeline import run_pipeline
-
-    run_pipeline(Path(args.pipeline))
 
 
 def _study(args: argparse.Namespace) -> None:
@@ -96,11 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--force", action="store_true", help="rebuild even if prepared")
     pp.add_argument("--list", action="store_true", help="list the known assets")
     pp.set_defaults(func=_prepare)
-    pr = sub.add_parser("run", help="run a multi-stage pipeline YAML (e.g. the quickstart)")
-    pr.add_argument("pipeline")
-    pr.set_defaults(func=_run)
     pst = sub.add_parser("study", help="methods x seeds at one budget: held-out metrics, paired deltas, report")
-    pst.add_argument("study", help="a study YAML, recipes/study/*.yaml")
+    pst.add_argument("study", help="a study YAML: recipes/study/*.yaml, or the quickstart's "
+                                   "recipes/quickstart/dpo_halueval.yaml (one seed)")
     pst.set_defaults(func=_study)
     pv = sub.add_parser("eval", help="evaluation-only mode: an lm-eval suite on a checkpoint, folder or hub id")
     pv.add_argument("--config", required=True, help="a suite, recipes/eval/*.yaml")

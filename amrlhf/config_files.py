@@ -1,4 +1,4 @@
-"""Reading the project's own YAML files (pipelines, studies): one clear error naming the file."""
+"""Reading the project's own YAML files (studies): one clear error naming the file."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Training as a library call, for every orchestrator: `amrlhf fit` (cli.py), `amrlhf run` (pipeline.py) and
-`amrlhf study` (study/runner.py) all train through `run_lightning`, and check recipes and read training
+"""Training as a library call, for every orchestrator: `amrlhf fit` (cli.py) and `amrlhf study` (study/runner.py,
+which also runs the quickstart, a study of one seed) train through `run_lightning`, and check recipes and read training
 statistics through the helpers here. Nothing here imports an orchestrator."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from amrlhf.lightning_cli import AmrlhfCLI
 
 def run_lightning(argv: list[str]) -> AmrlhfCLI:
     """One Lightning command (`fit`, `validate`, `test`) from an argument list -> the CLI object (its
-    `.model`, `.trainer`). Studies and pipelines call it with their own `sys.argv` (`amrlhf study X.yaml`)
+    `.model`, `.trainer`). Studies call it with their own `sys.argv` (`amrlhf study X.yaml`)
     still set: the argument list is deliberate, so Lightning's warning about having both is not shown."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

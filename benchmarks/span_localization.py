@@ -5,10 +5,10 @@ differing words of the incorrect summary are the ground truth. For the rejected 
 segmenter flags (sigma = -1) are compared with the tokens overlapping the difference: precision,
 recall, F1 (micro over tokens). Sample-wise flags everything (precision = the base rate).
 
-    python benchmarks/span_localization.py --rm runs/quickstart-rm/hf [--policy runs/quickstart-dpo/hf] \\
+    python benchmarks/span_localization.py --rm runs/quickstart/rm/hf [--policy runs/quickstart/quickstart-dpo-seed0/hf] \\
         [--base local:smollm2-135m-instruct] [--limit 120] [--delta 0.3]
 Needs `amrlhf prepare factual_summary_pairs smollm2-135m-instruct` and a trained reward model folder
-(the quickstart exports one to runs/quickstart-rm/hf). On the controlled arithmetic task:
+(the quickstart exports one to runs/quickstart/rm/hf). On the controlled arithmetic task:
 
     python benchmarks/span_localization.py --rm runs/controlled/rm/hf --data local:arith_steps_conflicting/heldout \\
         --spans rejected_spans --through-end --oracle

@@ -265,8 +265,8 @@ def test_expected_mistakes_are_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "error: unknown asset(s) no-such-asset" in proc.stderr
     proc = amrlhf("export", str(tmp_path / "missing.ckpt"), str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 2 and "error: checkpoint not found" in proc.stderr
-    proc = amrlhf("run", str(tmp_path / "missing.yaml"), cwd=tmp_path)
-    assert proc.returncode == 2 and "error: pipeline file not found" in proc.stderr
+    proc = amrlhf("study", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "error: study file not found" in proc.stderr
 
 
 @pytest.mark.parametrize("args", [["--trainer.strategy=fsdp"], ["--trainer.max_steps=-5"],
@@ -526,7 +526,7 @@ def test_real_mlflow_server_round_trip(tmp_path):
 
 
 def test_sft_rm_then_am_dpo_with_cached_reward_model_scores(tmp_path):
-    """The AM-DPO pipeline on tiny assets: train a reward model, export it, then AM-DPO with its
+    """AM-DPO after its reward model on tiny assets: train a reward model, export it, then AM-DPO with its
     prefix scores (cached once per example) deciding the masks."""
     runs = tmp_path / "runs"
     ok(amrlhf("fit", "--config", recipe("rm"), "--runs_root", str(runs), "--tracking.log_checkpoint=true",

@@ -6,7 +6,6 @@ import pytest
 from conftest import ROOT
 
 from amrlhf.lightning_cli import AmrlhfCLI
-from amrlhf.pipeline import _load
 from amrlhf.study import load_study
 from amrlhf.train import check_recipes
 
@@ -18,14 +17,13 @@ def _is_study(p: Path) -> bool:
 TRAIN = sorted(p for p in (ROOT / "recipes").rglob("*.yaml")
                if p.parent.name not in ("quickstart", "eval", "overlays") and not _is_study(p))
 OVERLAYS = sorted((ROOT / "recipes").rglob("overlays/*.yaml"))
-PIPELINES = sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
 STUDIES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if _is_study(p))
 
 
 def test_the_contract_smoke_recipes_exist():
     assert {p.stem for p in (ROOT / "recipes" / "smoke").glob("*.yaml")} >= {"sft", "rm", "dpo", "am_dpo", "am_sft",
                                                                         "ppo", "am_ppo", "grpo", "am_grpo", "rloo"}
-    assert PIPELINES
+    assert ROOT / "recipes" / "quickstart" / "dpo_halueval.yaml" in STUDIES  # the quickstart is a study
 
 
 @pytest.mark.parametrize("path", TRAIN, ids=lambda p: str(p.relative_to(ROOT)))
@@ -54,14 +52,6 @@ def test_overlay_names_its_base_and_parses_over_it(path: Path, capsys, monkeypat
     assert "class_path" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
-def test_pipeline_parses_and_names_its_command(path: Path, monkeypatch):
-    assert path.read_text().splitlines()[0] == f"# amrlhf run {path.relative_to(ROOT)}"
-    monkeypatch.chdir(ROOT)
-    cfg = _load(path.relative_to(ROOT))
-    assert cfg["fit"] and cfg["heldout"]["data"].endswith("/heldout")
-
-
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_study_and_every_cell_recipe_parse(path: Path, monkeypatch):
     """A study names its command, and every setup fit and method (with its overrides and the seed's)
@@ -70,6 +60,7 @@ def test_study_and_every_cell_recipe_parse(path: Path, monkeypatch):
     assert path.read_text().splitlines()[0] == f"# amrlhf study {rel}"
     monkeypatch.chdir(ROOT)
     study = load_study(rel)
-    assert len(study.seeds) >= 2 and study.baseline in [m.name for m in study.methods]
+    assert len(study.seeds) >= 2 or path.parent.name == "quickstart"  # the quickstart: one seed, one table
+    assert study.baseline in [m.name for m in study.methods] and study.heldout.data.endswith("/heldout")
     check_recipes(rel, [{"config": f.config, "args": f.args} for f in study.setup] +
                   [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])

@@ -126,7 +126,7 @@ def test_mean_se_and_paired_delta_by_hand():
 
 
 def test_t_quantile_is_exact_past_ten_degrees_of_freedom():
-    from amrlhf.study.stats import t975
+    from amrlhf.stats import t975
 
     # Student's t 97.5% quantiles from published tables (3 decimals)
     for df, q in {1: 12.706, 3: 3.182, 10: 2.228, 11: 2.201, 15: 2.131, 20: 2.086, 30: 2.042, 120: 1.980}.items():

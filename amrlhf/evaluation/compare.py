@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
+from amrlhf.stats import mean_se
 
 DEFAULT_METRICS = ("eval/heldout/implicit_acc", "eval/heldout/lognorm_acc", "eval/heldout/implicit_margin")
 
@@ -41,10 +42,8 @@ def collect(client, experiment: str, metrics: list[str], pattern: str | None = N
             vals = [r[key] for r in runs if key in r]
             if not vals:
                 continue
-            mean = sum(vals) / len(vals)
-            if len(vals) > 1:
-                se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
-            else:
+            mean, se = mean_se(vals)
+            if len(vals) == 1:
                 se = _se_of(runs[0], key)
             row[key] = (mean, se, len(vals))
         if row:

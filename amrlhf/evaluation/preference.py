@@ -10,7 +10,6 @@ Each is reported as a mean with its standard error (sample std / sqrt(N)).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from amrlhf.data.collate import Collator
 from amrlhf.data.tokenize import Encoded
 from amrlhf.losses import sequence_logps
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
+from amrlhf.stats import mean_se
 
 
 @dataclass
@@ -55,12 +55,6 @@ def _acc(x: Tensor) -> Tensor:
     return (x > 0).float() + 0.5 * (x == 0).float()
 
 
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    n = values.numel()
-    se = values.float().std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
-    return values.float().mean().item(), se
-
-
 def per_pair(base: PairLogps, policy: PairLogps, beta: float) -> dict[str, Tensor]:
     """The module docstring's per-pair values [N], before averaging (paired comparisons need them)."""
     margin = beta * ((policy.chosen - base.chosen) - (policy.rejected - base.rejected))
@@ -76,5 +70,5 @@ def heldout_summary(base: PairLogps, policy: PairLogps, beta: float) -> dict[str
     pairs = per_pair(base, policy, beta)
     out: dict[str, float] = {"pairs": float(pairs["implicit_acc"].numel())}
     for key, vals in pairs.items():
-        out[key], out[f"{key}_se"] = _mean_se(vals)
+        out[key], out[f"{key}_se"] = mean_se(vals.float().tolist())
     return out

@@ -149,6 +149,12 @@ def preference_items(policy, base_lp, data, pad_id: int, spec: Heldout, desc: st
     return {k: v.tolist() for k, v in per_pair(base_lp, lp, spec.beta).items() if k in PREF_KEYS}
 
 
+def base_preference_items(base_lp, spec: Heldout) -> dict[str, list[float]]:
+    """The untrained policy scored against itself: its implicit-reward accuracy is 0.5 (all ties) and margin 0 by
+    construction; its length-normalised accuracy, and the length-only rule (shorter answer chosen), a floor."""
+    return {k: v.tolist() for k, v in per_pair(base_lp, base_lp, spec.beta).items()}
+
+
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
     """Greedy continuations (decoded, special tokens removed). The generation config is built here

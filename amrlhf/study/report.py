@@ -1,5 +1,5 @@
 """A study's report: per method the mean ± SE over seeds of every held-out metric, and the delta
-against the baseline paired across seeds and items (`amrlhf.study.stats`), as a printed table, a
+against the baseline paired across seeds and items (`amrlhf.stats`), as a printed table, a
 markdown file, a PNG chart and `results.json` under <runs_root>/<study>/."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import re
 from pathlib import Path
 
-from amrlhf.study.stats import mean_se, paired_delta
+from amrlhf.stats import mean_se, paired_delta
 
 ORDER = ("eval/heldout/", "eval/marked/", "eval/gen/", "eval/loc/", "segments/", "lm_eval/")
 LABELS = {
@@ -107,11 +107,51 @@ def format_table(study, summary: dict, base: dict) -> str:
     return "\n".join(lines)
 
 
+BEFORE_AFTER = (
+    ("eval/heldout/implicit_acc", "implicit-reward accuracy (ties 0.5)"),
+    ("eval/heldout/implicit_margin", "implicit-reward margin"),
+    ("eval/heldout/lognorm_acc", "length-normalised log-prob preference accuracy"),
+)
+
+
+def _mean_se_text(values: list[float]) -> str:
+    mean, se = mean_se(values)
+    return f"{mean:.3f}" if not math.isfinite(se) else f"{mean:.3f} ± {se:.3f}"
+
+
+def format_before_after(study, cells: list[dict], base: dict) -> str | None:
+    """A one-seed study's before/after table (the quickstart's): the untrained base and each method on the
+    held-out pairs, mean ± SE over the pairs, the training means of the kept fractions, and the length-only
+    rule beside them. None for a study of several seeds (its report pools seeds the paired way) or when the
+    base row has no held-out preference values (a base row stored by an earlier amrlhf)."""
+    items = base.get("items", {})
+    if len(study.seeds) != 1 or any(k not in items for k, _ in BEFORE_AFTER):
+        return None
+    by = {c["method"]: c for c in cells}
+    names = [m.name for m in study.methods if m.name in by]
+    pairs = len(items["eval/heldout/implicit_acc"])
+    head = f"{'held-out ' + study.heldout.data + ' (' + str(pairs) + ' pairs)':58s}{'base':>18s}"
+    head += "".join(f"{n:>18s}" for n in names)
+    lines = [head, "-" * len(head)]
+    for key, label in BEFORE_AFTER:
+        row = [_mean_se_text(items[key])] + [_mean_se_text(by[n]["items"][key]) for n in names]
+        lines.append(f"{label:58s}" + "".join(f"{c:>18s}" for c in row))
+    for key, label in (("segments/kept_frac_chosen", "kept fraction, chosen (training mean)"),
+                       ("segments/kept_frac_rejected", "kept fraction, rejected (training mean)")):
+        if any(key in by[n]["metrics"] for n in names):
+            row = ["-"] + [f"{by[n]['metrics'][key]:.3f}" if key in by[n]["metrics"] else "1 (all)" for n in names]
+            lines.append(f"{label:58s}" + "".join(f"{c:>18s}" for c in row))
+    if "eval/heldout/length_rule_acc" in items:
+        lines.append(f"{'length-only rule: shorter response is chosen':58s}"
+                     f"{_mean_se_text(items['eval/heldout/length_rule_acc']):>18s}")
+    return "\n".join(lines)
+
+
 def format_markdown(study, summary: dict, base: dict) -> str:
     out = [f"# Study `{study.name}`", "",
            f"{len(study.methods)} methods x seeds {study.seeds}, baseline `{study.baseline}`, held-out "
            f"`{study.heldout.data}`. Mean ± standard error over seeds; Δ = paired delta against the baseline "
-           "(paired by seed and by held-out item) ± the half-width of its 95% interval (`amrlhf.study.stats`).", ""]
+           "(paired by seed and by held-out item) ± the half-width of its 95% interval (`amrlhf.stats`).", ""]
     for key, rows in summary.items():
         label = LABELS.get(key, key) + ("" if higher_is_better(key) else " (lower is better)")
         if key in base.get("metrics", {}):
@@ -163,6 +203,9 @@ def chart(study, summary: dict, out: Path) -> Path:
 def write_report(study, cells: list[dict], base: dict) -> dict:
     summary = summarise(study, cells)
     table = format_table(study, summary, base)
+    before_after = format_before_after(study, cells, base)
+    if before_after is not None:
+        table = f"{table}\n\n{before_after}"
     d = study.dir
     md, png, res = d / "report.md", d / "report.png", d / "results.json"
     md.write_text(format_markdown(study, summary, base))

@@ -17,6 +17,7 @@ from pathlib import Path
 from amrlhf.errors import AmrlhfError, Interrupted
 from amrlhf.study.config import Fit, Study, load_study
 from amrlhf.study.heldout import (
+    base_preference_items,
     data_sha256,
     generation_items,
     item_ids,
@@ -24,7 +25,7 @@ from amrlhf.study.heldout import (
     marked_items,
     preference_items,
 )
-from amrlhf.tracking import artifact_location, check_reachable, default_uri, experiment_id
+from amrlhf.tracking import artifact_location, check_reachable, default_uri, experiment_id, ui_hint
 from amrlhf.train import check_recipes, run_lightning, training_means
 
 log = logging.getLogger(__name__)
@@ -204,9 +205,11 @@ class StudyRun:
                 return saved
         from amrlhf.models import ModelSpec, load_causal_lm
 
-        tok, data, _ = self._held
+        tok, data, base_lp = self._held
         model = base_model or load_causal_lm(ModelSpec(name=policy_name), trainable=False)
         metrics, items, ids = {}, {}, {}
+        for k, v in base_preference_items(base_lp, self.study.heldout).items():  # the untrained policy's own row
+            items[f"eval/heldout/{k}"], ids[f"eval/heldout/{k}"] = v, item_ids(self.study.heldout, data)
         if self.study.heldout.generate is not None:
             gen, _, gen_ids = generation_items(model, tok, data, self.study.heldout, "generate: base")
             items.update({f"eval/gen/{k}": v for k, v in gen.items()})
@@ -348,6 +351,7 @@ def run_study(path: str | Path) -> dict:
     run.client.set_terminated(run.parent)
     print(report["table"])
     print(f"\nreport: {report['files'][0]}\nMLflow parent run {run.parent} in {run.uri}")
+    print(f"open the MLflow UI: {ui_hint(run.uri)}")
     return report
 
 

@@ -1,5 +1,6 @@
-"""Pure statistics for a study: mean ± standard error over seeds, and deltas against a baseline
-method paired across seeds and across held-out items.
+"""Pure statistics, the one implementation every table uses (a study's report, `amrlhf compare`, the held-out
+summary): mean ± standard error, and deltas against a baseline method paired across seeds and across held-out
+items.
 
 For a method m and the baseline b, seeds s = 1..S and held-out items i = 1..N (the same items for
 every cell), with per-item values x_{s,i}:
