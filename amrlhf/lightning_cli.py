@@ -30,7 +30,7 @@ from amrlhf.callbacks.checkpoint import StepCheckpoint
 from amrlhf.callbacks.interrupt import StopOnSignal
 from amrlhf.errors import AmrlhfError, Interrupted
 from amrlhf.modules import AlignmentModule
-from amrlhf.tracking import Tracking, make_logger
+from amrlhf.tracking import RunWriter, Tracking, make_logger
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial"  # `.<name>.partial`: a checkpoint being written beside `<name>`
@@ -248,7 +248,7 @@ class AmrlhfCLI(LightningCLI):
         if not hasattr(logger, "run_id") or not (self.run_dir / "mlflow_run.json").exists():
             return  # no MLflow run was started
         try:
-            logger.experiment.set_terminated(logger.run_id, "KILLED")
+            RunWriter(client=logger.experiment).finish(logger.run_id, "KILLED")
         except Exception as exc:  # the tracking store may be what is going away
             log.warning("could not mark MLflow run %s KILLED: %s", logger.run_id, exc)
 

@@ -72,6 +72,44 @@ def artifact_location(uri: str, runs_root: Path) -> str | None:
     return None if uri.startswith("http") else (runs_root / "mlartifacts").resolve().as_uri()
 
 
+class RunWriter:
+    """Every MLflow write outside the Lightning logger goes through here: a study's parent run and its cells'
+    held-out metrics, an evaluation-only run, an lm-eval report logged into a training run. `client`: an
+    existing MlflowClient (a logger's `experiment`), else one for `uri`."""
+
+    def __init__(self, uri: str | None = None, client=None):
+        from mlflow import MlflowClient
+
+        self.client = client if client is not None else MlflowClient(tracking_uri=uri)
+        self.uri = uri or self.client.tracking_uri
+
+    def start(self, experiment: str, run_name: str, runs_root: Path, tags: dict[str, str] | None = None) -> str:
+        """A new run in `experiment` (created and marked as model training if new) -> its id."""
+        exp = experiment_id(self.client, experiment, artifact_location(self.uri, runs_root))
+        return self.client.create_run(exp, run_name=run_name, tags=tags or {}).info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+        for key, value in values.items():
+            self.client.log_metric(run_id, key, value, step=step)
+
+    def params(self, run_id: str, values: dict[str, str]) -> None:
+        """Parameters not set yet (MLflow refuses to change one)."""
+        existing = self.client.get_run(run_id).data.params
+        for key, value in values.items():
+            if key not in existing:
+                self.client.log_param(run_id, key, value)
+
+    def files(self, run_id: str, paths, artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+
 def make_logger(cfg: Tracking, run_dir: Path, run_name: str, resume: bool):
     """An MLFlowLogger; with `resume`, reattached to the run recorded in run_dir/mlflow_run.json."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

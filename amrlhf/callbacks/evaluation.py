@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 
+from amrlhf.tracking import RunWriter
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class LmEval(L.Callback):
         log.info("lm-eval after %s:\n%s", tag, report.table())
         logger = next((lg for lg in trainer.loggers if hasattr(lg, "run_id")), None)
         if logger is not None:
-            log_to_mlflow(logger.experiment, logger.run_id, report, step=trainer.global_step)
+            log_to_mlflow(RunWriter(client=logger.experiment), logger.run_id, report, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every and (trainer.current_epoch + 1) % self.every == 0:

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from amrlhf.segmenters import Segmentation
+from amrlhf.tracking import RunWriter
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class SegmentsView(L.Callback):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"step_{trainer.global_step:06d}.html"
             path.write_text(page, encoding="utf-8")
-            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="segments")
+            RunWriter(client=logger.experiment).files(logger.run_id, [path], artifact_path="segments")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._log(trainer, pl_module)

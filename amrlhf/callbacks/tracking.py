@@ -13,7 +13,7 @@ from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.loggers import MLFlowLogger
 
 from amrlhf.errors import Interrupted
-from amrlhf.tracking import record_run
+from amrlhf.tracking import RunWriter, record_run
 
 log = logging.getLogger(__name__)
 UNLOGGED = "unlogged_step_metrics"  # the checkpoint's entry
@@ -89,7 +89,7 @@ class TrackRun(L.Callback):
         if logger is None:
             return
         record_run(logger, self.run_dir)
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        RunWriter(client=logger.experiment).files(logger.run_id, [path])
         params = {k.replace(",", "_"): v for k, v in _flatten(self.config).items() if k != "ckpt_path"}
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
         if changed:
@@ -127,4 +127,4 @@ class TrackRun(L.Callback):
         trainer.save_checkpoint(final, weights_only=True)
         if trainer.is_global_zero:
             log.info("logging final weights to MLflow (%s)", final)
-            logger.experiment.log_artifact(logger.run_id, str(final), artifact_path="checkpoints")
+            RunWriter(client=logger.experiment).files(logger.run_id, [final], artifact_path="checkpoints")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from amrlhf.errors import AmrlhfError
 from amrlhf.stats import mean_se
+from amrlhf.tracking import RunWriter
 
 DEFAULT_METRICS = ("eval/heldout/implicit_acc", "eval/heldout/lognorm_acc", "eval/heldout/implicit_margin")
 
@@ -106,9 +107,8 @@ def chart(table: dict[str, dict], metrics: list[str], out: Path) -> Path:
 
 def compare(uri: str, experiment: str, metrics: list[str] | None, out: Path, baseline: str | None = None,
             pattern: str | None = None) -> str:
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
+    writer = RunWriter(uri)
+    client = writer.client  # reads
     metrics = list(metrics or DEFAULT_METRICS)
     table = collect(client, experiment, metrics, pattern)
     if baseline and baseline not in table:
@@ -117,9 +117,7 @@ def compare(uri: str, experiment: str, metrics: list[str] | None, out: Path, bas
     png = chart(table, metrics, out)
     txt = out.with_suffix(".txt")
     txt.write_text(text + "\n")
-    exp = client.get_experiment_by_name(experiment)
-    run = client.create_run(exp.experiment_id, run_name="compare", tags={"amrlhf.kind": "compare"})
-    client.log_artifact(run.info.run_id, str(png))
-    client.log_artifact(run.info.run_id, str(txt))
-    client.set_terminated(run.info.run_id)
+    run_id = writer.start(experiment, "compare", out.parent, tags={"amrlhf.kind": "compare"})
+    writer.files(run_id, [png, txt])
+    writer.finish(run_id)
     return text

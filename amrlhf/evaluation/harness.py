@@ -17,6 +17,7 @@ from amrlhf.errors import AmrlhfError
 from amrlhf.evaluation.sandbox import ALLOW_ENV, announce
 from amrlhf.evaluation.suites import EvalSuite, check_limit
 from amrlhf.evaluation.tasks import render_tasks
+from amrlhf.tracking import RunWriter
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +126,11 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, out_dir: Path, limit: int | 
     return EvalReport(flatten(results["results"]), settings, tasks, files, seconds)
 
 
-def log_to_mlflow(client, run_id: str, report: EvalReport, step: int = 0) -> None:
-    for key, value in report.metrics.items():
-        if not math.isnan(value):
-            client.log_metric(run_id, key, value, step=step)
-    client.log_metric(run_id, "lm_eval/seconds", report.seconds, step=step)
-    existing = client.get_run(run_id).data.params
+def log_to_mlflow(writer: RunWriter, run_id: str, report: EvalReport, step: int = 0) -> None:
+    """The report's metrics (NaN left out), its settings and task versions as parameters, its files."""
+    writer.metrics(run_id, {k: v for k, v in report.metrics.items() if not math.isnan(v)}, step=step)
+    writer.metrics(run_id, {"lm_eval/seconds": report.seconds}, step=step)
     params = {f"lm_eval.{k}": str(v)[:500] for k, v in report.settings.items()}
     params.update({f"lm_eval.task.{s}": t for s, t in report.tasks.items()})
-    for key, value in params.items():
-        if key not in existing:
-            client.log_param(run_id, key, value)
-    for path in report.files:
-        client.log_artifact(run_id, str(path), artifact_path="lm_eval")
+    writer.params(run_id, params)
+    writer.files(run_id, report.files, artifact_path="lm_eval")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from amrlhf.evaluation.harness import EvalReport, evaluate, log_to_mlflow
 from amrlhf.evaluation.suites import load_suite
-from amrlhf.tracking import artifact_location, check_reachable, default_uri, experiment_id
+from amrlhf.tracking import RunWriter, check_reachable, default_uri
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ def model_label(name: str) -> str:
 
 def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "runs",
              tracking_uri: str | None = None) -> EvalReport:
-    import mlflow
-
     suite = load_suite(config, limit)
     uri = tracking_uri or default_uri(Path(runs_root))
     check_reachable(uri)
@@ -52,11 +50,10 @@ def run_eval(config: str, model_name: str, limit: int | None, runs_root: str = "
     out_dir = Path(runs_root) / "eval" / f"{label}-{Path(config).stem}"
     report = evaluate(model, tok, suite, out_dir=out_dir, limit=limit)
     os.environ.pop("MLFLOW_RUN_ID", None)
-    client = mlflow.MlflowClient(uri)
-    exp_id = experiment_id(client, "eval", artifact_location(uri, Path(runs_root)))
-    run = client.create_run(exp_id, run_name=f"eval-{label}", tags={"amrlhf.model": model_name})
-    client.log_param(run.info.run_id, "model", model_name)
-    log_to_mlflow(client, run.info.run_id, report)
-    client.set_terminated(run.info.run_id)
-    log.info("evaluation logged to MLflow run %s (%s)", run.info.run_id, uri)
+    writer = RunWriter(uri)
+    run_id = writer.start("eval", f"eval-{label}", Path(runs_root), tags={"amrlhf.model": model_name})
+    writer.params(run_id, {"model": model_name})
+    log_to_mlflow(writer, run_id, report)
+    writer.finish(run_id)
+    log.info("evaluation logged to MLflow run %s (%s)", run_id, uri)
     return report

@@ -25,7 +25,7 @@ from amrlhf.study.heldout import (
     marked_items,
     preference_items,
 )
-from amrlhf.tracking import artifact_location, check_reachable, default_uri, experiment_id, ui_hint
+from amrlhf.tracking import RunWriter, check_reachable, default_uri, ui_hint
 from amrlhf.train import check_recipes, run_lightning, training_means
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,12 @@ def _changes(saved: dict | None, now: dict) -> list[str]:
 
 class StudyRun:
     def __init__(self, study: Study):
-        import mlflow
-
         self.study = study
         self._data_hash = data_sha256(study.heldout.data)  # also: a missing held-out file, before anything runs
         study.dir.mkdir(parents=True, exist_ok=True)
         self.uri = default_uri(study.runs_root)
         check_reachable(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
+        self.writer = RunWriter(self.uri)
         self.parent = self._parent_run()
         self.base: dict | None = None
         self._held = None  # (tokenizer, encoded pairs, base log-probs)
@@ -134,13 +132,13 @@ class StudyRun:
             saved = json.loads(state_file.read_text())
             if saved.get("uri") == self.uri:
                 log.info("study %s: continuing (MLflow parent run %s)", self.study.name, saved["parent_run"])
-                self.client.update_run(saved["parent_run"], status="RUNNING")
+                self.writer.reopen(saved["parent_run"])
                 return saved["parent_run"]
-        exp_id = experiment_id(self.client, self.study.name, artifact_location(self.uri, self.study.runs_root))
-        run = self.client.create_run(exp_id, run_name=self.study.name, tags={"amrlhf.kind": "study"})
-        self.client.log_artifact(run.info.run_id, str(self.study.path))
-        _write_atomic(state_file, {"uri": self.uri, "parent_run": run.info.run_id, "experiment_id": exp_id})
-        return run.info.run_id
+        run_id = self.writer.start(self.study.name, self.study.name, self.study.runs_root, tags={"amrlhf.kind": "study"})
+        self.writer.files(run_id, [self.study.path])
+        exp_id = self.writer.client.get_run(run_id).info.experiment_id
+        _write_atomic(state_file, {"uri": self.uri, "parent_run": run_id, "experiment_id": exp_id})
+        return run_id
 
     def _fit_args(self, fit: Fit, run_name: str, extra: list[str]) -> list[str]:
         args = ["fit", *fit.config_args(), *extra, f"--run_name={run_name}", f"--runs_root={self.study.dir}",
@@ -223,8 +221,7 @@ class StudyRun:
         base = {"policy": policy_name, "heldout": self.heldout_key(), "metrics": metrics, "items": items,
                 "item_ids": ids}
         _write_atomic(path, base)
-        for key, value in metrics.items():
-            self.client.log_metric(self.parent, f"base/{key}", value)
+        self.writer.metrics(self.parent, {f"base/{key}": value for key, value in metrics.items()})
         return base
 
     def heldout_key(self) -> dict:
@@ -245,7 +242,7 @@ class StudyRun:
         report = evaluate(model, tok, load_suite(self.study.eval["suite"]), out_dir=out_dir,
                           limit=self.study.eval.get("limit"))
         if run_id is not None:
-            log_to_mlflow(self.client, run_id, report)
+            log_to_mlflow(self.writer, run_id, report)
         return {k: v for k, v in report.metrics.items() if not k.endswith("_stderr")}
 
     def run_cell(self, method: Fit, seed: int) -> dict:
@@ -282,9 +279,7 @@ class StudyRun:
         metrics.update({f"eval/loc/{k}": v for k, v in (loc or {}).items()})
         metrics.update(training_means(logger, ("segments/kept_frac_chosen", "segments/kept_frac_rejected")))
         metrics.update(self._lm_eval(module.policy, tok, cell_dir / "lm_eval", logger.run_id))
-        for key, value in metrics.items():
-            if key.startswith("eval/"):
-                self.client.log_metric(logger.run_id, key, value)
+        self.writer.metrics(logger.run_id, {k: v for k, v in metrics.items() if k.startswith("eval/")})
         cell = {"method": method.name, "seed": seed, "run_id": logger.run_id, "metrics": metrics, "items": items,
                 "item_ids": ids, "seconds": time.perf_counter() - t, "fingerprint": fp}
         del cli, module
@@ -336,19 +331,17 @@ def run_study(path: str | Path) -> dict:
             run.base = saved or {"metrics": {}, "items": {}}
         report = write_report(study, results, run.base)
     except (Interrupted, KeyboardInterrupt) as exc:  # a cell's hint says `amrlhf fit ... --ckpt_path last`
-        run.client.set_terminated(run.parent, "KILLED")
+        run.writer.finish(run.parent, "KILLED")
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         said = str(exc).partition("; resume with:")[0] if isinstance(exc, Interrupted) else "interrupted by SIGINT"
         raise Interrupted(signum, f"{said}; continue the study (finished cells are kept, the interrupted one "
                                   f"resumes from its checkpoint) with: amrlhf study {path}") from None
     except BaseException:
-        run.client.set_terminated(run.parent, "FAILED")
+        run.writer.finish(run.parent, "FAILED")
         raise
-    for artefact in report["files"]:
-        run.client.log_artifact(run.parent, str(artefact))
-    for key, value in report["parent_metrics"].items():
-        run.client.log_metric(run.parent, key, value)
-    run.client.set_terminated(run.parent)
+    run.writer.files(run.parent, report["files"])
+    run.writer.metrics(run.parent, report["parent_metrics"])
+    run.writer.finish(run.parent)
     print(report["table"])
     print(f"\nreport: {report['files'][0]}\nMLflow parent run {run.parent} in {run.uri}")
     print(f"open the MLflow UI: {ui_hint(run.uri)}")
