@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from amrlhf.distributed import pooled_std
-from amrlhf.errors import AmrlhfError
 from amrlhf.scorers import CachedScorer, TokenScorer, TokenScores
 from amrlhf.segmenters import PivotSegmenter, Segmentation, SegmentInputs
 
@@ -124,8 +123,9 @@ class Masker:
         return self.segmenter.state_dict() if self.segmenter is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.segmenter is None:
-            raise AmrlhfError("the checkpoint holds a segmenter's state, but this run has no segmenter")
+        if self.segmenter is None:  # e.g. an AM run's checkpoint loaded into a sample-wise module
+            log.info("the checkpoint holds a segmenter's state; this module has no segmenter: not used")
+            return
         self.segmenter.load_state_dict(state)
         self.calibrated = True
 
