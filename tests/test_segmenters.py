@@ -155,3 +155,31 @@ def test_hooks_come_from_the_base_class_and_do_nothing_until_overridden():
     assert scored.calibrated_by_scale and scored.state_dict() == {"scale": 3.0}
     with pytest.raises(NotImplementedError, match="segment"):
         PivotSegmenter().segment(SegmentInputs(torch.ones(1, 2), torch.tensor([1]), torch.zeros(1, 3, dtype=torch.long)))
+
+
+def test_the_masker_owns_scorer_segmenter_and_calibration():
+    """The one path to a mask: no segmenter keeps the response; the scale is the std of the scores it is given
+    and travels in state_dict; a cached scorer is swapped for its source when scoring data outside the run."""
+    from types import SimpleNamespace
+
+    from amrlhf.modules.masking import Masker
+    from amrlhf.scorers import CachedScorer, TokenScores
+    from amrlhf.segmenters import AdaptivePivotSegmenter
+
+    resp, labels, ids = batch()
+    batch_ = {"response_mask": resp, "labels": labels, "input_ids": ids}
+    assert torch.equal(Masker().mask(None, batch_, "train").mask, resp)
+    seg = AdaptivePivotSegmenter(delta=0.5)
+    masker = Masker(seg, scorer=SimpleNamespace(score=None), calibration_batches=1)
+    assert masker.needs_scale and not masker.calibrated
+    stats = masker.calibrate(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert seg.scale == pytest.approx(1.2909944) and masker.calibrated and stats["segments/score_mean"] == 2.5
+    fresh = Masker(AdaptivePivotSegmenter(delta=0.5))
+    fresh.load_state_dict(masker.state_dict())
+    assert fresh.segmenter.scale == seg.scale and fresh.calibrated
+    scores = torch.tensor([[0, 0, 3.0, -3.0, 3.0, 0], [0, 3.0, -3.0, 0, 0, 0]])
+    out = masker.mask(None, batch_, "train", signals=TokenScores(scores, torch.zeros(2)))
+    assert out.mask.tolist()[0] == [0, 0, 1, 0, 1, 0] and out.scores is scores  # 3 / 1.29 > 0.5: sigma flips
+    source = SimpleNamespace()
+    cached = Masker(seg, CachedScorer(source))
+    assert cached.uncached().scorer is source and cached.uncached().segmenter is seg and masker.uncached() is masker
