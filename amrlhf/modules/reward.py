@@ -18,28 +18,15 @@ from amrlhf.modules.base import AlignmentModule
 from amrlhf.scorers.models import prefix_scores
 
 
-class RewardModule(AlignmentModule):
-    """Bradley-Terry on (chosen, rejected); `center_coef` adds TRL's centring term
-    coef * mean((r_chosen + r_rejected)^2)."""
-
-    progress_keys = ("rm/accuracy",)
-
-    def __init__(self, policy: ModelSpec, center_coef: float = 0.0, lr: float = 1e-5, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
-        super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
-        self.center_coef = center_coef
+class _ScalarHeadModule(AlignmentModule):
+    """What both reward models share: the policy slot holds the scalar-head model; a step is `model_step`
+    (loss and statistics) logged under train / eval."""
 
     def load_policy(self):
         return load_reward_model(self.policy_spec)
 
     def model_step(self, batch: dict):
-        _, _, seq = prefix_scores(self.policy, batch)
-        B = batch["index"].shape[0]
-        chosen, rejected = seq[:B], seq[B:]
-        loss = bradley_terry_loss(chosen, rejected).mean()
-        if self.center_coef:
-            loss = loss + self.center_coef * centring_term(chosen, rejected).mean()
-        return loss, reward_stats(chosen, rejected)
+        raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, stats = self.model_step(batch)
@@ -52,7 +39,28 @@ class RewardModule(AlignmentModule):
         self.log_stats({"loss": loss, **stats}, "val", batch["index"].shape[0])
 
 
-class TokenRewardModule(AlignmentModule):
+class RewardModule(_ScalarHeadModule):
+    """Bradley-Terry on (chosen, rejected); `center_coef` adds TRL's centring term
+    coef * mean((r_chosen + r_rejected)^2)."""
+
+    progress_keys = ("rm/accuracy",)
+
+    def __init__(self, policy: ModelSpec, center_coef: float = 0.0, lr: float = 1e-5, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
+        super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
+        self.center_coef = center_coef
+
+    def model_step(self, batch: dict):
+        _, _, seq = prefix_scores(self.policy, batch)
+        B = batch["index"].shape[0]
+        chosen, rejected = seq[:B], seq[B:]
+        loss = bradley_terry_loss(chosen, rejected).mean()
+        if self.center_coef:
+            loss = loss + self.center_coef * centring_term(chosen, rejected).mean()
+        return loss, reward_stats(chosen, rejected)
+
+
+class TokenRewardModule(_ScalarHeadModule):
     """A token-level reward model: the head's output s_t at every response token is trained on that token's
     label (`token_label_loss`: good = 1, inside an annotated flawed span = 0), from rows whose spans the data
     module reads (`PreferenceDataModule(span_labels={rejected: rejected_spans, chosen: chosen_flaw_spans})`;
@@ -66,22 +74,9 @@ class TokenRewardModule(AlignmentModule):
                  betas: tuple[float, float] = (0.9, 0.999)):
         super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
 
-    def load_policy(self):
-        return load_reward_model(self.policy_spec)
-
     def model_step(self, batch: dict):
         if "token_flawed" not in batch:
             raise AmrlhfError("TokenRewardModule trains on per-token labels: set data.init_args.span_labels "
                               "(e.g. {rejected: rejected_spans, chosen: chosen_flaw_spans})")
         scores, _, _ = prefix_scores(self.policy, batch)
         return token_label_loss(scores, batch["token_flawed"], batch["response_mask"])
-
-    def training_step(self, batch: dict, batch_idx: int):
-        loss, stats = self.model_step(batch)
-        self.log_stats({"loss": loss.detach(), **stats}, "train", batch["index"].shape[0])
-        return loss
-
-    @torch.no_grad()
-    def validation_step(self, batch: dict, batch_idx: int):
-        loss, stats = self.model_step(batch)
-        self.log_stats({"loss": loss, **stats}, "val", batch["index"].shape[0])
