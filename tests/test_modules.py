@@ -403,3 +403,29 @@ def test_soft_weights_of_all_ones_are_plain_dpo_bit_for_bit(tokenizer):
     l3, _, _ = _run(DPOModule, RankWeightSegmenter(), batch, reference=FrozenReference(),
                     scorer=scorer, score_calibration_batches=0)
     assert not torch.equal(l1[-1], l3[-1])  # weights in [0.7, 1.3] change the update
+
+
+def test_token_reward_model_reads_each_response_token_at_its_own_position_by_hand():
+    """s_t is the head's output at token y_t's own position (out[:, 1:], aligned with the labels): a 2-token
+    response whose 2nd token is flawed, head outputs 2 and -1 there, gives (softplus(-2) + softplus(-1)) / 2."""
+    import math
+    from types import SimpleNamespace
+
+    from amrlhf.errors import AmrlhfError
+    from amrlhf.modules import TokenRewardModule
+
+    class Head(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=torch.tensor([[[9.0], [7.0], [2.0], [-1.0]]]))  # positions 0..3
+
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4),
+             "response_mask": torch.tensor([[0.0, 1.0, 1.0]]), "token_flawed": torch.tensor([[0.0, 0.0, 1.0]]),
+             "index": torch.arange(1)}
+    m = TokenRewardModule(ModelSpec("local:tiny-llama"))
+    m.policy = Head()
+    loss, stats = m.model_step(batch)
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    assert loss.item() == pytest.approx((sp(-2.0) + sp(-1.0)) / 2, rel=1e-6)
+    assert stats["rm/token_accuracy"].item() == 1.0 and stats["rm/flaw_recall"].item() == 1.0
+    with pytest.raises(AmrlhfError, match="span_labels"):
+        m.model_step({k: v for k, v in batch.items() if k != "token_flawed"})
