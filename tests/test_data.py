@@ -219,5 +219,9 @@ def test_the_ledger_task_plants_one_carried_error_where_its_span_starts():
         assert steps and all(ledger.apply(int(a), {v: k for k, v in ledger.WORDS.items()}[op], int(b)) == int(c)
                              for a, op, b, c in steps)
         assert r["chosen"].endswith(f"ends with {r['answer']} " + r["chosen"].split()[-1])
+        wrong_steps = re.findall(r"(\d+) (plus|minus|times|divided by) (\d+) (?:makes|gives) (\d+)", r["rejected"])
+        k = r["rejected_error_step"] - 1
+        assert [s[:3] for s in wrong_steps[:k]] == [s[:3] for s in steps[:k]]  # right up to the planted step
+        assert all(int(a) == int(c_prev) for (a, *_), (*_, c_prev) in zip(wrong_steps[1:], wrong_steps[:-1], strict=True))
         assert not arithmetic.equations(r["chosen"]) and "Step 1:" not in r["chosen"]
     assert ledger.generate("heldout", 5) == rows[:5] and ledger.generate("val", 5) != rows[:5]

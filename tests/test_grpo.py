@@ -3,6 +3,7 @@ the sample-wise segmenter is bit-identical to the unmasked path, a single on-pol
 log-prob pass, recipes round-trip through MLflow, a run killed at a data-epoch boundary resumes exactly,
 and bad configuration or a broken reward stops with an error line naming what is wrong."""
 
+import dataclasses
 import json
 
 import lightning as L
@@ -155,6 +156,8 @@ def test_batched_groups_are_the_per_prompt_groups(letters, sampling):
     assert any(r[-1] == tok.eos_token_id for r in batched) and len({tuple(r) for r in batched}) > 10
     alone = responses(sample_groups(model, prompts[2:3], seeds[2:3], sampling, **kw)[0])
     assert alone == batched[8:12]
+    two_per_call = dataclasses.replace(sampling, prompts_per_call=2)  # a smaller peak, the same groups
+    assert responses(sample_groups(model, prompts, seeds, two_per_call, **kw)[0]) == batched
 
 
 def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):

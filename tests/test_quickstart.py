@@ -93,3 +93,4 @@ def test_the_quickstart_is_a_study_of_one_seed_with_its_before_after_table(tmp_p
     client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db")
     logged = client.get_run(cell["run_id"]).data.metrics
     assert logged["eval/heldout/implicit_margin"] == pytest.approx(mean)
+    assert logged["eval/heldout/implicit_margin_se"] == pytest.approx(se)  # what `amrlhf compare` shows for one run

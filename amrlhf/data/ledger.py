@@ -9,7 +9,9 @@ After the delivery, 40 plus 15 makes 55. ...") or a tally ("- delivery: 40 plus 
 
 - `chosen`: every step right.
 - `rejected`: the same solution (same style) with one planted error at a random step (its result off by
-  -10, -2, 2 or 10: even, so a later halving stays exact), carried forward, so the final count is wrong too.
+  -10, -2, 2 or 10), carried forward, so the final count is wrong too. The later steps compute from the wrong
+  value; where two halvings follow the error, the first leaves an odd wrong value and the second rounds it
+  down (about 2% of rows): a second slip, inside the same wrong span.
   `rejected_spans`: the characters from the wrong number to the end of the response (as in `arith_steps`);
   `rejected_error_step`: which step (1-based). `chosen_flaw_spans` is empty: no minor flaws here.
 
@@ -41,7 +43,7 @@ def apply(value: int, op: str, b: int) -> int:
 
 def make_problem(rng: random.Random) -> tuple[str, str, int, list[tuple[str, int, str]]]:
     """-> (question, goods, start, [(op, operand, event name), ...]); the count stays within 1..1000 and a
-    halving always meets an even count (also after any planted error, whose offsets are even)."""
+    halving always meets an even true count."""
     shop, goods = rng.choice(SHOPS), rng.choice(GOODS)
     total = start = 2 * rng.randint(10, 60)
     events, sentences = [], [f"A {shop} opens the week with {start} {goods} in stock."]

@@ -46,7 +46,7 @@ class _ScoredSegmenter(PivotSegmenter):
 
     def state_dict(self) -> dict:
         state = {"scale": self.scale}
-        if isinstance(self.baseline, RunningMeanBaseline):
+        if hasattr(self.baseline, "state_dict"):  # a stateful baseline (RunningMeanBaseline, or a user's own)
             state["baseline"] = self.baseline.state_dict()
         return state
 

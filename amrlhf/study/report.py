@@ -125,7 +125,11 @@ def format_before_after(study, cells: list[dict], base: dict) -> str | None:
     rule beside them. None for a study of several seeds (its report pools seeds the paired way) or when the
     base row has no held-out preference values (a base row stored by an earlier amrlhf)."""
     items = base.get("items", {})
-    if len(study.seeds) != 1 or any(k not in items for k, _ in BEFORE_AFTER):
+    if len(study.seeds) != 1:
+        return None
+    if any(k not in items for k, _ in BEFORE_AFTER):
+        log.info("no before/after table: the stored base row has no held-out preference values (delete base.json "
+                 "in the study's folder to rescore the base)")
         return None
     by = {c["method"]: c for c in cells}
     names = [m.name for m in study.methods if m.name in by]

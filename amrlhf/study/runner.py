@@ -9,12 +9,14 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import shutil
 import signal
 import time
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError, Interrupted
+from amrlhf.stats import mean_se
 from amrlhf.study.config import Fit, Study, load_study
 from amrlhf.study.heldout import (
     base_preference_items,
@@ -208,6 +210,7 @@ class StudyRun:
         metrics, items, ids = {}, {}, {}
         for k, v in base_preference_items(base_lp, self.study.heldout).items():  # the untrained policy's own row
             items[f"eval/heldout/{k}"], ids[f"eval/heldout/{k}"] = v, item_ids(self.study.heldout, data)
+        trivial = ("eval/heldout/implicit_acc", "eval/heldout/implicit_margin")  # 0.5 and 0 by construction
         if self.study.heldout.generate is not None:
             gen, _, gen_ids = generation_items(model, tok, data, self.study.heldout, "generate: base")
             items.update({f"eval/gen/{k}": v for k, v in gen.items()})
@@ -216,7 +219,7 @@ class StudyRun:
             marked, marked_ids = marked_items(model, tok, data, self.study.heldout, "marked: base")
             items.update({f"eval/marked/{k}": v for k, v in marked.items()})
             ids.update({f"eval/marked/{k}": marked_ids for k in marked})
-        metrics.update({k: _mean(v) for k, v in items.items()})
+        metrics.update({k: _mean(v) for k, v in items.items() if k not in trivial})
         metrics.update(self._lm_eval(model, tok, self.study.dir / "base_lm_eval"))
         base = {"policy": policy_name, "heldout": self.heldout_key(), "metrics": metrics, "items": items,
                 "item_ids": ids}
@@ -280,6 +283,8 @@ class StudyRun:
         metrics.update(training_means(logger, ("segments/kept_frac_chosen", "segments/kept_frac_rejected")))
         metrics.update(self._lm_eval(module.policy, tok, cell_dir / "lm_eval", logger.run_id))
         self.writer.metrics(logger.run_id, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+        self.writer.metrics(logger.run_id, {f"{k}_se": se for k, v in items.items()  # over items: what compare shows
+                                            if math.isfinite(se := mean_se(v)[1])})
         cell = {"method": method.name, "seed": seed, "run_id": logger.run_id, "metrics": metrics, "items": items,
                 "item_ids": ids, "seconds": time.perf_counter() - t, "fingerprint": fp}
         del cli, module
