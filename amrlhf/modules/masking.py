@@ -13,6 +13,7 @@ from torch import Tensor
 
 from amrlhf.distributed import pooled_std
 from amrlhf.scorers import CachedScorer, TokenScorer, TokenScores
+from amrlhf.scorers.base import release_models
 from amrlhf.segmenters import PivotSegmenter, Segmentation, SegmentInputs
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,8 @@ class Masker:
 
     def release(self) -> None:
         """Free the scorer's frozen models (after caching, or after scoring data outside the run)."""
-        if self.scorer is not None and hasattr(self.scorer, "_models"):
-            self.scorer._models.clear()
+        if self.scorer is not None:
+            release_models(self.scorer)
 
     # ------------------------------------------------------------------ the score scale
     @torch.no_grad()

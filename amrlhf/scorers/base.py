@@ -36,6 +36,12 @@ class TokenScorer(Protocol):
         ...
 
 
+def release_models(scorer) -> None:
+    """Free a model-backed scorer's frozen models (kept in its `_models`); a scorer without any: nothing."""
+    if hasattr(scorer, "_models"):
+        scorer._models.clear()
+
+
 def check_same_tokenizer(scorer_name: str, scorer_tok, policy_tok) -> None:
     """Token scores are per token: a scorer must tokenize exactly as the policy does."""
     a, b = scorer_tok.get_vocab(), policy_tok.get_vocab()

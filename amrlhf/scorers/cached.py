@@ -7,7 +7,7 @@ from pathlib import Path
 from amrlhf.cache import PerTokenCache, model_fingerprint
 from amrlhf.models import ModelSpec
 from amrlhf.paths import cache_dir
-from amrlhf.scorers.base import TokenScorer, TokenScores
+from amrlhf.scorers.base import TokenScorer, TokenScores, release_models
 
 
 class CachedScorer:
@@ -31,8 +31,7 @@ class CachedScorer:
 
         self.cache.fill(module, meta, lambda: self.source.setup(module), compute, batch_size=self.batch_size,
                         desc="token scores")
-        if hasattr(self.source, "_models"):  # the source's frozen models: every later batch reads the cache
-            self.source._models.clear()
+        release_models(self.source)  # the source's frozen models: every later batch reads the cache
 
     def score(self, module, batch: dict, split: str) -> TokenScores:
         names = self.cache.tables[split][int(batch["index"][0])][0].keys()
