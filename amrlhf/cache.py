@@ -5,11 +5,14 @@ not sums), per response of each example."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +24,22 @@ log = logging.getLogger(__name__)
 
 # fn(batch) -> {"name": [N, T-1] per-token tensor or [N] per-sequence tensor}
 ComputeFn = Callable[[dict], dict[str, Tensor]]
+
+
+@dataclass
+class RunData:
+    """The run's data as a cache sees it (instead of the LightningModule and its trainer): the encoded examples of
+    each split (None when absent), their collator, the tokenizer and max_length they were encoded with, the
+    trainer's precision and its forward context (the autocast of `bf16-mixed`), and whether this process writes
+    cache files (rank 0)."""
+
+    splits: dict[str, list | None]
+    collate: Callable[[list], dict[str, Tensor]]
+    tokenizer: Any
+    max_length: int
+    precision: str = "32-true"
+    forward_context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+    write: bool = True
 
 
 def model_fingerprint(spec) -> dict:
@@ -84,24 +103,22 @@ class PerTokenCache:
             tmp.replace(path)  # atomic: a crash never leaves a partial cache that looks complete
         log.info("%s (%s): computed %d examples, cached at %s", desc, split, len(data), path)
 
-    def fill(self, module, meta: dict, prepare: Callable[[], None], compute: Callable[[dict, str], dict[str, Tensor]],
-             *, batch_size: int, desc: str) -> None:
-        """Cache every split of the module's datamodule; `prepare` (load the producing model) runs
-        only when some split misses the cache. Values are computed under the trainer's precision (the
-        autocast of `bf16-mixed`, as the training step's own forward passes are), part of the key."""
-        trainer = module.trainer
-        dm = trainer.datamodule
-        meta = {**meta, "tokenizer": [dm.tokenizer.name_or_path, len(dm.tokenizer)], "max_length": dm.max_length,
-                "precision": str(trainer.precision)}
-        for split, data in (("train", dm.train_data), ("val", dm.val_data)):
-            if data is None or self.has(split):
+    def fill(self, data: RunData, meta: dict, prepare: Callable[[], None],
+             compute: Callable[[dict, str], dict[str, Tensor]], *, device, batch_size: int, desc: str) -> None:
+        """Cache every split of the run's data; `prepare` (load the producing model) runs only when some split
+        misses the cache. Values are computed under the run's precision (the autocast of `bf16-mixed`, as the
+        training step's own forward passes are), part of the key."""
+        meta = {**meta, "tokenizer": [data.tokenizer.name_or_path, len(data.tokenizer)], "max_length": data.max_length,
+                "precision": data.precision}
+        for split, examples in data.splits.items():
+            if examples is None or self.has(split):
                 continue
-            key = cache_key({**meta, "split": split}, data)
+            key = cache_key({**meta, "split": split}, examples)
             if not (self.root / f"{key}.pt").exists():
                 prepare()
-            with trainer.precision_plugin.forward_context():
-                self.build(split, key, data, dm._collator(), lambda b, s=split: compute(b, s), device=module.device,
-                           batch_size=batch_size, desc=desc, write=trainer.is_global_zero)
+            with data.forward_context():
+                self.build(split, key, examples, data.collate, lambda b, s=split: compute(b, s), device=device,
+                           batch_size=batch_size, desc=desc, write=data.write)
 
     def lookup(self, batch: dict, split: str, name: str) -> Tensor:
         table = self.tables.get(split)

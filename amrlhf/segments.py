@@ -10,6 +10,7 @@ import torch
 
 from amrlhf.callbacks.segments_view import describe, pairs_for_page, render_page
 from amrlhf.errors import AmrlhfError
+from amrlhf.modules.context import scoring_context
 from amrlhf.modules.masking import training_batches
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,16 @@ def segments_page(recipe: str, overrides: list[str], limit: int, split: str, out
                           "(see the segments/* metrics); point `amrlhf segments` at a DPO or SFT recipe")
     dm.setup("fit")
     masker = module.masker.uncached()  # score just the shown examples, without a cache
-    masker.setup(module, dm.tokenizer)
+    masker.setup(scoring_context(module, dm.tokenizer))
     if masker.needs_scale and masker.calibration_batches:
-        masker.calibrate_on(module, training_batches(module, dm, masker.calibration_batches))
+        masker.calibrate_on(training_batches(dm, masker.calibration_batches, module.device))
     data = dm.val_data if split == "val" and dm.val_data else dm.train_data
     pairs = []
-    collate = dm._collator()
+    collate = dm.collator()
     for start in range(0, min(limit, len(data)), 4):
         batch = collate(data[start:min(start + 4, limit)])
         with torch.no_grad():
-            masked = masker.mask(module, batch, split, observe=False)
+            masked = masker.mask(batch, split, observe=False)
         pairs += pairs_for_page(dm.tokenizer, batch, masked.segmentation, masked.scores)
     header = f"{describe(masker.segmenter)}; scorer {type(masker.scorer).__name__ if masker.scorer else 'none'}; " \
              f"data {dm.val_source if split == 'val' and dm.val_data else dm.train_source}"

@@ -88,7 +88,7 @@ def synthetic_pairs(n: int, prompt: int, response: int, vocab: int, seed: int = 
 
 def bench_data(examples: list, tokenizer, batch_size: int):
     """A LightningDataModule over `examples` in order, with what DPOModule's components read from one
-    (tokenizer, train_data, val_data, max_length, batch_size, _collator)."""
+    (tokenizer, train_data, val_data, max_length, batch_size, collator)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -100,11 +100,11 @@ def bench_data(examples: list, tokenizer, batch_size: int):
             self.tokenizer, self.train_data, self.val_data, self.batch_size = tokenizer, examples, None, batch_size
             self.max_length = max(len(e.prompt_ids) + max(map(len, e.responses)) for e in examples)
 
-        def _collator(self) -> Collator:
+        def collator(self) -> Collator:
             return Collator(self.tokenizer.pad_token_id)
 
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.train_data, batch_size=self.batch_size, shuffle=False, collate_fn=self._collator(),
+            return DataLoader(self.train_data, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator(),
                               drop_last=True)
 
     return BenchData()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from types import SimpleNamespace
 
 import torch
 
@@ -44,6 +43,7 @@ from amrlhf.scorers import (
     ContrastiveScorer,
     ImplicitRewardScorer,
     RewardModelScorer,
+    ScoringContext,
     SurprisalScorer,
     next_token_entropy,
 )
@@ -110,7 +110,7 @@ def main() -> None:
     keep = [i for i, t in enumerate(truths) if t is not None and any(t)]
     encoded, truths = [encoded[i] for i in keep], [truths[i] for i in keep]
 
-    module = SimpleNamespace(device=torch.device("cpu"), _trainer=None, policy_spec=ModelSpec(args.base))
+    ctx = ScoringContext(tokenizer=tok)
     scorers = {"reward-model prefix": RewardModelScorer(ModelSpec(args.rm))} if args.rm else {}
     if args.policy:
         scorers["implicit reward (policy vs base)"] = ImplicitRewardScorer(ModelSpec(args.policy), ModelSpec(args.base))
@@ -138,14 +138,14 @@ def main() -> None:
     for sname, scorer in scorers.items():
         raw = sname.endswith(("(ORACLE)", "(raw)"))  # scores in meaningful units: the paper-figure preset
         if not sname.endswith("(ORACLE)"):
-            scorer.setup(module)
+            scorer.setup(ctx)
         segs = segmenters(args.delta, tok)  # fresh per scorer: each is calibrated to its own scores
         batches = []
         for start in range(0, len(encoded), 4):
             items = encoded[start:start + 4]
             batch = collate(items)
             with torch.no_grad():
-                out = scorer.score(module, batch, "eval")
+                out = scorer.score(batch, "eval")
                 out.ref_entropy = next_token_entropy(base_lm, batch)
             batches.append((items, batch, out, truths[start:start + 4]))
         flat = torch.cat([o.scores[b["response_mask"].bool()] for _, b, o, _ in batches])

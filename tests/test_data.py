@@ -182,7 +182,7 @@ def test_span_labels_travel_into_the_batch_aligned_with_the_response(tmp_path, t
     path = write(tmp_path, [row])
     dm = PreferenceDataModule(path, tokenizer="local:tiny-llama", span_labels={"rejected": "rejected_spans"})
     dm.setup()
-    batch = dm._collator()(dm.train_data)
+    batch = dm.collator()(dm.train_data)
     flawed, resp = batch["token_flawed"], batch["response_mask"]
     assert flawed[0].sum() == 0 and (flawed[1] <= resp[1]).all() and flawed[1].sum() >= 1
     ids = batch["input_ids"][1, 1:][flawed[1].bool()].tolist()

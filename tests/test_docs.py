@@ -117,20 +117,19 @@ def test_the_architecture_page_lists_the_checked_layers():
 
 
 def test_the_documented_scorer_scores_by_hand(my_project):
-    from amrlhf.scorers import TokenScorer, TokenScores
+    from amrlhf.scorers import ScoringContext, TokenScorer, TokenScores
     from amrlhf.segmenters import AdaptivePivotSegmenter
 
     scorer = _parse(TokenScorer, _yaml_with("my_project.banned.BannedWordScorer"))
     assert type(scorer).__name__ == "BannedWordScorer" and scorer.words == [" basically", " literally"]
     tok = lambda text, add_special_tokens=True: {"input_ids": {" basically": [9], " literally": [9, 4]}[text]}  # noqa: E731
-    module = SimpleNamespace(trainer=SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tok)))
-    scorer.setup(module)
+    scorer.setup(ScoringContext(tokenizer=tok))
     assert scorer.ids.tolist() == [4, 9]
     # prompt [5, 6], response a B b B with B = 9 banned; the same response as chosen (row 0) and rejected (row 1)
     batch = {"input_ids": torch.tensor([[5, 6, 7, 9, 8, 9]] * 2),
              "response_mask": torch.tensor([[0, 1, 1, 1, 1]] * 2, dtype=torch.float32),
              "labels": torch.tensor([1, -1])}
-    out = scorer.score(module, batch, "train")
+    out = scorer.score(batch, "train")
     assert isinstance(out, TokenScores)
     assert out.scores.tolist() == [[0, 0, -1, -1, -2]] * 2 and out.prompt_scores.tolist() == [0, 0]
     seg = _parse(PivotSegmenter, _yaml_with("amrlhf.segmenters.AdaptivePivotSegmenter"))

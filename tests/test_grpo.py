@@ -273,7 +273,7 @@ def test_prompt_template_builds_prompts_from_row_fields_and_names_a_missing_one(
     dm = PromptDataModule(train=str(path), tokenizer="local:tiny-llama", prompt_template="Q: {question}",
                           limit_train=1)
     dm.setup()
-    batch = dm._collator()(dm.train_data)
+    batch = dm.collator()(dm.train_data)
     assert batch["rows"][0]["prompt"] == "Q: What is 2 plus 2?" and batch["rows"][0]["fields"]["target"] == "4"
     assert batch["rows"][0]["line"] == 1
     with pytest.raises(DataError, match=r"q.jsonl:2: field .question. missing"):

@@ -180,7 +180,7 @@ def test_verifiable_reward_sums_components_at_the_last_token_and_names_the_row_o
     reward = VerifiableReward([NumberAnswerReward(field="completion"), RegexReward("plus", name="says_plus")],
                               weights=[1.0, 0.5])
     reward.tokenizer = tokenizer
-    ts = reward.score(None, {**batch, "rows": rows}, "train")
+    ts = reward.score({**batch, "rows": rows}, "train")
     resp = batch["response_mask"]
     last = (resp * torch.arange(resp.shape[1])).argmax(-1)
     assert ts.scores[0, last[0]].item() == pytest.approx(1.5)  # 7 is the answer, and it says plus
@@ -194,15 +194,15 @@ def test_verifiable_reward_sums_components_at_the_last_token_and_names_the_row_o
     bad = VerifiableReward([FunctionReward(broken)])
     bad.tokenizer = tokenizer
     with pytest.raises(AmrlhfError, match=r"reward 'broken' failed on the prompt of data.jsonl line 7 .*ZeroDivision"):
-        bad.score(None, {**batch, "rows": rows}, "train")
+        bad.score({**batch, "rows": rows}, "train")
     nan = VerifiableReward([FunctionReward(lambda p, r: float("nan"), name="nan")])
     nan.tokenizer = tokenizer
     with pytest.raises(AmrlhfError, match="returned nan for the prompt of data.jsonl line 7: expected a finite"):
-        nan.score(None, {**batch, "rows": rows}, "train")
+        nan.score({**batch, "rows": rows}, "train")
     missing = VerifiableReward([NumberAnswerReward()])  # field 'target' is not in the row
     missing.tokenizer = tokenizer
     with pytest.raises(AmrlhfError, match="no field 'target'"):
-        missing.score(None, {**batch, "rows": rows}, "train")
+        missing.score({**batch, "rows": rows}, "train")
     with pytest.raises(ConfigError, match="names must differ"):
         VerifiableReward([RegexReward("a"), RegexReward("b")])
 

@@ -114,9 +114,10 @@ def test_gradients_are_freed_after_each_optimizer_step_and_kept_while_accumulati
 
 
 def test_response_logps_equals_full_forward_on_response_tokens(tokenizer):
+    from forward_oracle import response_logps
+
     from amrlhf.losses import token_logprobs
     from amrlhf.models import load_causal_lm
-    from amrlhf.models.forward import response_logps
 
     batch = _batch(tokenizer)
     model = load_causal_lm(ModelSpec("local:tiny-llama")).eval()
@@ -154,10 +155,10 @@ def test_sft_with_every_example_dropped_is_a_zero_loss_that_still_has_a_graph(to
     from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline
 
     class Negative:  # every token scores below the band: nothing agrees with label +1
-        def setup(self, module):
+        def setup(self, ctx):
             pass
 
-        def score(self, module, batch, split):
+        def score(self, batch, split):
             return TokenScores(-torch.ones_like(batch["response_mask"]))
 
     batch = _batch(tokenizer)
@@ -181,10 +182,10 @@ def test_best_of_n_with_every_prompt_below_min_score_is_a_zero_loss_that_keeps_t
     from amrlhf.scorers import TokenScores
 
     class Flat:  # every sample scores 0, below min_score
-        def setup(self, module):
+        def setup(self, ctx):
             pass
 
-        def score(self, module, batch, split):
+        def score(self, batch, split):
             return TokenScores(torch.zeros_like(batch["response_mask"]))
 
     class Tap(L.Callback):
@@ -237,8 +238,8 @@ def test_reward_centring_term_is_trl_s_mean_of_squared_pair_sums():
 
 def test_cached_reference_equals_the_frozen_model_and_is_reused(tmp_path):
     from amrlhf.models import load_causal_lm
+    from amrlhf.models.forward import lean_forward
     from amrlhf.modules import CachedReference
-    from amrlhf.modules.reference import forward_logps
 
     def fit():
         dm = PreferenceDataModule("local:tiny-arith/prefs_train", val="local:tiny-arith/prefs_heldout",
@@ -255,7 +256,7 @@ def test_cached_reference_equals_the_frozen_model_and_is_reused(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     base = load_causal_lm(ModelSpec("local:tiny-llama")).eval()
     with torch.no_grad():
-        expected = forward_logps(base, batch)
+        expected = lean_forward(base, batch).logps
     resp = batch["response_mask"].bool()
     torch.testing.assert_close(module.reference.logps(module, batch, "train")[resp], expected[resp])
     mtimes = [f.stat().st_mtime_ns for f in files]
@@ -282,13 +283,16 @@ def test_default_reference_loads_the_policy_as_the_policy_is_loaded(monkeypatch)
 
 
 def test_reference_and_score_cache_keys_see_revision_and_dtype(monkeypatch):
+    import amrlhf.modules.reference as reference
     from amrlhf.modules import CachedReference
-    from amrlhf.scorers import CachedScorer, RewardModelScorer
+    from amrlhf.scorers import CachedScorer, RewardModelScorer, ScoringContext
 
-    def cache_meta(cached, module) -> dict:
+    monkeypatch.setattr(reference, "run_data", lambda module: "the run's data")  # a module outside a fit
+
+    def cache_meta(cached, arg) -> dict:
         metas = []
-        monkeypatch.setattr(cached.cache, "fill", lambda module, meta, *args, **kwargs: metas.append(meta))
-        cached.setup(module)
+        monkeypatch.setattr(cached.cache, "fill", lambda data, meta, *args, **kwargs: metas.append(meta))
+        cached.setup(arg)
         return metas[0]
 
     def reference_meta(**policy):
@@ -297,7 +301,7 @@ def test_reference_and_score_cache_keys_see_revision_and_dtype(monkeypatch):
 
     def scorer_meta(**scorer):
         cached = CachedScorer(RewardModelScorer(ModelSpec("local:tiny-llama", **scorer)))
-        return cache_meta(cached, DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), scorer=cached))
+        return cache_meta(cached, ScoringContext(tokenizer=None, data="the run's data"))
 
     for meta in (reference_meta, scorer_meta):
         assert meta() == meta()
@@ -330,8 +334,8 @@ def test_cached_reference_is_computed_under_the_trainer_precision(tmp_path):
     """Under bf16-mixed the policy's step runs in autocast: the cached reference log-probs are computed in the
     same autocast (so at step 0 they are the policy's own), and a cache made at another precision is not reused."""
     from amrlhf.models import load_causal_lm
+    from amrlhf.models.forward import lean_forward
     from amrlhf.modules import CachedReference
-    from amrlhf.modules.reference import forward_logps
 
     def fit(precision: str):
         dm = PreferenceDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", max_length=64,
@@ -346,7 +350,7 @@ def test_cached_reference_is_computed_under_the_trainer_precision(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     base = load_causal_lm(ModelSpec("local:tiny-llama")).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = forward_logps(base, batch).float()
+        expected = lean_forward(base, batch).logps.float()
     resp = batch["response_mask"].bool()
     torch.testing.assert_close(module.reference.logps(module, batch, "train")[resp], expected[resp])
     fit("32-true")
@@ -359,8 +363,9 @@ def test_dropout_is_off_in_trained_policies(tmp_path, tokenizer):
     import json
     import shutil
 
+    from forward_oracle import response_logps
+
     from amrlhf.models import LoraSpec, load_causal_lm
-    from amrlhf.models.forward import response_logps
     from amrlhf.paths import home
 
     folder = tmp_path / "dropout-llama"

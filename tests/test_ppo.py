@@ -72,13 +72,16 @@ def test_am_ppo_labels_come_from_the_raw_score_not_the_eos_penalised_one(letters
     seen = {}
 
     class Reward(TargetTokenReward):
-        def score(self, module, batch, split):
-            ts = super().score(module, batch, split)
+        def setup(self, ctx):
+            super().setup(ctx)
+            seen["eos"] = ctx.tokenizer.eos_token_id
+
+        def score(self, batch, split):
+            ts = super().score(batch, split)
             last = last_response_index(batch["response_mask"], empty=0)
             rows = torch.arange(last.shape[0])
             seen.setdefault("raw", ts.scores[rows, last].float())
-            eos = module.trainer.datamodule.tokenizer.eos_token_id
-            seen.setdefault("ended", batch["input_ids"][rows, last + 1] == eos)
+            seen.setdefault("ended", batch["input_ids"][rows, last + 1] == seen["eos"])
             return ts
 
     class Segmenter(SampleWiseSegmenter):
@@ -209,7 +212,7 @@ def test_prompt_rows_and_too_long_prompts_are_counted(tmp_path):
     assert len(dm.train_data) == 3 and dm.report["data/train/dropped_prompt_too_long"] == 1
     # the three forms give the same prompt: the turns before the assistant's reply
     assert dm.train_data[0].prompt_ids == dm.train_data[1].prompt_ids == dm.train_data[2].prompt_ids
-    batch = dm._collator()([dm.train_data[0], dm.train_data[1]])
+    batch = dm.collator()([dm.train_data[0], dm.train_data[1]])
     assert batch["prompt_mask"].all()
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(AmrlhfError, match=r"p\.jsonl.*5.*prompt"):

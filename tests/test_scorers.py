@@ -11,7 +11,7 @@ from amrlhf.data import Collator, encode_examples, read_examples
 from amrlhf.errors import AmrlhfError, DataError
 from amrlhf.models import ModelSpec, load_reward_model, load_tokenizer
 from amrlhf.modules import prefix_scores
-from amrlhf.scorers import DatasetScorer, ImplicitRewardScorer, check_same_tokenizer
+from amrlhf.scorers import DatasetScorer, ImplicitRewardScorer, ScoringContext, check_same_tokenizer
 
 
 def _batch(tokenizer, n=2):
@@ -39,13 +39,12 @@ def test_prefix_scores_are_the_head_read_after_each_token(tokenizer):
 def test_implicit_reward_is_beta_times_cumulative_log_ratio(tokenizer):
     _, batch = _batch(tokenizer)
     scorer = ImplicitRewardScorer(ModelSpec("local:tiny-llama"), ModelSpec("local:tiny-llama"), beta=0.5)
-    module = SimpleNamespace(device=torch.device("cpu"), _trainer=None, policy_spec=ModelSpec("local:tiny-llama"))
-    scorer.setup(module)
+    scorer.setup(ScoringContext(tokenizer=tokenizer))
     with torch.no_grad():
         for p in scorer._models["policy"].parameters():
             p.add_(0.01 * torch.randn_like(p))
-    out = scorer.score(module, batch, "train")
-    from amrlhf.models.forward import response_logps
+    out = scorer.score(batch, "train")
+    from forward_oracle import response_logps
 
     d = response_logps(scorer._models["policy"], batch)[0] - response_logps(scorer._models["ref"], batch)[0]
     resp = batch["response_mask"]
@@ -80,7 +79,7 @@ def test_dataset_token_scores_align_and_length_mismatch_is_an_error(tmp_path, to
     resp = batch["response_mask"].bool()
     assert batch["token_scores"][0][resp[0]].tolist() == [float(i) for i in range(n_c)]
     assert batch["prompt_scores"].tolist() == [-1.0, -1.0]
-    out = DatasetScorer(tokenizer="local:tiny-llama").score(None, batch, "train")
+    out = DatasetScorer(tokenizer="local:tiny-llama").score(batch, "train")
     assert torch.equal(out.scores, batch["token_scores"])
     bad = {**good, "rejected_token_scores": [0.5] * (n_c + 2)}
     path.write_text(json.dumps(bad) + "\n")
@@ -131,9 +130,8 @@ def test_surprisal_scorer_reads_the_frozen_model_and_the_figure_preset_flags_fro
 
     _, batch = _batch(tokenizer)
     scorer = SurprisalScorer(ModelSpec("local:tiny-llama"), tolerance=1.0, max_entropy=None)
-    module = SimpleNamespace(device=torch.device("cpu"), _trainer=None, policy_spec=ModelSpec("local:tiny-llama"))
-    scorer.setup(module)
-    out = scorer.score(module, batch, "train")
+    scorer.setup(ScoringContext(tokenizer=tokenizer))
+    out = scorer.score(batch, "train")
     f = lean_forward(scorer._models["lm"], batch, entropy=True)
     resp = batch["response_mask"]
     row, cols = 0, resp[0].nonzero().squeeze(1).tolist()
@@ -178,11 +176,10 @@ def test_contrastive_scores_by_hand(monkeypatch):
     monkeypatch.setattr(models, "lean_forward", lambda model, batch, chunk_size=None: SimpleNamespace(
         logps=logps[model]))
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "response_mask": torch.tensor([[0.0, 1.0, 1.0]])}
-    module = SimpleNamespace(logits_chunk=None)
     for form, expected in (("level", [0.0, 0.9, -1.5]), ("running", [0.0, 0.9, -0.6])):
         scorer = ContrastiveScorer(ModelSpec("a"), ModelSpec("b"), form=form, scale=2.0)
         scorer._models = {"pos": "pos", "neg": "neg"}
-        out = scorer.score(module, batch, "train")
+        out = scorer.score(batch, "train")
         assert torch.allclose(out.scores, 2.0 * torch.tensor([expected])) and out.prompt_scores.tolist() == [0.0]
     with pytest.raises(ConfigError, match="form must be level or running"):
         ContrastiveScorer(ModelSpec("a"), ModelSpec("b"), form="sum")

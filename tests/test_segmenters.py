@@ -168,7 +168,7 @@ def test_the_masker_owns_scorer_segmenter_and_calibration():
 
     resp, labels, ids = batch()
     batch_ = {"response_mask": resp, "labels": labels, "input_ids": ids}
-    assert torch.equal(Masker().mask(None, batch_, "train").mask, resp)
+    assert torch.equal(Masker().mask(batch_, "train").mask, resp)
     seg = AdaptivePivotSegmenter(delta=0.5)
     masker = Masker(seg, scorer=SimpleNamespace(score=None), calibration_batches=1)
     assert masker.needs_scale and not masker.calibrated
@@ -178,7 +178,7 @@ def test_the_masker_owns_scorer_segmenter_and_calibration():
     fresh.load_state_dict(masker.state_dict())
     assert fresh.segmenter.scale == seg.scale and fresh.calibrated
     scores = torch.tensor([[0, 0, 3.0, -3.0, 3.0, 0], [0, 3.0, -3.0, 0, 0, 0]])
-    out = masker.mask(None, batch_, "train", signals=TokenScores(scores, torch.zeros(2)))
+    out = masker.mask(batch_, "train", signals=TokenScores(scores, torch.zeros(2)))
     assert out.mask.tolist()[0] == [0, 0, 1, 0, 1, 0] and out.scores is scores  # 3 / 1.29 > 0.5: sigma flips
     source = SimpleNamespace()
     cached = Masker(seg, CachedScorer(source))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -78,7 +79,6 @@ def test_step_verdicts_and_grader_by_hand():
 def test_oracle_scorer_flags_exactly_the_wrong_span(tokenizer):
     """The step-checker scorer with a zero baseline: every rejected token from the wrong number on scores
     -1, every token before it 0 or +1, and the localisation truth of the same rows agrees."""
-    from types import SimpleNamespace
 
     from amrlhf.data import Collator, encode_examples
     from amrlhf.data.records import preference_example
@@ -91,7 +91,7 @@ def test_oracle_scorer_flags_exactly_the_wrong_span(tokenizer):
     scorer = ArithmeticStepScorer()
     scorer.tokenizer = tokenizer
     batch = Collator(tokenizer.pad_token_id)(encoded)
-    s = scorer.score(SimpleNamespace(), batch, "train").scores
+    s = scorer.score(batch, "train").scores
     n = len(rows)
     for i, (ex, e, r) in enumerate(zip(examples, encoded, rows, strict=True)):
         truth = torch.tensor(diff_token_mask(tokenizer, ex, r["rejected_spans"], e.responses[1], through_end=True))
@@ -210,6 +210,16 @@ def test_tiny_study_killed_and_continued_reports_what_mlflow_holds(tmp_path):
     assert {"report.md", "report.png", "results.json"} <= artefacts
     cell = json.loads((root / "dpo-seed0" / "cell.json").read_text())
     assert cell["item_ids"]["eval/heldout/implicit_acc"] and cell["fingerprint"]["args"]
+
+    # a method's localisation is scored once per study (its mask does not depend on the seed): seed 1 read seed
+    # 0's; scored afresh instead, the report is the same to the last digit
+    assert "localisation of am-dpo-oracle: the same mask as an earlier seed's" in second.stderr
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (root / "localisation").glob("*.json")) == ["am-dpo-oracle", "dpo"]
+    shutil.rmtree(root / "localisation")
+    shutil.rmtree(root / "am-dpo-oracle-seed1")
+    again = amrlhf("study", str(study), cwd=tmp_path)
+    assert again.returncode == 0 and "the same mask as an earlier seed's" not in again.stderr, again.stderr[-3000:]
+    assert json.loads((root / "results.json").read_text())["summary"] == results["summary"]
 
     # a changed budget or held-out file is refused before anything trains, naming the cells and the change
     cfg = yaml.safe_load(study.read_text())
@@ -465,3 +475,32 @@ def test_a_method_given_as_base_and_overlay_runs_both_and_fingerprints_each(tmp_
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(AmrlhfError, match="recipe not found: .*missing.yaml"):
         load_study(path)
+
+
+def test_the_study_cost_table_by_hand(tmp_path, capsys):
+    """benchmarks/study_cost.py: mean seconds per cell by phase, per method and for all cells; what the phases
+    do not cover is 'other'; cells without phases (finished by an older amrlhf) are left out."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study_cost
+
+    cells = {"dpo-seed0": ("dpo", 0, 100.0, {"fit": 60.0, "marked": 20.0}),
+             "dpo-seed1": ("dpo", 1, 80.0, {"fit": 50.0, "marked": 10.0}),
+             "am-seed0": ("am", 0, 130.0, {"fit": 70.0, "marked": 20.0, "localisation": 30.0})}
+    for name, (method, seed, seconds, phases) in cells.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cell.json").write_text(json.dumps(
+            {"method": method, "seed": seed, "seconds": seconds, "phases": phases}))
+    (tmp_path / "old-seed0").mkdir()
+    (tmp_path / "old-seed0" / "cell.json").write_text(json.dumps({"method": "old", "seed": 0, "seconds": 5.0}))
+    assert study_cost.main([str(tmp_path)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["method"] == ["cells", "fit", "marked", "localisation", "other", "total"]
+    assert rows["am"] == ["1", "70", "20", "30", "10", "130"]
+    assert rows["dpo"] == ["2", "55", "15", "0", "20", "90"]
+    assert rows["all"] == ["3", "60", "17", "10", "17", "103"]  # other: 103.3 - 86.7
+    assert "old" not in rows
+    assert study_cost.main([str(tmp_path), "--seeds", "1"]) == 0
+    assert "| dpo | 1 | 50 | 10 | 20 | 80 |" in capsys.readouterr().out

@@ -124,9 +124,9 @@ class SegmentsView(L.Callback):
         use_val = self.split == "val" and bool(dm.val_data)
         split = "val" if use_val else "train"
         data = (dm.val_data if use_val else dm.train_data)[: self.examples]
-        batch = {k: v.to(module.device) for k, v in dm._collator()(data).items()}
+        batch = {k: v.to(module.device) for k, v in dm.collator()(data).items()}
         with torch.no_grad():
-            masked = module.masker.mask(module, batch, split, observe=False)
+            masked = module.masker.mask(batch, split, observe=False)
         page = render_page(f"segments at step {trainer.global_step}", describe(module.segmenter),
                            pairs_for_page(dm.tokenizer, batch, masked.segmentation, masked.scores))
         logger = next((lg for lg in trainer.loggers if hasattr(lg, "run_id")), None)

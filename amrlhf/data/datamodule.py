@@ -95,7 +95,7 @@ class _TextDataModule(L.LightningDataModule):
         if self.val_source:
             self.val_data = self._load(self.val_source, self.limit_val, "val")
 
-    def _collator(self) -> Collator:
+    def collator(self) -> Collator:
         return Collator(self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
@@ -114,7 +114,7 @@ class _TextDataModule(L.LightningDataModule):
             self._sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = None
         return DataLoader(self.train_data, batch_size=self.batch_size, sampler=self._sampler,
-                          collate_fn=self._collator(), drop_last=True)
+                          collate_fn=self.collator(), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_data is None:
@@ -127,7 +127,7 @@ class _TextDataModule(L.LightningDataModule):
         # each rank validates its own share; metrics are reduced across ranks (sync_dist)
         sampler = ResumableSampler(len(self.val_data), seed=0, shuffle=False, rank=rank, world_size=world)
         return DataLoader(self.val_data, batch_size=self.eval_batch_size, sampler=sampler,
-                          collate_fn=self._collator())
+                          collate_fn=self.collator())
 
     # Exact resume: remember how many batches of the current epoch were trained on (skipped on resume
     # only if Lightning resumes in that same epoch).
@@ -217,5 +217,5 @@ class PromptDataModule(_TextDataModule):
                          seed, shuffle)
         self.prompt_template = prompt_template
 
-    def _collator(self) -> PromptCollator:
+    def collator(self) -> PromptCollator:
         return PromptCollator(self.tokenizer.pad_token_id)

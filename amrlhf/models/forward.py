@@ -3,14 +3,14 @@
 The vocabulary projection dominates a small model's cost and memory (SmolLM2: 49k x 576); prompt positions
 need none of it. Two paths compute the same per-token values:
 
-- `lean_forward` (the default of every caller but PPO's `policy_forward`): the decoder gives the final
+- `lean_forward` (every caller's): the decoder gives the final
   (normed) hidden state, and the output embedding is applied to `chunk_size` predicted tokens at a time
   (rows x positions, flattened), each chunk reduced at once to what the caller needs (log-prob of the
   target, entropy, logit mean, argmax hit) in float32. With gradients each chunk runs under
   `torch.utils.checkpoint` (non-reentrant): its logits are recomputed in the backward pass instead of kept,
   so no [rows, positions, vocabulary] tensor ever exists, forward or backward; the extra memory is about
   chunk_size x V floats (a few copies) whatever the batch. `chunk_size` None or 0: the unchunked path.
-- the unchunked path (`policy_forward`, `response_logps`): the model's own forward with `logits_to_keep`
+- the unchunked path (`_unchunked`): the model's own forward with `logits_to_keep`
   = K, K reaching back to the earliest response token of the batch: logits [N, K, V], kept for backward.
 
 The lean path is taken only for causal LMs whose logits are known to be `lm_head(decoder(x).last_hidden_state)`
@@ -85,29 +85,6 @@ def first_predicted(response_mask: Tensor) -> int:
     the first position whose logits are needed."""
     has = response_mask.bool().any(0)
     return int(has.float().argmax()) if bool(has.any()) else response_mask.shape[1] - 1
-
-
-def response_logps(model, batch: dict, *, with_logits: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Unchunked path. -> (log-probs [N, T-1] aligned with input_ids[:, 1:], zero before the earliest
-    response token of the batch; the kept logits [N, K, V] or None). Position t of the kept logits is
-    position T-K+t of the sequence."""
-    logps, logits, _ = policy_forward(model, batch)
-    return logps, (logits if with_logits else None)
-
-
-def policy_forward(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Unchunked path. -> (log-probs [N, T-1] as in `response_logps`, kept logits [N, K, V], and the last
-    hidden state [N, T, H] at every position when `hidden` (for a value head sharing the backbone)).
-    `lean_forward(model, batch, hidden=True, entropy=True)` gives the same without the logits."""
-    from amrlhf.losses.logprobs import token_logprobs  # not at the top (see _unchunked)
-
-    ids = batch["input_ids"]
-    T = ids.shape[1]
-    keep = T - first_predicted(batch["response_mask"])
-    out = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False,
-                output_hidden_states=hidden)
-    logps = token_layout(token_logprobs(out.logits, ids[:, T - keep:]), T)
-    return logps, out.logits, (out.hidden_states[-1] if hidden else None)
 
 
 def lean_forward(model, batch: dict, *, hidden: bool = False, entropy: bool = False, logits_stats: bool = False,

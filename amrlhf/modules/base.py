@@ -42,7 +42,7 @@ def check_optimizer(lr: float, weight_decay: float, warmup_steps: int, betas: tu
 class PackedForward:
     """For a module whose policy reads response tokens only and has `logits_chunk` and `share_prefix`
     (DPOModule, GRPOModule): the options of its policy's forward, which its reference reuses
-    (`amrlhf.modules.reference.module_forward_logps`), so the two are computed alike."""
+    (`amrlhf.modules.reference.logps_as_policy`), so the two are computed alike."""
 
     logits_chunk: int | None
     share_prefix: bool
@@ -122,7 +122,7 @@ class AlignmentModule(L.LightningModule):
 
     def mask_for(self, batch: dict, split: str) -> tuple[Tensor, Segmentation | None]:
         """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
-        masked = self.masker.mask(self, batch, split)
+        masked = self.masker.mask(batch, split)
         return masked.mask, masked.segmentation
 
     def on_fit_start(self) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.dense import group_normalise, token_signal
-from amrlhf.scorers.base import TokenScorer
+from amrlhf.scorers.base import ScoringContext, TokenScorer
 
 
 class DenseAdvantage:
@@ -23,13 +23,13 @@ class DenseAdvantage:
             raise ConfigError(f"DenseAdvantage: signal must be increment or level, got {signal!r}")
         self.scorer, self.signal, self.weight, self.replace = scorer, signal, weight, replace
 
-    def setup(self, module) -> None:
-        self.scorer.setup(module)
+    def setup(self, ctx: ScoringContext) -> None:
+        self.scorer.setup(ctx)
 
     @torch.no_grad()
-    def apply(self, module, batch: dict, advantages: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    def apply(self, batch: dict, advantages: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
         """-> (the new advantages [N, T-1], the normalised dense part)."""
-        ts = self.scorer.score(module, batch, "train")
+        ts = self.scorer.score(batch, "train")
         resp = batch["response_mask"]
         if ts.scores.shape != resp.shape:
             raise AmrlhfError(f"DenseAdvantage: the scorer gave scores of shape {tuple(ts.scores.shape)} for "

@@ -38,6 +38,7 @@ from amrlhf.losses.shaping import SoftOverlongPunishment, zero_std_groups
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
 from amrlhf.modules.base import PackedForward
+from amrlhf.modules.context import scoring_context
 from amrlhf.modules.dense import DenseAdvantage
 from amrlhf.modules.onpolicy import VAL, OnPolicyModule, refuse_per_example_caches
 from amrlhf.modules.reference import ReferenceModel
@@ -214,7 +215,7 @@ class GRPOModule(PackedForward, OnPolicyModule):
     def _setup_frozen(self) -> None:
         super()._setup_frozen()
         if self.dense is not None:
-            self.dense.setup(self)
+            self.dense.setup(scoring_context(self))
 
     def needs_old_logps(self, rows: int) -> bool:
         """Old log-probs need their own pass unless the single update is on-policy (one epoch, one
@@ -265,7 +266,7 @@ class GRPOModule(PackedForward, OnPolicyModule):
         roll["labels"] = torch.where(first >= 0, 1, -1).long()
         dense = torch.zeros_like(adv)
         if self.dense is not None:
-            total, dense = self.dense.apply(self, {**roll, "rows": rows}, adv, G)
+            total, dense = self.dense.apply({**roll, "rows": rows}, adv, G)
             adv = total - dense  # the sequence part: 0 with `replace`
             stats["advantages/dense_abs_mean"] = masked_mean(dense.abs(), resp)
         roll["loss_mask"] = loss_mask

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from amrlhf.distributed import pooled_std
-from amrlhf.scorers import CachedScorer, TokenScorer, TokenScores
+from amrlhf.modules.context import scoring_context
+from amrlhf.scorers import CachedScorer, ScoringContext, TokenScorer, TokenScores
 from amrlhf.scorers.base import release_models
 from amrlhf.segmenters import PivotSegmenter, Segmentation, SegmentInputs
 
@@ -36,9 +37,10 @@ class Masked:
 class Masker:
     """Owns the scorer, the segmenter and the calibration state.
 
-    `setup(module, tokenizer)` loads the scorer and gives the segmenter its tokenizer knowledge; `calibrate_on`
-    (batches) or `calibrate` (scores) measure the score scale once, when the segmenter reads scores in
-    standard deviations; `mask(module, batch, split)` scores a batch and segments it; `state_dict` is what a
+    `setup(ctx)` loads the scorer (a ScoringContext: the policy's tokenizer, the device, the run's data) and
+    gives the segmenter its tokenizer knowledge; `calibrate_on` (batches) or `calibrate` (scores) measure the
+    score scale once, when the segmenter reads scores in standard deviations; `mask(batch, split)` scores a
+    batch and segments it; `state_dict` is what a
     checkpoint keeps (the scale, a running baseline). Without a segmenter every response token is kept: the
     unmasked path, the reference of every parity test."""
 
@@ -52,11 +54,11 @@ class Masker:
         """The segmenter reads scores in standard deviations and there are scores to measure."""
         return self.segmenter is not None and self.scorer is not None and self.segmenter.calibrated_by_scale
 
-    def setup(self, module, tokenizer) -> None:
+    def setup(self, ctx: ScoringContext) -> None:
         if self.scorer is not None:
-            self.scorer.setup(module)
+            self.scorer.setup(ctx)
         if self.segmenter is not None:
-            self.segmenter.setup(tokenizer)
+            self.segmenter.setup(ctx.tokenizer)
 
     def uncached(self) -> Masker:
         """The same masker scoring afresh (a CachedScorer's tables hold the training data's scores only), for
@@ -74,11 +76,11 @@ class Masker:
 
     # ------------------------------------------------------------------ the score scale
     @torch.no_grad()
-    def calibrate_on(self, module, batches: Iterable[dict]) -> dict[str, float]:
+    def calibrate_on(self, batches: Iterable[dict]) -> dict[str, float]:
         """Scale = std of the response-token scores of these (training) batches -> their distribution."""
         values = []
         for batch in batches:
-            scores = self.scorer.score(module, batch, "train").scores
+            scores = self.scorer.score(batch, "train").scores
             values.append(scores[batch["response_mask"].bool()].float().cpu())
         return self.calibrate(torch.cat(values))
 
@@ -99,22 +101,21 @@ class Masker:
         return stats
 
     # ------------------------------------------------------------------ masking
-    def signals(self, module, batch: dict, split: str) -> TokenScores | None:
-        return self.scorer.score(module, batch, split) if self.scorer is not None else None
+    def signals(self, batch: dict, split: str) -> TokenScores | None:
+        return self.scorer.score(batch, split) if self.scorer is not None else None
 
     def segment(self, batch: dict, signals: TokenScores | None) -> Segmentation:
         return self.segmenter.segment(SegmentInputs(batch["response_mask"], batch["labels"], batch["input_ids"],
                                                     **(signals.as_kwargs() if signals is not None else {})))
 
-    def mask(self, module, batch: dict, split: str, observe: bool = True,
-             signals: TokenScores | None = None) -> Masked:
+    def mask(self, batch: dict, split: str, observe: bool = True, signals: TokenScores | None = None) -> Masked:
         """Score (unless `signals` are given) and segment one batch. `observe`: let a stateful segmenter (a
         running-mean baseline) learn from a training batch."""
         resp = batch["response_mask"]
         if self.segmenter is None:
             return Masked(resp, None, None)
         if signals is None:
-            signals = self.signals(module, batch, split)
+            signals = self.signals(batch, split)
         seg = self.segment(batch, signals)
         if observe and split == "train" and signals is not None and signals.scores is not None:
             self.segmenter.observe(signals.scores, resp)
@@ -137,17 +138,17 @@ def setup_segmentation(module) -> None:
     masker, dm = module.masker, module.trainer.datamodule
     if masker.segmenter is None and masker.scorer is None:
         return  # the unmasked path: nothing to set up
-    masker.setup(module, dm.tokenizer)
+    masker.setup(scoring_context(module))
     if masker.needs_scale and masker.calibration_batches and not masker.calibrated:
-        log_scale(module, masker.calibrate_on(module, training_batches(module, dm, masker.calibration_batches)))
+        log_scale(module, masker.calibrate_on(training_batches(dm, masker.calibration_batches, module.device)))
 
 
-def training_batches(module, dm, n_batches: int) -> Iterable[dict]:
-    """The first `n_batches` training batches, in data order, on the module's device."""
-    collate = dm._collator()
+def training_batches(dm, n_batches: int, device) -> Iterable[dict]:
+    """The first `n_batches` training batches of a datamodule, in data order, on `device`."""
+    collate = dm.collator()
     n = n_batches * dm.batch_size
     for start in range(0, min(n, len(dm.train_data)), dm.batch_size):
-        yield {k: v.to(module.device) for k, v in collate(dm.train_data[start:start + dm.batch_size]).items()}
+        yield {k: v.to(device) for k, v in collate(dm.train_data[start:start + dm.batch_size]).items()}
 
 
 def log_scale(module, stats: dict[str, float]) -> None:

@@ -34,6 +34,7 @@ from amrlhf.memory import release_freed_memory
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import check_logits_chunk
 from amrlhf.modules.base import AlignmentModule
+from amrlhf.modules.context import scoring_context
 from amrlhf.modules.critic import gather_rows
 from amrlhf.modules.masking import log_scale, setup_segmentation
 from amrlhf.modules.reference import CachedReference, FrozenReference, ReferenceModel
@@ -156,12 +157,12 @@ class OnPolicyModule(AlignmentModule):
             raise AmrlhfError(f"{type(self.reward).__name__} gives one score per response, no token scores for the "
                               "segmenter: set model.init_args.scorer (RewardModelScorer, ImplicitRewardScorer, "
                               "ArithmeticStepScorer, ...)")
-        self.reward.setup(self)
+        self.reward.setup(scoring_context(self))
         self._setup_frozen()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
-            self.reward.setup(self)
+            self.reward.setup(scoring_context(self))
             self._setup_frozen()
 
     def _setup_frozen(self) -> None:
@@ -210,7 +211,7 @@ class OnPolicyModule(AlignmentModule):
                         ) -> tuple[Tensor, Tensor, TokenScores]:
         """-> (raw sequence scores [N], scores after `missing_eos_penalty` [N], the reward's token scores).
         The sequence score is the reward's token score at the last response token."""
-        ts = self.reward.score(self, {**batch, "rows": rows}, split)
+        ts = self.reward.score({**batch, "rows": rows}, split)
         raw = gather_rows(ts.scores, last_response_index(batch["response_mask"], empty=0)).float()
         return raw, eos_penalised(raw, ended, self.missing_eos_penalty), ts
 
@@ -241,14 +242,14 @@ class OnPolicyModule(AlignmentModule):
             return resp, None
         batch = {**roll, "rows": rows}
         if self.scorer is not None:
-            ts = self.masker.signals(self, batch, "train")
+            ts = self.masker.signals(batch, "train")
         elif reward_scores is not None:
             ts = reward_scores
         else:
             raise AmrlhfError("the adaptive mask needs token scores: set model.init_args.scorer")
         if self.segmenter.calibrated_by_scale and not self.masker.calibrated:  # once, on the first segmented rollout
             log_scale(self, self.masker.calibrate(ts.scores[resp.bool()].float(), pooled=True, device=self.device))
-        masked = self.masker.mask(self, batch, "train", signals=ts)
+        masked = self.masker.mask(batch, "train", signals=ts)
         return masked.mask, masked.segmentation
 
     # ------------------------------------------------------------------ optimisation

@@ -25,6 +25,7 @@ from amrlhf.cache import PerTokenCache, model_fingerprint
 from amrlhf.errors import AmrlhfError
 from amrlhf.models import ModelSpec, load_causal_lm
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
+from amrlhf.modules.context import run_data
 from amrlhf.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -41,19 +42,14 @@ class ReferenceModel(Protocol):
         ...
 
 
-def forward_logps(model, batch: dict, chunk_size: int | None = DEFAULT_LOGITS_CHUNK) -> Tensor:
-    """Per-token log-probs [N, T-1] of `model` (lean_forward: logits `chunk_size` tokens at a time)."""
-    return lean_forward(model, batch, chunk_size=chunk_size).logps
-
-
-def module_forward_logps(model, module, batch: dict) -> Tensor:
-    """Per-token log-probs of `model` computed as the module's policy computes its own (its
+def logps_as_policy(model, module, batch: dict) -> Tensor:
+    """Per-token log-probs [N, T-1] of a frozen `model` computed as the module's policy computes its own (its
     `forward_options()`, else its `logits_chunk`): on the same batch (DPO) the two agree bit for bit at
     step 0. GRPO's reference reads the whole rollout and its policy mini-batches, packed in other runs, so
     there they agree to float32 rounding."""
     if hasattr(module, "forward_options"):
         return lean_forward(model, batch, **module.forward_options()).logps
-    return forward_logps(model, batch, getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK))
+    return lean_forward(model, batch, chunk_size=getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK)).logps
 
 
 class FrozenReference:
@@ -80,7 +76,7 @@ class FrozenReference:
         model = self._model[0]
         if next(model.parameters()).device != module.device:
             model.to(module.device)
-        return module_forward_logps(model, module, batch)
+        return logps_as_policy(model, module, batch)
 
 
 class AdapterReference:
@@ -93,7 +89,7 @@ class AdapterReference:
     @torch.no_grad()
     def logps(self, module, batch: dict, split: str) -> Tensor:
         with module.policy.disable_adapter():
-            return module_forward_logps(module.policy, module, batch)
+            return logps_as_policy(module.policy, module, batch)
 
 
 class CachedReference:
@@ -109,9 +105,9 @@ class CachedReference:
         # AdapterReference: the policy's own base model
         spec = self.source.reference_spec(module) if hasattr(self.source, "reference_spec") else module.policy_spec
         meta = {"source": type(self.source).__name__, "model": model_fingerprint(spec)}
-        self.cache.fill(module, meta, lambda: self.source.setup(module),
+        self.cache.fill(run_data(module), meta, lambda: self.source.setup(module),
                         lambda b, split: {"logps": self.source.logps(module, b, split)},
-                        batch_size=self.batch_size, desc="reference log-probs")
+                        device=module.device, batch_size=self.batch_size, desc="reference log-probs")
         if isinstance(self.source, FrozenReference):
             self.source._model.clear()  # free the reference model: the cache is all we need
 

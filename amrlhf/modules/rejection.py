@@ -34,7 +34,7 @@ class BestOfN:
         rows = [(p, s) for p, group in zip(prompts, samples, strict=True) for s in group]
         cand = {k: v.to(module.device) for k, v in pad_rows(rows, tok.pad_token_id).items()}
         cand["labels"] = torch.ones(len(rows), dtype=torch.long, device=module.device)
-        scores = module.scorer.score(module, cand, "train").scores
+        scores = module.scorer.score(cand, "train").scores
         last = last_response_index(cand["response_mask"])
         seq = scores[torch.arange(len(rows), device=scores.device), last].view(len(prompts), self.n)
         best_score, best = seq.max(-1)

@@ -16,7 +16,7 @@ import torch
 
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.reductions import last_response_index
-from amrlhf.scorers.base import TokenScores
+from amrlhf.scorers.base import ScoringContext, TokenScores
 
 
 @runtime_checkable
@@ -44,8 +44,8 @@ class VerifiableReward:
         self.components, self.weights = components, weights or [1.0] * len(components)
         self.tokenizer = None
 
-    def setup(self, module) -> None:
-        self.tokenizer = module.trainer.datamodule.tokenizer
+    def setup(self, ctx: ScoringContext) -> None:
+        self.tokenizer = ctx.tokenizer
 
     def _one(self, component, prompt, response: str, row: dict, k: int) -> float:
         where = f"{row.get('source', '?')} line {row.get('line', '?')}"
@@ -60,7 +60,7 @@ class VerifiableReward:
         return float(value)
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"]
         rows = batch.get("rows")
         if rows is None or len(rows) != resp.shape[0]:

@@ -1,13 +1,17 @@
-"""Where token scores come from: the TokenScorer protocol and what a scorer returns."""
+"""Where token scores come from: the TokenScorer protocol, what a scorer's set-up may read (ScoringContext)
+and what a scorer returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
+from amrlhf.cache import RunData
 from amrlhf.errors import AmrlhfError
+from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK
 
 
 @dataclass
@@ -25,13 +29,27 @@ class TokenScores:
         return {"scores": self.scores, "prompt_scores": self.prompt_scores, "ref_entropy": self.ref_entropy}
 
 
+@dataclass(frozen=True)
+class ScoringContext:
+    """What a scorer's set-up may read, instead of the LightningModule: the policy's tokenizer (token scores
+    must line up with its tokens), the device the batches live on, how many positions a lean forward turns
+    into logits at a time, whether the rows ship their own token scores, and the run's data (None outside a
+    run: held-out scoring, `amrlhf segments`), which a caching scorer fills its tables from."""
+
+    tokenizer: Any
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    logits_chunk: int | None = DEFAULT_LOGITS_CHUNK
+    rows_have_token_scores: bool = False
+    data: RunData | None = None
+
+
 @runtime_checkable
 class TokenScorer(Protocol):
-    def setup(self, module) -> None:
-        """Load what it needs once (frozen models), check the tokenizer matches the policy's."""
+    def setup(self, ctx: ScoringContext) -> None:
+        """Load what it needs once (frozen models, on ctx.device), check its tokenizer matches ctx.tokenizer."""
         ...
 
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         """Scores for every row of `batch` (no gradient)."""
         ...
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from amrlhf.cache import PerTokenCache, model_fingerprint
+from amrlhf.errors import AmrlhfError
 from amrlhf.models import ModelSpec
 from amrlhf.paths import cache_dir
-from amrlhf.scorers.base import TokenScorer, TokenScores, release_models
+from amrlhf.scorers.base import ScoringContext, TokenScorer, TokenScores, release_models
 
 
 class CachedScorer:
@@ -19,20 +20,23 @@ class CachedScorer:
         self.source, self.batch_size = source, batch_size
         self.cache = PerTokenCache(Path(cache) if cache else None)
 
-    def setup(self, module) -> None:
+    def setup(self, ctx: ScoringContext) -> None:
+        if ctx.data is None:
+            raise AmrlhfError("CachedScorer caches a run's data: outside a run, score with its source (Masker.uncached)")
         self.cache.root = self.cache.root or cache_dir("scores")
         models = {k: model_fingerprint(v) for k, v in vars(self.source).items() if isinstance(v, ModelSpec)}
-        meta = {"scorer": type(self.source).__name__, "models": models,
-                "params": {k: v for k, v in vars(self.source).items() if isinstance(v, int | float | str)}}
+        meta = {"scorer": type(self.source).__name__, "models": models,  # private attributes: run-time state
+                "params": {k: v for k, v in vars(self.source).items()
+                           if isinstance(v, int | float | str) and not k.startswith("_")}}
 
         def compute(batch: dict, split: str):
-            out = self.source.score(module, batch, split)
+            out = self.source.score(batch, split)
             return {k: v for k, v in vars(out).items() if v is not None}
 
-        self.cache.fill(module, meta, lambda: self.source.setup(module), compute, batch_size=self.batch_size,
-                        desc="token scores")
+        self.cache.fill(ctx.data, meta, lambda: self.source.setup(ctx), compute, device=ctx.device,
+                        batch_size=self.batch_size, desc="token scores")
         release_models(self.source)  # the source's frozen models: every later batch reads the cache
 
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         names = self.cache.tables[split][int(batch["index"][0])][0].keys()
         return TokenScores(**{n: self.cache.lookup(batch, split, n) for n in names})

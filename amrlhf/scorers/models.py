@@ -13,20 +13,31 @@ from amrlhf.errors import ConfigError
 from amrlhf.losses.reductions import first_response_index, last_response_index
 from amrlhf.models import ModelSpec, load_causal_lm, load_reward_model, load_tokenizer
 from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, lean_forward
-from amrlhf.scorers.base import TokenScores, check_same_tokenizer
+from amrlhf.scorers.base import ScoringContext, TokenScores, check_same_tokenizer
 
 
-def _frozen(model, device):
-    return model.eval().requires_grad_(False).to(device)
+class FrozenModelScorer:
+    """Base of the scorers backed by frozen models. `setup` loads them once (`load`, which a subclass writes
+    with `add`), each on the context's device after its tokenizer is checked against the policy's; they live
+    in `_models`, never registered, so never checkpointed, and freed by `scorers.base.release_models`. The
+    context's logits chunk is kept for the scorer's lean forwards (private: not part of a score cache's key)."""
 
+    _logits_chunk: int | None = DEFAULT_LOGITS_CHUNK
 
-def _policy_tokenizer(module):
-    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
-    return dm.tokenizer if dm is not None and dm.tokenizer is not None else load_tokenizer(module.policy_spec.name)
+    def __init__(self) -> None:
+        self._models: dict = {}
 
+    def setup(self, ctx: ScoringContext) -> None:
+        self._logits_chunk = ctx.logits_chunk
+        if not self._models:
+            self.load(ctx)
 
-def _logits_chunk(module) -> int | None:
-    return getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK)
+    def load(self, ctx: ScoringContext) -> None:
+        raise NotImplementedError
+
+    def add(self, ctx: ScoringContext, key: str, spec: ModelSpec, loader=load_causal_lm) -> None:
+        check_same_tokenizer(spec.name, load_tokenizer(spec.tokenizer or spec.name), ctx.tokenizer)
+        self._models[key] = loader(spec, trainable=False).eval().requires_grad_(False).to(ctx.device)
 
 
 def prefix_scores(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,58 +59,51 @@ def next_token_entropy(model, batch: dict, chunk_size: int | None = DEFAULT_LOGI
     return lean_forward(model, batch, entropy=True, chunk_size=chunk_size, all_positions=True).entropy
 
 
-class RewardModelScorer:
+class RewardModelScorer(FrozenModelScorer):
     """s_t = r_phi(x, y_<=t): the reward model's head read at every position in ONE forward pass;
     s_0 = its output at the last prompt token. `entropy_from` adds the next-token entropy of a
     causal LM (for EntropySegmenter)."""
 
     def __init__(self, model: ModelSpec, entropy_from: ModelSpec | None = None):
+        super().__init__()
         self.spec, self.entropy_spec = model, entropy_from
-        self._models: dict = {}  # not registered: never checkpointed
 
-    def setup(self, module) -> None:
-        if self._models:
-            return
-        check_same_tokenizer(self.spec.name, load_tokenizer(self.spec.tokenizer or self.spec.name),
-                             _policy_tokenizer(module))
-        self._models["rm"] = _frozen(load_reward_model(self.spec, trainable=False), module.device)
+    def load(self, ctx: ScoringContext) -> None:
+        self.add(ctx, "rm", self.spec, load_reward_model)
         if self.entropy_spec is not None:
-            self._models["lm"] = _frozen(load_causal_lm(self.entropy_spec, trainable=False), module.device)
+            self.add(ctx, "lm", self.entropy_spec)
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         scores, prompt, _ = prefix_scores(self._models["rm"], batch)
-        ent = next_token_entropy(self._models["lm"], batch, _logits_chunk(module)) if "lm" in self._models else None
+        ent = next_token_entropy(self._models["lm"], batch, self._logits_chunk) if "lm" in self._models else None
         return TokenScores(scores.float(), prompt.float(), ent)
 
 
-class ImplicitRewardScorer:
+class ImplicitRewardScorer(FrozenModelScorer):
     """s_t = beta * sum_{k<=t} (log pi_T(y_k) - log pi_ref(y_k)) over response tokens, s_0 = 0, for
     a FROZEN previously trained policy pi_T (never the policy being trained: at step 0 it equals
     its reference and every score would be 0)."""
 
     def __init__(self, policy: ModelSpec, reference: ModelSpec, beta: float = 0.1):
+        super().__init__()
         self.policy_spec, self.ref_spec, self.beta = policy, reference, beta
-        self._models: dict = {}
 
-    def setup(self, module) -> None:
-        if self._models:
-            return
-        check_same_tokenizer(self.policy_spec.name, load_tokenizer(self.policy_spec.name), _policy_tokenizer(module))
-        self._models["policy"] = _frozen(load_causal_lm(self.policy_spec, trainable=False), module.device)
-        self._models["ref"] = _frozen(load_causal_lm(self.ref_spec, trainable=False), module.device)
+    def load(self, ctx: ScoringContext) -> None:
+        self.add(ctx, "policy", self.policy_spec)
+        self.add(ctx, "ref", self.ref_spec)
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"]
-        chunk = _logits_chunk(module)
+        chunk = self._logits_chunk
         d = (lean_forward(self._models["policy"], batch, chunk_size=chunk).logps
              - lean_forward(self._models["ref"], batch, chunk_size=chunk).logps)
         scores = self.beta * (d * resp).cumsum(-1)
         return TokenScores(scores * resp, torch.zeros(resp.shape[0], device=resp.device))
 
 
-class ContrastiveScorer:
+class ContrastiveScorer(FrozenModelScorer):
     """Contrastive estimation of critical tokens (cDPO, arXiv 2411.19943): two FROZEN models fine-tuned from
     the policy's starting point, `positive` on right answers and `negative` on wrong ones (on a split disjoint
     from the pairs the policy trains on: recipes/sft/smollm2_arith_contrastive_*.yaml). Per response token
@@ -118,21 +122,17 @@ class ContrastiveScorer:
                  scale: float = 1.0):
         if form not in ("level", "running"):
             raise ConfigError(f"ContrastiveScorer: form must be level or running, got {form!r}")
+        super().__init__()
         self.positive_spec, self.negative_spec, self.form, self.scale = positive, negative, form, scale
-        self._models: dict = {}
 
-    def setup(self, module) -> None:
-        if self._models:
-            return
-        policy_tok = _policy_tokenizer(module)
-        for key, spec in (("pos", self.positive_spec), ("neg", self.negative_spec)):
-            check_same_tokenizer(spec.name, load_tokenizer(spec.tokenizer or spec.name), policy_tok)
-            self._models[key] = _frozen(load_causal_lm(spec, trainable=False), module.device)
+    def load(self, ctx: ScoringContext) -> None:
+        self.add(ctx, "pos", self.positive_spec)
+        self.add(ctx, "neg", self.negative_spec)
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"]
-        chunk = _logits_chunk(module)
+        chunk = self._logits_chunk
         d = (lean_forward(self._models["pos"], batch, chunk_size=chunk).logps
              - lean_forward(self._models["neg"], batch, chunk_size=chunk).logps).float() * resp
         scores = self.scale * (d.cumsum(-1) if self.form == "running" else d)

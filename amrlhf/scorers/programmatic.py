@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from amrlhf.errors import AmrlhfError
-from amrlhf.scorers.base import TokenScores
+from amrlhf.scorers.base import ScoringContext, TokenScores
 
 
 class TargetTokenReward:
@@ -18,8 +18,8 @@ class TargetTokenReward:
         self.token = token
         self.token_id: int | None = None
 
-    def setup(self, module) -> None:
-        tok = module.trainer.datamodule.tokenizer
+    def setup(self, ctx: ScoringContext) -> None:
+        tok = ctx.tokenizer
         ids = tok(self.token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise AmrlhfError(f"TargetTokenReward: '{self.token}' is {len(ids)} tokens for this tokenizer; "
@@ -27,7 +27,7 @@ class TargetTokenReward:
         self.token_id = ids[0]
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"].float()
         hits = (batch["input_ids"][:, 1:] == self.token_id).float() * resp
         scores = hits.cumsum(-1) / resp.cumsum(-1).clamp(min=1)

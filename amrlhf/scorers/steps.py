@@ -7,8 +7,7 @@ import torch
 
 from amrlhf.data.arithmetic import start_value, step_verdicts
 from amrlhf.errors import AmrlhfError
-from amrlhf.scorers.base import TokenScores
-from amrlhf.scorers.models import _policy_tokenizer
+from amrlhf.scorers.base import ScoringContext, TokenScores
 
 
 def token_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
@@ -30,11 +29,11 @@ class ArithmeticStepScorer:
     def __init__(self) -> None:
         self.tokenizer = None
 
-    def setup(self, module) -> None:
-        self.tokenizer = _policy_tokenizer(module)
+    def setup(self, ctx: ScoringContext) -> None:
+        self.tokenizer = ctx.tokenizer
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"].bool()
         ids = batch["input_ids"]
         scores = torch.zeros(resp.shape, dtype=torch.float32)

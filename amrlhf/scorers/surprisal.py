@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
-from amrlhf.models import ModelSpec, load_causal_lm, load_tokenizer
+from amrlhf.models import ModelSpec
 from amrlhf.models.forward import lean_forward
-from amrlhf.scorers.base import TokenScores, check_same_tokenizer
-from amrlhf.scorers.models import _frozen, _logits_chunk, _policy_tokenizer
+from amrlhf.scorers.base import ScoringContext, TokenScores
+from amrlhf.scorers.models import FrozenModelScorer
 
 
 def confident_surprise(logps: Tensor, entropy: Tensor, resp: Tensor, max_entropy: float | None) -> Tensor:
@@ -34,7 +34,7 @@ def worst_so_far(c: Tensor, resp: Tensor, tolerance: float) -> Tensor:
     return torch.where(resp.bool(), tolerance + running, torch.zeros_like(c))
 
 
-class SurprisalScorer:
+class SurprisalScorer(FrozenModelScorer):
     """s_t = tolerance + the worst confident surprise of the frozen `model` over y_<=t (nats); s_0 = tolerance.
 
     Read with the paper-figure preset (raw scores, `ConstantBaseline(0)`, `score_calibration_batches: 0`), the
@@ -53,20 +53,16 @@ class SurprisalScorer:
             raise ConfigError(f"SurprisalScorer: tolerance must be >= 0 nats, got {tolerance}")
         if max_entropy is not None and max_entropy <= 0:
             raise ConfigError(f"SurprisalScorer: max_entropy must be > 0 nats or null, got {max_entropy}")
+        super().__init__()
         self.model, self.tolerance, self.max_entropy = model, tolerance, max_entropy
-        self._models: dict = {}
 
-    def setup(self, module) -> None:
-        if self._models:
-            return
-        spec = self.model
-        check_same_tokenizer(spec.name, load_tokenizer(spec.tokenizer or spec.name), _policy_tokenizer(module))
-        self._models["lm"] = _frozen(load_causal_lm(spec, trainable=False), module.device)
+    def load(self, ctx: ScoringContext) -> None:
+        self.add(ctx, "lm", self.model)
 
     @torch.no_grad()
-    def score(self, module, batch: dict, split: str) -> TokenScores:
+    def score(self, batch: dict, split: str) -> TokenScores:
         resp = batch["response_mask"]
-        out = lean_forward(self._models["lm"], batch, entropy=True, chunk_size=_logits_chunk(module))
+        out = lean_forward(self._models["lm"], batch, entropy=True, chunk_size=self._logits_chunk)
         c = confident_surprise(out.logps, out.entropy, resp, self.max_entropy)
         prompt = torch.full((resp.shape[0],), float(self.tolerance), device=resp.device)
         return TokenScores(worst_so_far(c, resp, self.tolerance), prompt, out.entropy * resp)

@@ -28,6 +28,7 @@ from amrlhf.evaluation.localization import (
     truth_tensor,
 )
 from amrlhf.evaluation.preference import pair_logps, per_pair
+from amrlhf.modules.context import scoring_context
 
 log = logging.getLogger(__name__)
 PREF_KEYS = ("implicit_acc", "implicit_margin", "lognorm_acc")
@@ -264,7 +265,7 @@ def localisation(module, tokenizer, data, spec: Heldout) -> dict[str, float] | N
     masker = module.masker.uncached()  # a CachedScorer holds train/val scores only: score afresh
     fresh = masker is not module.masker
     if fresh:
-        masker.setup(module, tokenizer)
+        masker.setup(scoring_context(module, tokenizer))
     truths = []
     for e in data:
         ex, row = spec.examples[e.index], spec.rows[e.index]
@@ -280,7 +281,7 @@ def localisation(module, tokenizer, data, spec: Heldout) -> dict[str, float] | N
     for start in range(0, len(keep), spec.batch_size):
         rows = keep[start:start + spec.batch_size]
         batch = {k: v.to(device) for k, v in collate([data[i] for i in rows]).items()}
-        s = masker.mask(module, batch, "eval", observe=False).segmentation
+        s = masker.mask(batch, "eval", observe=False).segmentation
         rej = list(range(len(rows), 2 * len(rows)))
         resp = batch["response_mask"][rej].cpu()
         cell.tokens += int(resp.sum())

@@ -5,6 +5,7 @@ report (table, markdown, PNG) compares the methods with paired deltas against th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -48,6 +49,34 @@ def _mean(values: list[float]) -> float:
 
 def _sha256_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class PhaseClock:
+    """Seconds a cell spends in each phase (`phases` in cell.json: where a study's time goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(state):
+    """A masker state (floats, ints, tensors, nested dicts) as JSON values, exactly (floats keep their repr)."""
+    if isinstance(state, dict):
+        return {str(k): _plain(v) for k, v in state.items()}
+    if hasattr(state, "tolist"):
+        return state.tolist()
+    return state
 
 
 def _changes(saved: dict | None, now: dict) -> list[str]:
@@ -248,6 +277,26 @@ class StudyRun:
             log_to_mlflow(self.writer, run_id, report)
         return {k: v for k, v in report.metrics.items() if not k.endswith("_stderr")}
 
+    def localisation(self, module, tok, data, method: Fit, seed: int) -> dict[str, float] | None:
+        """The method's held-out localisation, computed once per study and reused by its other seeds. It cannot
+        depend on the trained policy (a scorer sees a ScoringContext, never the module), so it is a function of
+        the method's settings without the seed, plus the masker's state after training (the score scale, a
+        running baseline: part of the key, so a mask that learned differently on another seed is scored
+        afresh); kept in `localisation/` of the study folder."""
+        if module.segmenter is None or not self.study.heldout.spans:
+            return None
+        fp = self.fingerprint(method, seed)
+        seeded = {a.format(seed=seed) for a in self.study.seed_args}
+        key = {**fp, "args": [a for a in fp["args"] if a not in seeded], "masker": _plain(module.masker.state_dict())}
+        path = self.study.dir / "localisation" / f"{method.name}-{_sha256_text(json.dumps(key, sort_keys=True))[:16]}.json"
+        if path.exists():
+            log.info("localisation of %s: the same mask as an earlier seed's, read from %s", method.name, path)
+            return json.loads(path.read_text())["localisation"]
+        loc = localisation(module, tok, data, self.study.heldout)
+        path.parent.mkdir(exist_ok=True)
+        _write_atomic(path, {"key": key, "localisation": loc})
+        return loc
+
     def run_cell(self, method: Fit, seed: int) -> dict:
         name = f"{method.name}-seed{seed}"
         cell_dir = self.study.dir / name
@@ -258,35 +307,43 @@ class StudyRun:
                 changed = "; ".join(_changes(cell.get("fingerprint"), fp))
                 raise AmrlhfError(f"{cell_dir}: finished with other settings: {changed}")
             return cell
-        t = time.perf_counter()
+        t, clock = time.perf_counter(), PhaseClock()
         self._start(cell_dir, fp)
-        cli = run_lightning(self._fit_args(method, name, self.study.cell_args(method, seed)))
+        with clock("fit"):
+            cli = run_lightning(self._fit_args(method, name, self.study.cell_args(method, seed)))
         module, logger = cli.model, cli.trainer.logger
-        tok, data, base_lp = self.heldout_data(module.policy_spec.name)
+        with clock("base (once per study)"):
+            tok, data, base_lp = self.heldout_data(module.policy_spec.name)
         spec = self.study.heldout
-        items = {f"eval/heldout/{k}": v for k, v in
-                 preference_items(module.policy, base_lp, data, tok.pad_token_id, spec, f"held-out: {name}").items()}
+        with clock("held-out preference"):
+            items = {f"eval/heldout/{k}": v for k, v in preference_items(module.policy, base_lp, data, tok.pad_token_id,
+                                                                         spec, f"held-out: {name}").items()}
         ids = {k: item_ids(spec, data) for k in items}
         if spec.generate is not None:
-            gen, texts, gen_ids = generation_items(module.policy, tok, data, spec, f"generate: {name}")
+            with clock("generate"):
+                gen, texts, gen_ids = generation_items(module.policy, tok, data, spec, f"generate: {name}")
             items.update({f"eval/gen/{k}": v for k, v in gen.items()})
             ids.update({f"eval/gen/{k}": gen_ids for k in gen})
             (cell_dir / "generations.jsonl").write_text("".join(json.dumps({"row": e.index, "text": x}) + "\n"
                                                                 for e, x in zip(data, texts, strict=False)))
         if spec.marked is not None:
-            marked, marked_ids = marked_items(module.policy, tok, data, spec, f"marked: {name}")
+            with clock("marked"):
+                marked, marked_ids = marked_items(module.policy, tok, data, spec, f"marked: {name}")
             items.update({f"eval/marked/{k}": v for k, v in marked.items()})
             ids.update({f"eval/marked/{k}": marked_ids for k in marked})
         metrics = {k: _mean(v) for k, v in items.items()}
-        loc = localisation(module, tok, data, spec)
+        with clock("localisation"):
+            loc = self.localisation(module, tok, data, method, seed)
         metrics.update({f"eval/loc/{k}": v for k, v in (loc or {}).items()})
         metrics.update(training_means(logger, ("segments/kept_frac_chosen", "segments/kept_frac_rejected")))
-        metrics.update(self._lm_eval(module.policy, tok, cell_dir / "lm_eval", logger.run_id))
+        with clock("lm-eval"):
+            metrics.update(self._lm_eval(module.policy, tok, cell_dir / "lm_eval", logger.run_id))
         self.writer.metrics(logger.run_id, {k: v for k, v in metrics.items() if k.startswith("eval/")})
         self.writer.metrics(logger.run_id, {f"{k}_se": se for k, v in items.items()  # over items: what compare shows
                                             if math.isfinite(se := mean_se(v)[1])})
         cell = {"method": method.name, "seed": seed, "run_id": logger.run_id, "metrics": metrics, "items": items,
-                "item_ids": ids, "seconds": time.perf_counter() - t, "fingerprint": fp}
+                "item_ids": ids, "seconds": time.perf_counter() - t, "phases": clock.seconds, "fingerprint": fp}
+        log.info("%s: %.0f s (%s)", name, cell["seconds"], ", ".join(f"{k} {v:.0f} s" for k, v in clock.seconds.items()))
         del cli, module
         gc.collect()
         _write_atomic(cell_dir / CELL_DONE, cell)  # first: a kill in between must not lose the trained cell
@@ -310,6 +367,14 @@ def _run_cells(run: StudyRun, study: Study) -> list[dict]:
         if not done:
             times.append(cell["seconds"])
         results.append(cell)
+    timed = [c["phases"] for c in results if "phases" in c]
+    if timed:
+        total: dict[str, float] = {}
+        for phases in timed:
+            for phase, seconds in phases.items():
+                total[phase] = total.get(phase, 0.0) + seconds
+        log.info("study %s: time by phase over %d timed cell(s): %s", study.name, len(timed),
+                 ", ".join(f"{k} {v / 60:.1f} min" for k, v in total.items()))
     return results
 
 
