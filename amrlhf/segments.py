@@ -28,7 +28,7 @@ def segments_page(recipe: str, overrides: list[str], limit: int, split: str, out
                           "(see the segments/* metrics); point `amrlhf segments` at a DPO or SFT recipe")
     dm.setup("fit")
     masker = module.masker.uncached()  # score just the shown examples, without a cache
-    masker.setup(scoring_context(module, dm.tokenizer))
+    masker.setup(scoring_context(module, dm))
     if masker.needs_scale and masker.calibration_batches:
         masker.calibrate_on(training_batches(dm, masker.calibration_batches, module.device))
     data = dm.val_data if split == "val" and dm.val_data else dm.train_data

@@ -5,8 +5,8 @@ spans, generation, localisation, lm-eval).
     python benchmarks/study_cost.py runs/scorers [--seeds 22,23]
 
 One row per method (mean seconds per cell over the cells that recorded phases), then all cells together.
-A method's localisation is scored on its first seed only and read back on the others, so its mean falls
-as seeds accumulate; `--seeds` restricts the table to some seeds (e.g. the reused ones).
+A method's localisation is scored once and read back on its other seeds when its mask does not depend
+on the seed (no running baseline), so its mean falls as seeds accumulate; `--seeds` restricts the table to some seeds (e.g. the reused ones).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ model's own forward with `logits_to_keep` reaching back to the earliest response
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from amrlhf.losses.logprobs import token_logprobs
@@ -26,3 +27,12 @@ def response_logps(model, batch: dict, *, with_logits: bool = False) -> tuple[Te
     """-> (the log-probs of `policy_forward`, its kept logits when `with_logits`, else None)."""
     logps, logits, _ = policy_forward(model, batch)
     return logps, (logits if with_logits else None)
+
+
+def mean_response_logits(logits: Tensor, response_mask: Tensor) -> Tensor:
+    """TRL's `logits/*` from the kept logits of `policy_forward` (the last K positions): the mean raw logit over
+    every response token of the rows given and the vocabulary, token-weighted."""
+    keep = logits.shape[1]
+    per_pos = logits[:, :-1].detach().mean(-1, dtype=torch.float32)
+    m = response_mask[:, response_mask.shape[1] - keep + 1:].to(per_pos.dtype)
+    return (per_pos * m).sum() / m.sum().clamp(min=1)

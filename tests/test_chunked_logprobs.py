@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from forward_oracle import policy_forward
+from forward_oracle import mean_response_logits, policy_forward
 
 from amrlhf.data import Collator, encode_examples, read_examples
 from amrlhf.losses import SigmoidDPO, masked_sum, token_logprobs
@@ -21,7 +21,6 @@ from amrlhf.models.forward import (
     DEFAULT_LOGITS_CHUNK,
     lean_forward,
     lm_parts,
-    mean_response_logits,
     response_logit_mean,
 )
 

@@ -301,13 +301,29 @@ def test_reference_and_score_cache_keys_see_revision_and_dtype(monkeypatch):
 
     def scorer_meta(**scorer):
         cached = CachedScorer(RewardModelScorer(ModelSpec("local:tiny-llama", **scorer)))
-        return cache_meta(cached, ScoringContext(tokenizer=None, data="the run's data"))
+        return cache_meta(cached, ScoringContext(tokenizer=None, run_data=lambda: "the run's data"))
 
     for meta in (reference_meta, scorer_meta):
         assert meta() == meta()
         assert meta() != meta(revision="v2")
         assert meta() != meta(dtype="bfloat16")
         assert meta(revision="v2") != meta(revision="v3")
+
+
+def test_a_score_cache_key_is_the_same_before_and_after_its_scorer_is_set_up(monkeypatch, tokenizer):
+    """Set-up gives a scorer run-time state (its logits chunk, its models), kept in private attributes: not
+    part of the score cache's key, or a scorer set up once (e.g. for held-out scoring) would miss its cache."""
+    from amrlhf.scorers import CachedScorer, ScoringContext, SurprisalScorer
+
+    metas = []
+    cached = CachedScorer(SurprisalScorer(ModelSpec("local:tiny-llama"), tolerance=1.0))
+    monkeypatch.setattr(cached.cache, "fill", lambda data, meta, *args, **kwargs: metas.append(meta))
+    ctx = ScoringContext(tokenizer=tokenizer, logits_chunk=7, run_data=lambda: None)
+    cached.setup(ctx)
+    cached.source.setup(ctx)
+    assert cached.source._logits_chunk == 7 and cached.source._models
+    cached.setup(ctx)
+    assert metas[0] == metas[1] and metas[0]["params"] == {"tolerance": 1.0, "max_entropy": 1.5}
 
 
 def test_frozen_models_default_to_the_policy_dtype_on_cuda(monkeypatch):

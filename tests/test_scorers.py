@@ -56,6 +56,26 @@ def test_implicit_reward_is_beta_times_cumulative_log_ratio(tokenizer):
     assert (out.scores[~resp.bool()] == 0).all() and (out.prompt_scores == 0).all()
 
 
+def test_every_frozen_model_of_a_scorer_is_checked_against_the_policy_tokenizer(tmp_path, tokenizer):
+    """FrozenModelScorer.add checks each model it loads: a RewardModelScorer's entropy model and an
+    ImplicitRewardScorer's reference too (before, only the first model was checked and a mismatched second
+    one gave token values misaligned with the policy's tokens)."""
+    from amrlhf.scorers import RewardModelScorer
+
+    other = load_tokenizer("local:tiny-llama")
+    other.add_tokens(["<extra-token>"])
+    other.save_pretrained(tmp_path / "other")
+    mismatched = ModelSpec("local:tiny-llama", tokenizer=str(tmp_path / "other"))
+    ctx = ScoringContext(tokenizer=tokenizer)
+    for scorer in (RewardModelScorer(ModelSpec("local:tiny-llama"), entropy_from=mismatched),
+                   ImplicitRewardScorer(ModelSpec("local:tiny-llama"), mismatched)):
+        with pytest.raises(AmrlhfError, match="different tokenizer than the policy"):
+            scorer.setup(ctx)
+    fine = ImplicitRewardScorer(ModelSpec("local:tiny-llama"), ModelSpec("local:tiny-llama"))
+    fine.setup(ScoringContext(tokenizer=tokenizer, logits_chunk=7))
+    assert sorted(fine._models) == ["policy", "ref"] and fine._logits_chunk == 7
+
+
 def test_a_scorer_with_another_tokenizer_is_refused(tmp_path, tokenizer):
     other = load_tokenizer("local:tiny-llama")
     other.add_tokens(["<extra-token>"])

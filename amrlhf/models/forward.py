@@ -260,19 +260,9 @@ def token_layout(part: Tensor, T: int) -> Tensor:
     return torch.cat([part.new_zeros(part.shape[0], T - 1 - part.shape[1]), part], dim=1)
 
 
-def mean_response_logits(logits: Tensor, response_mask: Tensor) -> Tensor:
-    """Mean raw logit over every response token of the rows given and the vocabulary, one scalar
-    (TRL's `logits/*`: token-weighted, a long response counts for its length). `logits` are the
-    kept logits of `response_logps` (the last K positions). From `lean_forward`'s per-token means:
-    `response_logit_mean`."""
-    keep = logits.shape[1]
-    per_pos = logits[:, :-1].detach().mean(-1, dtype=torch.float32)  # no float32 copy of the logits
-    m = response_mask[:, response_mask.shape[1] - keep + 1:].to(per_pos.dtype)
-    return (per_pos * m).sum() / m.sum().clamp(min=1)
-
-
 def response_logit_mean(logit_mean: Tensor, response_mask: Tensor) -> Tensor:
-    """`mean_response_logits` from ForwardOut.logit_mean [N, T-1]: the token-weighted mean over every
-    response token of the rows given (each token's value already the mean over the vocabulary)."""
+    """Mean raw logit over every response token of the rows given and the vocabulary, one scalar (TRL's
+    `logits/*`: token-weighted, a long response counts for its length), from ForwardOut.logit_mean [N, T-1]
+    (each token's value already the mean over the vocabulary)."""
     m = response_mask.to(logit_mean.dtype)
     return (logit_mean * m).sum() / m.sum().clamp(min=1)

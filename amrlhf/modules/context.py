@@ -24,15 +24,16 @@ def run_data(module) -> RunData:
                    forward_context=trainer.precision_plugin.forward_context, write=trainer.is_global_zero)
 
 
-def scoring_context(module, tokenizer=None) -> ScoringContext:
-    """The context for the module's scorers: the policy's tokenizer (`tokenizer`, else the datamodule's, else
-    loaded by the policy's name), the module's device and logits chunk; inside a fit also its data (what a
-    CachedScorer fills) and whether the rows ship token scores."""
-    dm = attached_datamodule(module)
+def scoring_context(module, dm=None) -> ScoringContext:
+    """The context for the module's scorers: the policy's tokenizer (the datamodule's: `dm`, else the trainer's;
+    without either, loaded by the policy's name), the module's device and logits chunk, whether the rows ship
+    token scores, and, inside a fit, its data (what a CachedScorer fills), built when asked for."""
+    attached = attached_datamodule(module)
+    dm = dm if dm is not None else attached
+    tokenizer = getattr(dm, "tokenizer", None)
     if tokenizer is None:
-        tokenizer = dm.tokenizer if dm is not None and dm.tokenizer is not None else load_tokenizer(
-            module.policy_spec.name)
+        tokenizer = load_tokenizer(module.policy_spec.name)
     return ScoringContext(tokenizer=tokenizer, device=module.device,
                           logits_chunk=getattr(module, "logits_chunk", DEFAULT_LOGITS_CHUNK),
                           rows_have_token_scores=bool(getattr(dm, "with_token_scores", False)),
-                          data=run_data(module) if dm is not None else None)
+                          run_data=(lambda: run_data(module)) if attached is not None else None)

@@ -3,6 +3,7 @@ and what a scorer returns."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,14 +34,14 @@ class TokenScores:
 class ScoringContext:
     """What a scorer's set-up may read, instead of the LightningModule: the policy's tokenizer (token scores
     must line up with its tokens), the device the batches live on, how many positions a lean forward turns
-    into logits at a time, whether the rows ship their own token scores, and the run's data (None outside a
-    run: held-out scoring, `amrlhf segments`), which a caching scorer fills its tables from."""
+    into logits at a time, whether the rows ship their own token scores, and the run's data, built on demand
+    (None outside a run: held-out scoring, `amrlhf segments`), which a caching scorer fills its tables from."""
 
     tokenizer: Any
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     logits_chunk: int | None = DEFAULT_LOGITS_CHUNK
     rows_have_token_scores: bool = False
-    data: RunData | None = None
+    run_data: Callable[[], RunData] | None = None
 
 
 @runtime_checkable

@@ -265,7 +265,7 @@ def localisation(module, tokenizer, data, spec: Heldout) -> dict[str, float] | N
     masker = module.masker.uncached()  # a CachedScorer holds train/val scores only: score afresh
     fresh = masker is not module.masker
     if fresh:
-        masker.setup(scoring_context(module, tokenizer))
+        masker.setup(scoring_context(module))
     truths = []
     for e in data:
         ex, row = spec.examples[e.index], spec.rows[e.index]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from amrlhf.errors import AmrlhfError, Interrupted
+from amrlhf.scorers.cached import CachedScorer, scorer_identity
 from amrlhf.stats import mean_se
 from amrlhf.study.config import Fit, Study, load_study
 from amrlhf.study.heldout import (
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 STATE = "study.json"
 CELL_DONE = "cell.json"
 FINGERPRINT = "fingerprint.json"  # what a cell (or setup fit) was started with; written before it trains
+LOCALISATION_FORMAT = 1  # bump when the localisation's computation changes: earlier stored results are not reused
+SEED_ONLY_ARGS = ("--seed_everything=", "--data.init_args.seed=")  # change the training, never the mask
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
@@ -74,6 +77,8 @@ def _plain(state):
     """A masker state (floats, ints, tensors, nested dicts) as JSON values, exactly (floats keep their repr)."""
     if isinstance(state, dict):
         return {str(k): _plain(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return [_plain(v) for v in state]
     if hasattr(state, "tolist"):
         return state.tolist()
     return state
@@ -280,14 +285,20 @@ class StudyRun:
     def localisation(self, module, tok, data, method: Fit, seed: int) -> dict[str, float] | None:
         """The method's held-out localisation, computed once per study and reused by its other seeds. It cannot
         depend on the trained policy (a scorer sees a ScoringContext, never the module), so it is a function of
-        the method's settings without the seed, plus the masker's state after training (the score scale, a
-        running baseline: part of the key, so a mask that learned differently on another seed is scored
-        afresh); kept in `localisation/` of the study folder."""
+        the method's settings (the seed-only arguments left out; any other seeded argument kept), its scorer's
+        models and settings (by file fingerprint: a scorer loads its models from files) and the masker's state
+        after training (the score scale, a running baseline: a mask that learned differently on another seed
+        is scored afresh); kept in `localisation/` of the study folder."""
         if module.segmenter is None or not self.study.heldout.spans:
             return None
         fp = self.fingerprint(method, seed)
-        seeded = {a.format(seed=seed) for a in self.study.seed_args}
-        key = {**fp, "args": [a for a in fp["args"] if a not in seeded], "masker": _plain(module.masker.state_dict())}
+        args = [*map(str, method.args), *map(str, self.study.common_args),
+                *(a.format(seed=seed) for a in self.study.seed_args if not a.startswith(SEED_ONLY_ARGS))]
+        scorer = module.masker.scorer
+        scorer = scorer.source if isinstance(scorer, CachedScorer) else scorer
+        key = {**fp, "format": LOCALISATION_FORMAT, "args": args,
+               "scorer": None if scorer is None else scorer_identity(scorer),
+               "masker": _plain(module.masker.state_dict())}
         path = self.study.dir / "localisation" / f"{method.name}-{_sha256_text(json.dumps(key, sort_keys=True))[:16]}.json"
         if path.exists():
             log.info("localisation of %s: the same mask as an earlier seed's, read from %s", method.name, path)
