@@ -183,3 +183,36 @@ def test_the_masker_owns_scorer_segmenter_and_calibration():
     source = SimpleNamespace()
     cached = Masker(seg, CachedScorer(source))
     assert cached.uncached().scorer is source and cached.uncached().segmenter is seg and masker.uncached() is masker
+
+
+def test_the_random_control_mask_depends_on_the_row_only_and_keeps_its_share():
+    """RandomTokenSegmenter: a row's mask is the same alone or in a padded batch; dropped tokens take the
+    opposite sign of the label; keep=1 is sample-wise; about `keep` of many tokens are kept; one-sided, the
+    chosen rows keep everything."""
+    from amrlhf.errors import ConfigError
+    from amrlhf.segmenters import OneSidedSegmenter, RandomTokenSegmenter
+    from amrlhf.segmenters.random import row_seed
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (3, 41))
+    resp = torch.zeros(3, 40)
+    resp[0, 4:30], resp[1, 2:40], resp[2, 10:20] = 1, 1, 1
+    labels = torch.tensor([-1, 1, -1])
+    seg = RandomTokenSegmenter(keep=0.6, seed=3)
+    s = seg.segment(SegmentInputs(resp, labels, ids))
+    row = seg.segment(SegmentInputs(resp[:1, :30], labels[:1], ids[:1, :31]))  # alone, without the padding
+    assert torch.equal(s.mask[0, :30], row.mask[0]) and torch.equal(s.sigma[0, :30], row.sigma[0])
+    g = torch.Generator().manual_seed(row_seed(3, ids[0, 1:][resp[0].bool()].tolist()))
+    expected = (torch.rand(26, generator=g) < 0.6).float()
+    assert torch.equal(s.mask[0, 4:30], expected) and s.mask[0, :4].sum() == 0 and s.mask[0, 30:].sum() == 0
+    assert torch.equal(s.sigma[0, 4:30], torch.where(expected.bool(), -1, 1))  # kept = the label's sign
+    assert not torch.equal(RandomTokenSegmenter(0.6, seed=4).segment(SegmentInputs(resp, labels, ids)).mask, s.mask)
+    whole = SampleWiseSegmenter().segment(SegmentInputs(resp, labels, ids))
+    assert torch.equal(RandomTokenSegmenter(keep=1.0).segment(SegmentInputs(resp, labels, ids)).mask, whole.mask)
+    one = OneSidedSegmenter(seg).segment(SegmentInputs(resp, labels, ids))
+    assert torch.equal(one.mask[1], resp[1]) and torch.equal(one.mask[0], s.mask[0])
+    many = torch.ones(1, 4000)
+    share = RandomTokenSegmenter(0.6).segment(SegmentInputs(many, torch.tensor([-1]), torch.randint(5, 100, (1, 4001))))
+    assert 0.57 < share.mask.mean().item() < 0.63
+    with pytest.raises(ConfigError, match="keep must be in"):
+        RandomTokenSegmenter(keep=0.0)

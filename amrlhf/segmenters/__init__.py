@@ -10,6 +10,7 @@ from amrlhf.segmenters.baselines import (
            RunningMeanBaseline,
 )
 from amrlhf.segmenters.onesided import OneSidedSegmenter
+from amrlhf.segmenters.random import RandomTokenSegmenter
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
 from amrlhf.segmenters.stats import segment_stats
@@ -17,4 +18,4 @@ from amrlhf.segmenters.weights import LinearWeightSegmenter, RankWeightSegmenter
 
 __all__ = ["PivotSegmenter", "SegmentInputs", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
            "StepWiseSegmenter", "EntropySegmenter", "Baseline", "BatchMeanBaseline", "PromptScoreBaseline", "ConstantBaseline",
-           "RunningMeanBaseline", "OneSidedSegmenter", "segment_stats", "RankWeightSegmenter", "LinearWeightSegmenter"]
+           "RunningMeanBaseline", "OneSidedSegmenter", "RandomTokenSegmenter", "segment_stats", "RankWeightSegmenter", "LinearWeightSegmenter"]
