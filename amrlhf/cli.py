@@ -44,9 +44,12 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _study(args: argparse.Namespace) -> None:
-    from amrlhf.study.runner import run_study
+    from amrlhf.study.runner import report_finished, run_study
 
-    run_study(Path(args.study))
+    if args.report_finished:
+        report_finished(Path(args.study))
+    else:
+        run_study(Path(args.study))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     pst = sub.add_parser("study", help="methods x seeds at one budget: held-out metrics, paired deltas, report")
     pst.add_argument("study", help="a study YAML: recipes/study/*.yaml, or the quickstart's "
                                    "recipes/quickstart/dpo_halueval.yaml (one seed)")
+    pst.add_argument("--report-finished", action="store_true",
+                     help="train nothing: write the report of the seeds whose every method has finished, marked "
+                          "PARTIAL (for a study still running or stopped)")
     pst.set_defaults(func=_study)
     pv = sub.add_parser("eval", help="evaluation-only mode: an lm-eval suite on a checkpoint, folder or hub id")
     pv.add_argument("--config", required=True, help="a suite, recipes/eval/*.yaml")

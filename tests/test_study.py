@@ -504,3 +504,38 @@ def test_the_study_cost_table_by_hand(tmp_path, capsys):
     assert "old" not in rows
     assert study_cost.main([str(tmp_path), "--seeds", "1"]) == 0
     assert "| dpo | 1 | 50 | 10 | 20 | 80 |" in capsys.readouterr().out
+
+
+def test_the_report_of_the_finished_seeds_is_marked_partial_and_trains_nothing(tmp_path, monkeypatch):
+    """`amrlhf study X --report-finished`: only seeds whose every method finished, a PARTIAL note naming the
+    finished cells left out, no MLflow store created; a cell finished with other settings is refused."""
+    from amrlhf.assets import prepare
+    from amrlhf.study.runner import CELL_DONE, StudyRun
+
+    prepare(["arith_steps_conflicting"])
+    monkeypatch.chdir(tmp_path)
+    path = _study_yaml(tmp_path, None)
+    study = load_study(path)
+    run = StudyRun(study, track=False)
+    key = "eval/marked/marked_acc"
+    values = {("dpo", 0): [0.5, 0.1], ("am-dpo-oracle", 0): [0.7, 0.2], ("dpo", 1): [0.3, 0.3]}
+    for (method, seed), v in values.items():
+        fit = next(m for m in study.methods if m.name == method)
+        cell = study.dir / f"{method}-seed{seed}"
+        cell.mkdir(parents=True)
+        (cell / CELL_DONE).write_text(json.dumps({
+            "method": method, "seed": seed, "metrics": {key: sum(v) / 2}, "items": {key: v},
+            "item_ids": {key: ["a", "b"]}, "seconds": 1.0, "fingerprint": run.fingerprint(fit, seed)}))
+    proc = amrlhf("study", str(path), "--report-finished", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PARTIAL**: seeds [0] of [0, 1]" in proc.stdout and "(dpo-seed1)" in proc.stdout
+    results = json.loads((study.dir / "results.json").read_text())
+    assert results["seeds"] == [0] and results["note"].startswith("**PARTIAL**")
+    assert results["summary"][key]["am-dpo-oracle"]["delta"] == pytest.approx(0.15)
+    assert (study.dir / "report.md").read_text().splitlines()[2].startswith("**PARTIAL**")
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing tracked
+    stale = json.loads((study.dir / "dpo-seed0" / CELL_DONE).read_text())
+    stale["fingerprint"]["args"][0] = "--data.init_args.train=other"
+    (study.dir / "dpo-seed0" / CELL_DONE).write_text(json.dumps(stale))
+    refused = amrlhf("study", str(path), "--report-finished", cwd=tmp_path)
+    assert refused.returncode == 2 and "dpo-seed0" in refused.stderr and "Traceback" not in refused.stderr

@@ -151,8 +151,8 @@ def format_before_after(study, cells: list[dict], base: dict) -> str | None:
     return "\n".join(lines)
 
 
-def format_markdown(study, summary: dict, base: dict) -> str:
-    out = [f"# Study `{study.name}`", "",
+def format_markdown(study, summary: dict, base: dict, note: str | None = None) -> str:
+    out = [f"# Study `{study.name}`", "", *([note, ""] if note else []),
            f"{len(study.methods)} methods x seeds {study.seeds}, baseline `{study.baseline}`, held-out "
            f"`{study.heldout.data}`. Mean ± standard error over seeds; Δ = paired delta against the baseline "
            "(paired by seed and by held-out item) ± the half-width of its 95% interval (`amrlhf.stats`).", ""]
@@ -204,7 +204,8 @@ def chart(study, summary: dict, out: Path) -> Path:
     return out
 
 
-def write_report(study, cells: list[dict], base: dict) -> dict:
+def write_report(study, cells: list[dict], base: dict, note: str | None = None) -> dict:
+    """report.md (with `note` under its title, e.g. PARTIAL), report.png and results.json in the study folder."""
     summary = summarise(study, cells)
     table = format_table(study, summary, base)
     before_after = format_before_after(study, cells, base)
@@ -212,9 +213,10 @@ def write_report(study, cells: list[dict], base: dict) -> dict:
         table = f"{table}\n\n{before_after}"
     d = study.dir
     md, png, res = d / "report.md", d / "report.png", d / "results.json"
-    md.write_text(format_markdown(study, summary, base))
+    md.write_text(format_markdown(study, summary, base, note))
     chart(study, summary, png)
     res.write_text(json.dumps({"study": study.name, "seeds": study.seeds, "baseline": study.baseline,
+                               **({"note": note} if note else {}),
                                "summary": summary, "base": base.get("metrics", {}),
                                "cells": [{k: v for k, v in c.items() if k not in ("items", "item_ids")}
                                          for c in cells]}, indent=1))

@@ -104,14 +104,17 @@ def _changes(saved: dict | None, now: dict) -> list[str]:
 
 
 class StudyRun:
-    def __init__(self, study: Study):
+    def __init__(self, study: Study, track: bool = True):
+        """`track`: attach to (or start) the study's MLflow parent run; without it only the files are read
+        (the report of the finished seeds)."""
         self.study = study
         self._data_hash = data_sha256(study.heldout.data)  # also: a missing held-out file, before anything runs
         study.dir.mkdir(parents=True, exist_ok=True)
         self.uri = default_uri(study.runs_root)
-        check_reachable(self.uri)
-        self.writer = RunWriter(self.uri)
-        self.parent = self._parent_run()
+        if track:
+            check_reachable(self.uri)
+            self.writer = RunWriter(self.uri)
+            self.parent = self._parent_run()
         self.base: dict | None = None
         self._held = None  # (tokenizer, encoded pairs, base log-probs)
 
@@ -389,6 +392,43 @@ def _run_cells(run: StudyRun, study: Study) -> list[dict]:
     return results
 
 
+def _stored_base(run: StudyRun) -> dict:
+    """The untrained base's row as stored, checked against this study's held-out settings (none: empty)."""
+    base_file = run.study.dir / "base.json"
+    saved = json.loads(base_file.read_text()) if base_file.exists() else None
+    if saved is not None and saved.get("heldout") != run.heldout_key():
+        changed = "; ".join(_changes(saved.get("heldout"), run.heldout_key()))
+        raise AmrlhfError(f"{base_file}: the untrained base was scored with other held-out settings "
+                          f"({changed}); delete it to rescore")
+    return saved or {"metrics": {}, "items": {}}
+
+
+def report_finished(path: str | Path) -> dict:
+    """`amrlhf study STUDY.yaml --report-finished`: the report of the seeds whose every method has finished,
+    marked PARTIAL, written where the full report goes (the study run, when it ends, replaces it). Trains
+    nothing and writes nothing to MLflow; refuses cells started with other settings, as a study does."""
+    from amrlhf.study.report import write_report
+
+    study = load_study(path)
+    run = StudyRun(study, track=False)
+    run.check_fingerprints()
+    cells = {(m.name, s): json.loads(f.read_text()) for s in study.seeds for m in study.methods
+             if (f := study.dir / f"{m.name}-seed{s}" / CELL_DONE).exists()}
+    done = [s for s in study.seeds if all((m.name, s) in cells for m in study.methods)]
+    if not done:
+        raise AmrlhfError(f"study {study.name}: no seed has finished every method yet ({len(cells)} of "
+                          f"{len(study.seeds) * len(study.methods)} cell(s) finished in {study.dir})")
+    left = sorted(f"{m}-seed{s}" for m, s in cells if s not in done)
+    note = (f"**PARTIAL**: seeds {done} of {study.seeds} have finished every method; "
+            + (f"{len(left)} finished cell(s) of later seeds are not in it ({', '.join(left)})." if left
+               else "no later cell has finished."))
+    study.seeds = done
+    report = write_report(study, [cells[(m.name, s)] for s in done for m in study.methods], _stored_base(run),
+                          note=note)
+    print(f"{note}\n\n{report['table']}\n\nreport: {report['files'][0]}")
+    return report
+
+
 def run_study(path: str | Path) -> dict:
     from amrlhf.assets import prepare
     from amrlhf.study.report import write_report
@@ -403,13 +443,7 @@ def run_study(path: str | Path) -> dict:
         run.check_fingerprints()
         results = _run_cells(run, study)
         if run.base is None:  # every cell finished before: the stored base row, if scored on this held-out
-            base_file = study.dir / "base.json"
-            saved = json.loads(base_file.read_text()) if base_file.exists() else None
-            if saved is not None and saved.get("heldout") != run.heldout_key():
-                changed = "; ".join(_changes(saved.get("heldout"), run.heldout_key()))
-                raise AmrlhfError(f"{base_file}: the untrained base was scored with other held-out settings "
-                                  f"({changed}); delete it to rescore")
-            run.base = saved or {"metrics": {}, "items": {}}
+            run.base = _stored_base(run)
         report = write_report(study, results, run.base)
     except (Interrupted, KeyboardInterrupt) as exc:  # a cell's hint says `amrlhf fit ... --ckpt_path last`
         run.writer.finish(run.parent, "KILLED")
@@ -429,4 +463,4 @@ def run_study(path: str | Path) -> dict:
     return report
 
 
-__all__ = ["run_study", "AmrlhfError"]
+__all__ = ["run_study", "report_finished", "AmrlhfError"]
