@@ -30,10 +30,13 @@ def t975(df: int) -> float:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (sample sd / sqrt(n)); the SE is nan for fewer than 2 values."""
+    """Mean and standard error (sample sd / sqrt(n)); the SE is nan for fewer than 2 values. Equal values give
+    exactly that value and SE 0 (a float sum would leave a rounding residue and a spurious tiny SE)."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
+    if n > 1 and all(v == values[0] for v in values):
+        return float(values[0]), 0.0
     mean = sum(values) / n
     if n < 2:
         return mean, float("nan")

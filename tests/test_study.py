@@ -539,3 +539,14 @@ def test_the_report_of_the_finished_seeds_is_marked_partial_and_trains_nothing(t
     (study.dir / "dpo-seed0" / CELL_DONE).write_text(json.dumps(stale))
     refused = amrlhf("study", str(path), "--report-finished", cwd=tmp_path)
     assert refused.returncode == 2 and "dpo-seed0" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_metric_equal_on_every_seed_has_no_interval_despite_float_rounding():
+    """Three seeds of the same localisation (0.1 each): the float mean (0.1 + 0.1 + 0.1) / 3 is 0.10000000000000002
+    and left a tiny SE, so a verdict was given on no evidence; equal values have SE 0 and no verdict."""
+    from amrlhf.stats import mean_se
+
+    assert mean_se([0.1, 0.1, 0.1]) == (0.1, 0.0)
+    d = paired_delta([0.1, 0.1, 0.1], [0.3, 0.3, 0.3])
+    assert d.half_width == 0.0 and d.verdict == "no uncertainty estimate (same on every seed, no per-item values)"
+    assert mean_se([0.1, 0.2]) == pytest.approx((0.15, 0.05))
