@@ -285,16 +285,15 @@ class StudyRun:
             log_to_mlflow(self.writer, run_id, report)
         return {k: v for k, v in report.metrics.items() if not k.endswith("_stderr")}
 
-    def localisation(self, module, tok, data, method: Fit, seed: int) -> dict[str, float] | None:
+    def localisation(self, module, tok, data, method: Fit, seed: int, fp: dict) -> dict[str, float] | None:
         """The method's held-out localisation, computed once per study and reused by its other seeds. It cannot
         depend on the trained policy (a scorer sees a ScoringContext, never the module), so it is a function of
         the method's settings (the seed-only arguments left out; any other seeded argument kept), its scorer's
         models and settings (by file fingerprint: a scorer loads its models from files) and the masker's state
         after training (the score scale, a running baseline: a mask that learned differently on another seed
-        is scored afresh); kept in `localisation/` of the study folder."""
+        is scored afresh); kept in `localisation/` of the study folder. `fp`: the cell's fingerprint."""
         if module.segmenter is None or not self.study.heldout.spans:
             return None
-        fp = self.fingerprint(method, seed)
         args = [*map(str, method.args), *map(str, self.study.common_args),
                 *(a.format(seed=seed) for a in self.study.seed_args if not a.startswith(SEED_ONLY_ARGS))]
         scorer = module.masker.scorer
@@ -347,7 +346,7 @@ class StudyRun:
             ids.update({f"eval/marked/{k}": marked_ids for k in marked})
         metrics = {k: _mean(v) for k, v in items.items()}
         with clock("localisation"):
-            loc = self.localisation(module, tok, data, method, seed)
+            loc = self.localisation(module, tok, data, method, seed, fp)
         metrics.update({f"eval/loc/{k}": v for k, v in (loc or {}).items()})
         metrics.update(training_means(logger, ("segments/kept_frac_chosen", "segments/kept_frac_rejected")))
         with clock("lm-eval"):
