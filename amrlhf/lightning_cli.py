@@ -159,9 +159,10 @@ class AmrlhfCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
-        policy = cfg.model.init_args.policy
+        init = cfg.model.init_args
+        spec = init.policy if "policy" in init else init.model  # a reward model's is `model`
         if "tokenizer" in cfg.data.init_args and not cfg.data.init_args.tokenizer:
-            cfg.data.init_args.tokenizer = policy.tokenizer or policy.name
+            cfg.data.init_args.tokenizer = spec.tokenizer or spec.name
         if not cfg.run_name:
             configs = cfg.get("config") or []
             cfg.run_name = default_run_name(Path(str(configs[0]))) if configs else \

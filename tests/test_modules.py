@@ -228,8 +228,9 @@ def test_reward_centring_term_is_trl_s_mean_of_squared_pair_sums():
 
     batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3),
              "response_mask": torch.tensor([[0.0, 1.0]] * 4), "index": torch.arange(2)}
-    m = RewardModule(ModelSpec("local:tiny-llama"), center_coef=0.5)
+    m = RewardModule(model=ModelSpec("local:tiny-llama"), center_coef=0.5)  # the recipe's name: model
     m.policy = Scores()
+    assert m.reward_model is m.policy
     loss, _ = m.model_step(batch)
     bt = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-4.0))) / 2  # -log sigmoid(margin), margins 1, 4
     centring = 0.5 * ((1.0 + 0.0) ** 2 + (3.0 - 1.0) ** 2) / 2  # 0.5 * mean(1, 4) = 1.25 (mean(r^2): 1.375)
@@ -442,7 +443,7 @@ def test_token_reward_model_reads_each_response_token_at_its_own_position_by_han
     batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4),
              "response_mask": torch.tensor([[0.0, 1.0, 1.0]]), "token_flawed": torch.tensor([[0.0, 0.0, 1.0]]),
              "index": torch.arange(1)}
-    m = TokenRewardModule(ModelSpec("local:tiny-llama"))
+    m = TokenRewardModule(model=ModelSpec("local:tiny-llama"))
     m.policy = Head()
     loss, stats = m.model_step(batch)
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731

@@ -33,38 +33,53 @@ def test_misaligned_inputs_are_refused():
 
 
 def test_one_sided_masks_the_rejected_side_only_by_hand():
-    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline, OneSidedSegmenter
+    from amrlhf.modules.masking import Masker
+    from amrlhf.scorers import TokenScores
+    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline
 
     # both rows: score +1 then -1 then -1 over three response tokens (raw, zero baseline, delta 0.3)
     resp = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.float32)
     scores = torch.tensor([[0.0, 1.0, -1.0, -1.0], [0.0, 1.0, -1.0, -1.0]])
     labels, ids = torch.tensor([1, -1]), torch.zeros(2, 5, dtype=torch.long)
+    batch = {"response_mask": resp, "labels": labels, "input_ids": ids}
     inner = AdaptivePivotSegmenter(delta=0.3, baseline=ConstantBaseline(0.0))
     both = inner.segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids, scores=scores))
     assert both.mask.tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]  # sigma = +1, -1, -1 on each row
-    seg = OneSidedSegmenter(inner, side="rejected").segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids,
-                                                            scores=scores))
+    signals = TokenScores(scores=scores)
+    assert torch.equal(Masker(inner).segment(batch, signals).mask, both.mask)  # side: both (default)
+    seg = Masker(inner, side="rejected").segment(batch, signals)
     assert seg.mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]  # the chosen row keeps every token
     assert seg.sigma.tolist() == [[0, 1, 1, 1], [0, 1, -1, -1]]
     assert seg.pivot.tolist() == [[False] * 4, both.pivot[1].tolist()]
-    chosen = OneSidedSegmenter(inner, side="chosen").segment(SegmentInputs(response_mask=resp, labels=labels, input_ids=ids,
-                                                             scores=scores))
+    chosen = Masker(inner, side="chosen").mask(batch, "train", signals=signals)
     assert chosen.mask.tolist() == [[0, 1, 0, 0], [0, 1, 1, 1]]
 
 
-def test_one_sided_passes_the_inner_hooks_through():
-    """Its hooks are the inner segmenter's; whether it wants the score scale is the inner one's too."""
+def test_the_side_is_the_maskers_and_is_checked():
+    """The side policy is one of the masker's fields, copied to its uncached twin and set from a module's
+    `mask_side`; a side without a segmenter, or an unknown side, is refused before anything runs."""
     from amrlhf.errors import ConfigError
-    from amrlhf.segmenters import AdaptivePivotSegmenter, OneSidedSegmenter
+    from amrlhf.models import ModelSpec
+    from amrlhf.modules import DPOModule, GRPOModule, PPOModule, SFTModule
+    from amrlhf.modules.masking import Masker
+    from amrlhf.rewards import NumberAnswerReward, VerifiableReward
+    from amrlhf.scorers import CachedScorer, SurprisalScorer
+    from amrlhf.segmenters import AdaptivePivotSegmenter
 
-    inner = AdaptivePivotSegmenter()
-    wrapped = OneSidedSegmenter(inner)
-    wrapped.calibrate(2.5)
-    assert inner.scale == 2.5 and wrapped.state_dict() == inner.state_dict()
-    assert wrapped.calibrated_by_scale and not OneSidedSegmenter(SampleWiseSegmenter()).calibrated_by_scale
-    assert isinstance(wrapped, PivotSegmenter)
-    with pytest.raises(ConfigError, match="side must be"):
-        OneSidedSegmenter(inner, side="both")
+    masker = Masker(AdaptivePivotSegmenter(), CachedScorer(SurprisalScorer(ModelSpec("local:tiny-llama"))),
+                    side="rejected")
+    assert masker.uncached().side == "rejected" and isinstance(masker.uncached().scorer, SurprisalScorer)
+    spec = ModelSpec("local:tiny-llama")
+    assert DPOModule(spec, segmenter=AdaptivePivotSegmenter(), mask_side="rejected").masker.side == "rejected"
+    assert SFTModule(spec, segmenter=AdaptivePivotSegmenter(), mask_side="chosen").masker.side == "chosen"
+    for cls in (GRPOModule, PPOModule):
+        on_policy = cls(spec, reward=VerifiableReward([NumberAnswerReward()]), segmenter=AdaptivePivotSegmenter(), mask_side="rejected")
+        assert on_policy.masker.side == "rejected"
+    assert DPOModule(spec).masker.side == "both"
+    with pytest.raises(ConfigError, match="needs a segmenter"):
+        DPOModule(spec, mask_side="rejected")
+    with pytest.raises(ConfigError, match="mask_side must be one of"):
+        Masker(AdaptivePivotSegmenter(), side="left")
 
 
 def _soft_inputs(scores):
@@ -190,7 +205,8 @@ def test_the_random_control_mask_depends_on_the_row_only_and_keeps_its_share():
     opposite sign of the label; keep=1 is sample-wise; about `keep` of many tokens are kept; one-sided, the
     chosen rows keep everything."""
     from amrlhf.errors import ConfigError
-    from amrlhf.segmenters import OneSidedSegmenter, RandomTokenSegmenter
+    from amrlhf.modules.masking import Masker
+    from amrlhf.segmenters import RandomTokenSegmenter
     from amrlhf.segmenters.random import row_seed
 
     torch.manual_seed(0)
@@ -209,7 +225,7 @@ def test_the_random_control_mask_depends_on_the_row_only_and_keeps_its_share():
     assert not torch.equal(RandomTokenSegmenter(0.6, seed=4).segment(SegmentInputs(resp, labels, ids)).mask, s.mask)
     whole = SampleWiseSegmenter().segment(SegmentInputs(resp, labels, ids))
     assert torch.equal(RandomTokenSegmenter(keep=1.0).segment(SegmentInputs(resp, labels, ids)).mask, whole.mask)
-    one = OneSidedSegmenter(seg).segment(SegmentInputs(resp, labels, ids))
+    one = Masker(seg, side="rejected").segment({"response_mask": resp, "labels": labels, "input_ids": ids}, None)
     assert torch.equal(one.mask[1], resp[1]) and torch.equal(one.mask[0], s.mask[0])
     many = torch.ones(1, 4000)
     share = RandomTokenSegmenter(0.6).segment(SegmentInputs(many, torch.tensor([-1]), torch.randint(5, 100, (1, 4001))))

@@ -17,7 +17,7 @@ from amrlhf.memory import release_freed_memory
 from amrlhf.models import ModelSpec
 from amrlhf.modules.masking import Masker, setup_segmentation
 from amrlhf.scorers import TokenScorer
-from amrlhf.segmenters import PivotSegmenter, Segmentation
+from amrlhf.segmenters import PivotSegmenter, Segmentation, Side
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,13 @@ class AlignmentModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
+        mask_side: Side = "both",
     ):
         super().__init__()
         check_optimizer(lr, weight_decay, warmup_steps, betas)
         self.policy_spec = policy
         # segmenter None = the unmasked path (m = response mask): the reference for parity tests.
-        self.masker = Masker(segmenter, scorer, score_calibration_batches)
+        self.masker = Masker(segmenter, scorer, score_calibration_batches, mask_side)
         self.lr, self.weight_decay, self.warmup_steps, self.betas = lr, weight_decay, warmup_steps, betas
         self.policy = None
 

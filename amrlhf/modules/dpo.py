@@ -10,7 +10,7 @@ from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, check_logits_chunk, lean
 from amrlhf.modules.base import AlignmentModule, PackedForward
 from amrlhf.modules.reference import FrozenReference, ReferenceModel
 from amrlhf.scorers import TokenScorer
-from amrlhf.segmenters import PivotSegmenter, segment_stats
+from amrlhf.segmenters import PivotSegmenter, Side, segment_stats
 
 
 class DPOModule(PackedForward, AlignmentModule):
@@ -32,6 +32,7 @@ class DPOModule(PackedForward, AlignmentModule):
         segmenter: PivotSegmenter | None = None,
         scorer: TokenScorer | None = None,
         score_calibration_batches: int = 8,
+        mask_side: Side = "both",
         nll_alpha: float = 0.0,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
@@ -49,6 +50,8 @@ class DPOModule(PackedForward, AlignmentModule):
                 AdaptivePivotSegmenter for AM-DPO; TokenWise / StepWise / Entropy baselines.
             scorer: token scores for the segmenter (RewardModelScorer, CachedScorer, ...).
             score_calibration_batches: training batches used once to measure the score scale.
+            mask_side: where the segmenter decides: `both` responses, or the `rejected` (or `chosen`) one only,
+                every token of the other trained as in DPO (for scorers reliable on one side, docs/studies.md).
             nll_alpha: weight of an NLL term on the chosen response.
             logits_chunk: predicted tokens per vocabulary-projection chunk, for the policy and the
                 reference (amrlhf.models.forward.lean_forward; docs/performance.md): smaller saves memory,
@@ -58,7 +61,7 @@ class DPOModule(PackedForward, AlignmentModule):
                 docs/performance.md); false: the padded batch. The values agree to float32 rounding.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
-                         betas)
+                         betas, mask_side=mask_side)
         self.reference = reference or FrozenReference()
         self.loss_fn = loss or SigmoidDPO()
         self.nll_alpha = nll_alpha

@@ -44,7 +44,7 @@ from amrlhf.modules.onpolicy import VAL, OnPolicyModule, refuse_per_example_cach
 from amrlhf.modules.reference import ReferenceModel
 from amrlhf.sampling import Sampling
 from amrlhf.scorers import CriticScorer, TokenScorer
-from amrlhf.segmenters import PivotSegmenter, segment_stats
+from amrlhf.segmenters import PivotSegmenter, Side, segment_stats
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class GRPOModule(PackedForward, OnPolicyModule):
         mini_batch_size: int | None = None,
         max_grad_norm: float | None = 1.0,
         segment_warmup_rollouts: int = 0,
+        mask_side: Side = "both",
         seed: int | None = None,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
@@ -160,6 +161,8 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 optimizer step (default: the whole rollout; must divide batch_size x num_generations).
             max_grad_norm: gradient norm clipping (None: off).
             segment_warmup_rollouts: rollouts trained without the mask first.
+            mask_side: where the segmenter decides: `both`, or the responses with label -1 (`rejected`, below
+                the group's mean) or +1 (`chosen`) only; every token of the others is trained.
             seed: sampling seed (default: the run's seed_everything).
             warmup_steps: linear learning-rate warm-up, in rollouts.
             logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
@@ -170,7 +173,7 @@ class GRPOModule(PackedForward, OnPolicyModule):
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
                          kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,
-                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas, logits_chunk)
+                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas, logits_chunk, mask_side)
         self.share_prefix = share_prefix
         self.advantage = advantage if advantage is not None else GroupRelative()
         if num_generations < 1 or (num_generations < 2 and getattr(self.advantage, "needs_groups", True)):

@@ -12,10 +12,19 @@ import torch
 from torch import Tensor
 
 from amrlhf.distributed import pooled_std
+from amrlhf.errors import ConfigError
 from amrlhf.modules.context import scoring_context
 from amrlhf.scorers import CachedScorer, ScoringContext, TokenScorer, TokenScores
 from amrlhf.scorers.base import release_models
-from amrlhf.segmenters import PivotSegmenter, Segmentation, SegmentInputs
+from amrlhf.segmenters import (
+    PivotSegmenter,
+    SampleWiseSegmenter,
+    Segmentation,
+    SegmentInputs,
+    Side,
+    check_side,
+    on_one_side,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +44,25 @@ class Masked:
 
 
 class Masker:
-    """Owns the scorer, the segmenter and the calibration state.
+    """Owns the scorer, the segmenter, the side policy and the calibration state.
 
     `setup(ctx)` loads the scorer (a ScoringContext: the policy's tokenizer, the device, the run's data) and
     gives the segmenter its tokenizer knowledge; `calibrate_on` (batches) or `calibrate` (scores) measure the
     score scale once, when the segmenter reads scores in standard deviations; `mask(batch, split)` scores a
-    batch and segments it; `state_dict` is what a
-    checkpoint keeps (the scale, a running baseline). Without a segmenter every response token is kept: the
-    unmasked path, the reference of every parity test."""
+    batch and segments it; `state_dict` is what a checkpoint keeps (the scale, a running baseline). `side`:
+    the segmenter decides on `both` sides, or on the `rejected` (label -1) or `chosen` (+1) responses only,
+    every token of the others trained as sample-wise does (`segmenters.on_one_side`); calibration and a running
+    baseline see every row. Without a segmenter every response token is kept: the unmasked path, the reference
+    of every parity test."""
 
     def __init__(self, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
-                 calibration_batches: int = 8):
+                 calibration_batches: int = 8, side: Side = "both"):
+        check_side(side)
+        if segmenter is None and side != "both":
+            raise ConfigError(f"mask_side: {side} needs a segmenter (model.init_args.segmenter); without one every "
+                              "response token is trained")
         self.segmenter, self.scorer, self.calibration_batches = segmenter, scorer, calibration_batches
+        self.side = side
         self.calibrated = False
 
     @property
@@ -65,7 +81,7 @@ class Masker:
         data outside the run: held-out localisation, `amrlhf segments`. Shares the segmenter and its scale."""
         if not isinstance(self.scorer, CachedScorer):
             return self
-        other = Masker(self.segmenter, self.scorer.source, self.calibration_batches)
+        other = Masker(self.segmenter, self.scorer.source, self.calibration_batches, self.side)
         other.calibrated = self.calibrated
         return other
 
@@ -105,8 +121,12 @@ class Masker:
         return self.scorer.score(batch, split) if self.scorer is not None else None
 
     def segment(self, batch: dict, signals: TokenScores | None) -> Segmentation:
-        return self.segmenter.segment(SegmentInputs(batch["response_mask"], batch["labels"], batch["input_ids"],
-                                                    **(signals.as_kwargs() if signals is not None else {})))
+        x = SegmentInputs(batch["response_mask"], batch["labels"], batch["input_ids"],
+                          **(signals.as_kwargs() if signals is not None else {}))
+        seg = self.segmenter.segment(x)
+        if self.side == "both":
+            return seg
+        return on_one_side(seg, SampleWiseSegmenter().segment(x), x.labels, self.side)
 
     def mask(self, batch: dict, split: str, observe: bool = True, signals: TokenScores | None = None) -> Masked:
         """Score (unless `signals` are given) and segment one batch. `observe`: let a stateful segmenter (a

@@ -40,7 +40,7 @@ from amrlhf.modules.masking import log_scale, setup_segmentation
 from amrlhf.modules.reference import CachedReference, FrozenReference, ReferenceModel
 from amrlhf.sampling import Sampling, left_padded_prompts, sample_groups, sample_responses, seeded
 from amrlhf.scorers import TokenScorer, TokenScores
-from amrlhf.segmenters import PivotSegmenter, RunningMeanBaseline
+from amrlhf.segmenters import PivotSegmenter, RunningMeanBaseline, Side
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ class OnPolicyModule(AlignmentModule):
         warmup_steps: int,
         betas: tuple[float, float],
         logits_chunk: int | None,
+        mask_side: Side = "both",
     ):
-        super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas)
+        super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas, mask_side=mask_side)
         check_logits_chunk(logits_chunk)
         refuse_per_example_caches(type(self).__name__, reference, scorer, reward)
         self.logits_chunk = logits_chunk  # predicted tokens per vocabulary projection (models/forward.lean_forward)

@@ -31,7 +31,7 @@ from amrlhf.modules.onpolicy import VAL, OnPolicyModule
 from amrlhf.modules.reference import ReferenceModel
 from amrlhf.sampling import Sampling
 from amrlhf.scorers import TokenScorer
-from amrlhf.segmenters import PivotSegmenter, segment_stats
+from amrlhf.segmenters import PivotSegmenter, Side, segment_stats
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class PPOModule(OnPolicyModule):
         max_grad_norm: float | None = 1.0,
         label_momentum: float = 0.9,
         segment_warmup_rollouts: int = 0,
+        mask_side: Side = "both",
         seed: int | None = None,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
@@ -100,6 +101,8 @@ class PPOModule(OnPolicyModule):
                 `missing_eos_penalty`) that sets each response's label l = sign(score - mean) (AM-PPO).
             segment_warmup_rollouts: rollouts trained sample-wise before segmenting (useful with
                 CriticScorer: an untrained critic gives random masks).
+            mask_side: where the segmenter decides: `both`, or the responses with label -1 (`rejected`) or +1
+                (`chosen`) only; every token of the others is trained.
             seed: sampling seed (default: the run's seed_everything).
             warmup_steps: linear learning-rate warm-up, in rollouts.
             logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
@@ -112,7 +115,7 @@ class PPOModule(OnPolicyModule):
             raise ConfigError(f"PPOModule: mask_normalization must be response or kept, got {mask_normalization!r}")
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty, kl, ppo_epochs,
                          mini_batch_size, max_grad_norm, label_momentum, segment_warmup_rollouts, seed, lr,
-                         weight_decay, warmup_steps, betas, logits_chunk)
+                         weight_decay, warmup_steps, betas, logits_chunk, mask_side)
         self.critic = critic if critic is not None else SharedValueHead()
         self.kl_estimator = kl_estimator
         self.gamma, self.lam = gamma, lam

@@ -19,8 +19,14 @@ from amrlhf.scorers.models import prefix_scores
 
 
 class _ScalarHeadModule(AlignmentModule):
-    """What both reward models share: the policy slot holds the scalar-head model; a step is `model_step`
-    (loss and statistics) logged under train / eval."""
+    """What both reward models share: the recipe names the scalar-head model `model` (`model.init_args.model`);
+    it lives in the base class's slot (`self.policy`, so checkpoints and `amrlhf export` read every module
+    alike) and reads as `self.reward_model`. A step is `model_step` (loss and statistics) logged under train
+    / eval."""
+
+    @property
+    def reward_model(self):
+        return self.policy
 
     def load_policy(self):
         return load_reward_model(self.policy_spec)
@@ -45,13 +51,18 @@ class RewardModule(_ScalarHeadModule):
 
     progress_keys = ("rm/accuracy",)
 
-    def __init__(self, policy: ModelSpec, center_coef: float = 0.0, lr: float = 1e-5, weight_decay: float = 0.0,
+    def __init__(self, model: ModelSpec, center_coef: float = 0.0, lr: float = 1e-5, weight_decay: float = 0.0,
                  warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
-        super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
+        """
+        Args:
+            model: the reward model's backbone (hub id, folder, `local:` id; LoRA optional), given a scalar head.
+            center_coef: weight of TRL's centring term (0: off).
+        """
+        super().__init__(model, None, None, 0, lr, weight_decay, warmup_steps, betas)
         self.center_coef = center_coef
 
     def model_step(self, batch: dict):
-        _, _, seq = prefix_scores(self.policy, batch)
+        _, _, seq = prefix_scores(self.reward_model, batch)
         B = batch["index"].shape[0]
         chosen, rejected = seq[:B], seq[B:]
         loss = bradley_terry_loss(chosen, rejected).mean()
@@ -70,13 +81,17 @@ class TokenRewardModule(_ScalarHeadModule):
 
     progress_keys = ("rm/token_accuracy",)
 
-    def __init__(self, policy: ModelSpec, lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
+    def __init__(self, model: ModelSpec, lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
                  betas: tuple[float, float] = (0.9, 0.999)):
-        super().__init__(policy, None, None, 0, lr, weight_decay, warmup_steps, betas)
+        """
+        Args:
+            model: the reward model's backbone (hub id, folder, `local:` id; LoRA optional), given a scalar head.
+        """
+        super().__init__(model, None, None, 0, lr, weight_decay, warmup_steps, betas)
 
     def model_step(self, batch: dict):
         if "token_flawed" not in batch:
             raise AmrlhfError("TokenRewardModule trains on per-token labels: set data.init_args.span_labels "
                               "(e.g. {rejected: rejected_spans, chosen: chosen_flaw_spans})")
-        scores, _, _ = prefix_scores(self.policy, batch)
+        scores, _, _ = prefix_scores(self.reward_model, batch)
         return token_label_loss(scores, batch["token_flawed"], batch["response_mask"])

@@ -10,7 +10,7 @@ from amrlhf.models.forward import DEFAULT_LOGITS_CHUNK, check_logits_chunk, lean
 from amrlhf.modules.base import AlignmentModule
 from amrlhf.modules.rejection import BestOfN
 from amrlhf.scorers import TokenScorer
-from amrlhf.segmenters import PivotSegmenter, segment_stats
+from amrlhf.segmenters import PivotSegmenter, Side, segment_stats
 
 
 class SFTModule(AlignmentModule):
@@ -45,7 +45,7 @@ class SFTModule(AlignmentModule):
         return loss, stats
 
     def __init__(self, policy: ModelSpec, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
-                 score_calibration_batches: int = 8, rollout: BestOfN | None = None, lr: float = 1e-6,
+                 score_calibration_batches: int = 8, mask_side: Side = "both", rollout: BestOfN | None = None, lr: float = 1e-6,
                  weight_decay: float = 0.0, warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999),
                  logits_chunk: int | None = DEFAULT_LOGITS_CHUNK):
         """
@@ -54,13 +54,14 @@ class SFTModule(AlignmentModule):
             segmenter: SampleWiseSegmenter for plain SFT (None = the unmasked path); an adaptive
                 segmenter (fallback `drop`) for AM-SFT.
             scorer: token scores for the segmenter, and the ranking of BestOfN samples.
+            mask_side: where the segmenter decides: `both`, or the `rejected` (label -1) or `chosen` rows only.
             rollout: BestOfN for rejection sampling; None trains on the data's completions.
             logits_chunk: predicted tokens per vocabulary-projection chunk (amrlhf.models.forward.lean_forward;
                 docs/performance.md): smaller saves memory, larger launches fewer kernels; 0 or null computes
                 the batch's logits at once.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
-                         betas)
+                         betas, mask_side=mask_side)
         self.rollout = rollout
         check_logits_chunk(logits_chunk)
         self.logits_chunk = logits_chunk

@@ -9,7 +9,7 @@ from amrlhf.segmenters.baselines import (
            PromptScoreBaseline,
            RunningMeanBaseline,
 )
-from amrlhf.segmenters.onesided import OneSidedSegmenter
+from amrlhf.segmenters.onesided import SIDES, Side, check_side, on_one_side
 from amrlhf.segmenters.random import RandomTokenSegmenter
 from amrlhf.segmenters.sample import SampleWiseSegmenter
 from amrlhf.segmenters.segmentwise import EntropySegmenter, StepWiseSegmenter
@@ -18,4 +18,4 @@ from amrlhf.segmenters.weights import LinearWeightSegmenter, RankWeightSegmenter
 
 __all__ = ["PivotSegmenter", "SegmentInputs", "Segmentation", "SampleWiseSegmenter", "AdaptivePivotSegmenter", "TokenWiseSegmenter",
            "StepWiseSegmenter", "EntropySegmenter", "Baseline", "BatchMeanBaseline", "PromptScoreBaseline", "ConstantBaseline",
-           "RunningMeanBaseline", "OneSidedSegmenter", "RandomTokenSegmenter", "segment_stats", "RankWeightSegmenter", "LinearWeightSegmenter"]
+           "RunningMeanBaseline", "Side", "SIDES", "check_side", "on_one_side", "RandomTokenSegmenter", "segment_stats", "RankWeightSegmenter", "LinearWeightSegmenter"]

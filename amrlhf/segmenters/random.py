@@ -20,7 +20,7 @@ def row_seed(seed: int, tokens: list[int]) -> int:
 class RandomTokenSegmenter(PivotSegmenter):
     """Keeps each response token with probability `keep`, whatever the scores say (it reads none).
 
-    The control for a mask's localisation: wrapped in `OneSidedSegmenter(side: rejected)` it trains on a
+    The control for a mask's localisation: with the module's `mask_side: rejected` it trains on a
     random share of the rejected answers' tokens, so a study can tell "the mask finds the error" from "the mask
     trains less on the wrong answers" (docs/studies.md). Each row's draw comes from its own generator, seeded
     by `seed` and the row's response tokens: an example gets the same mask in every batch, padding, run and
