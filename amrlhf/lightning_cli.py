@@ -4,7 +4,7 @@ Adds to plain LightningCLI: runs write to `<runs_root>/<run_name>/` (default run
 recipe's folder and file name, e.g. `dpo-smollm2`, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
 resume), last/best checkpoints (each written to a temporary file beside it and renamed over it: a kill leaves the
 previous one whole), the resolved recipe saved with the run, and `data.tokenizer` defaulting to the policy's
-tokenizer. Expected mistakes (a setting a class refuses, a trainer set-up Lightning refuses, a missing or damaged
+(a reward model's `model`'s) tokenizer. Expected mistakes (a setting a class refuses, a trainer set-up Lightning refuses, a missing or damaged
 checkpoint, a runs folder that cannot be written) end as one AmrlhfError; SIGTERM / SIGINT during fit end as
 Interrupted after a resumable last.ckpt (callbacks/interrupt.py).
 """

@@ -39,7 +39,7 @@ def segments_page(recipe: str, overrides: list[str], limit: int, split: str, out
         with torch.no_grad():
             masked = masker.mask(batch, split, observe=False)
         pairs += pairs_for_page(dm.tokenizer, batch, masked.segmentation, masked.scores)
-    header = f"{describe(masker.segmenter)}; scorer {type(masker.scorer).__name__ if masker.scorer else 'none'}; " \
+    header = f"{describe(masker)}; scorer {type(masker.scorer).__name__ if masker.scorer else 'none'}; " \
              f"data {dm.val_source if split == 'val' and dm.val_data else dm.train_source}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_page(f"segments: {Path(recipe).name}", header, pairs), encoding="utf-8")

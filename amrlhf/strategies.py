@@ -93,7 +93,7 @@ def unsupported(module, trainer, checkpoint_layers: bool) -> str | None:
     spec = getattr(module, "policy_spec", None)
     if spec is not None and spec.lora is not None:
         return ("FSDP with a LoRA policy is not supported: its checkpoints keep the trainable weights by parameter "
-                "name, which FSDP's wrapping changes; use DDP, or drop model.init_args.policy.lora")
+                "name, which FSDP's wrapping changes; use DDP, or drop the model's lora")
     if spec is not None and spec.gradient_checkpointing and checkpoint_layers:
         return ("FSDP: both the policy's gradient_checkpointing and the strategy's activation_checkpointing are on "
                 "(each layer would be recomputed twice): set one of them to false")

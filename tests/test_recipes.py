@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 
 from amrlhf.lightning_cli import AmrlhfCLI
@@ -49,7 +50,10 @@ def test_overlay_names_its_base_and_parses_over_it(path: Path, capsys, monkeypat
     with pytest.raises(SystemExit) as exit_:
         AmrlhfCLI(args=["fit", *words[3:], "--print_config"])
     assert exit_.value.code in (0, None)
-    assert "class_path" in capsys.readouterr().out
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in (yaml.safe_load(path.read_text()).get("model", {}).get("init_args") or {}).items():
+        if not isinstance(value, dict):  # the overlay's plain settings (mask_side, ...) reach the composed recipe
+            assert printed["model"]["init_args"][key] == value, key
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -82,6 +82,55 @@ def test_the_side_is_the_maskers_and_is_checked():
         Masker(AdaptivePivotSegmenter(), side="left")
 
 
+def test_one_side_takes_every_field_of_the_other_rows_from_sample_wise_and_observes_all_rows():
+    """on_one_side: mask, sigma, pivot, segment_id of the off-side rows are the sample-wise ones and a fallback
+    there is not reported; a running baseline still learns from every row's scores."""
+    from amrlhf.modules.masking import Masker
+    from amrlhf.scorers import TokenScores
+    from amrlhf.segmenters import AdaptivePivotSegmenter, RunningMeanBaseline, Segmentation, on_one_side
+
+    resp = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([1, -1])
+    inner = Segmentation(mask=torch.zeros(2, 3), sigma=torch.full((2, 3), -1), pivot=torch.ones(2, 3, dtype=torch.bool),
+                         segment_id=torch.tensor([[0, 1, 2], [0, 1, 2]]), fell_back=torch.tensor([True, True]))
+    whole = SampleWiseSegmenter().segment(SegmentInputs(resp, labels, torch.zeros(2, 4, dtype=torch.long)))
+    one = on_one_side(inner, whole, labels, "rejected")
+    for field in ("mask", "sigma", "pivot", "segment_id"):
+        assert torch.equal(getattr(one, field)[0], getattr(whole, field)[0]), field  # the chosen row: sample-wise
+        assert torch.equal(getattr(one, field)[1], getattr(inner, field)[1]), field  # the rejected row: inner
+    assert one.fell_back.tolist() == [False, True]
+    assert on_one_side(inner, whole, labels, "both") is inner
+    seg = AdaptivePivotSegmenter(baseline=RunningMeanBaseline(momentum=0.5))
+    scores = torch.tensor([[4.0, 4.0, 4.0], [0.0, 0.0, 0.0]])  # chosen row mean 4, rejected row 0
+    batch = {"response_mask": resp, "labels": labels, "input_ids": torch.zeros(2, 4, dtype=torch.long)}
+    Masker(seg, side="rejected").mask(batch, "train", signals=TokenScores(scores=scores))
+    assert seg.baseline.mean == pytest.approx(2.0)  # both rows' tokens: (3 * 4 + 3 * 0) / 6
+
+
+def test_the_on_policy_actor_mask_keeps_the_other_side_whole():
+    """PPO/GRPO's actor mask goes through the masker's side: with mask_side rejected, a response of label +1
+    trains every token, one of label -1 gets the segmenter's mask; `describe` names the side."""
+    from amrlhf.callbacks.segments_view import describe
+    from amrlhf.models import ModelSpec
+    from amrlhf.modules import PPOModule
+    from amrlhf.scorers import TokenScores
+    from amrlhf.segmenters import AdaptivePivotSegmenter, ConstantBaseline
+
+    resp = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    roll = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5),
+            "response_mask": resp, "labels": torch.tensor([1, -1])}
+    scores = TokenScores(torch.tensor([[0.0, 1.0, -1.0, -1.0], [0.0, 1.0, -1.0, -1.0]]), torch.zeros(2))
+    masks = {}
+    for side in ("both", "rejected"):
+        module = PPOModule(ModelSpec("local:tiny-llama"), reward=None, mask_side=side, seed=0,
+                           segmenter=AdaptivePivotSegmenter(delta=0.3, baseline=ConstantBaseline(0.0), scale=1.0))
+        module.masker.calibrated = True  # raw scores: no scale to measure
+        masks[side], _ = module.actor_mask(roll, scores, [{}, {}])
+    assert masks["both"].tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]
+    assert masks["rejected"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
+    assert describe(module.masker).endswith("; rejected responses only (the others keep every token)")
+
+
 def _soft_inputs(scores):
     scores = torch.tensor(scores)
     resp = (~torch.isnan(scores)).float()

@@ -103,11 +103,14 @@ def pairs_for_page(tokenizer, batch: dict, seg: Segmentation, scores: torch.Tens
     return out
 
 
-def describe(segmenter) -> str:
+def describe(masker) -> str:
+    """The masker's segmenter, its plain settings and baseline, and the side it decides on (when one only)."""
+    segmenter = masker.segmenter
     fields = {k: v for k, v in vars(segmenter).items() if isinstance(v, int | float | str | bool)}
     base = getattr(segmenter, "baseline", None)
     extra = f", baseline={type(base).__name__}" if base is not None else ""
-    return f"{type(segmenter).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())}{extra})"
+    side = f"; {masker.side} responses only (the others keep every token)" if masker.side != "both" else ""
+    return f"{type(segmenter).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())}{extra}){side}"
 
 
 class SegmentsView(L.Callback):
@@ -127,7 +130,7 @@ class SegmentsView(L.Callback):
         batch = {k: v.to(module.device) for k, v in dm.collator()(data).items()}
         with torch.no_grad():
             masked = module.masker.mask(batch, split, observe=False)
-        page = render_page(f"segments at step {trainer.global_step}", describe(module.segmenter),
+        page = render_page(f"segments at step {trainer.global_step}", describe(module.masker),
                            pairs_for_page(dm.tokenizer, batch, masked.segmentation, masked.scores))
         logger = next((lg for lg in trainer.loggers if hasattr(lg, "run_id")), None)
         if logger is None:

@@ -161,8 +161,8 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 optimizer step (default: the whole rollout; must divide batch_size x num_generations).
             max_grad_norm: gradient norm clipping (None: off).
             segment_warmup_rollouts: rollouts trained without the mask first.
-            mask_side: where the segmenter decides: `both`, or the responses with label -1 (`rejected`, below
-                the group's mean) or +1 (`chosen`) only; every token of the others is trained.
+            mask_side: where the segmenter decides: `both`, or the responses with label -1 (`rejected`: a
+                negative advantage) or +1 (`chosen`: the others) only; every token of the rest is trained.
             seed: sampling seed (default: the run's seed_everything).
             warmup_steps: linear learning-rate warm-up, in rollouts.
             logits_chunk: predicted tokens per vocabulary-projection chunk (docs/performance.md; None:
