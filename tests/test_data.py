@@ -225,3 +225,26 @@ def test_the_ledger_task_plants_one_carried_error_where_its_span_starts():
         assert all(int(a) == int(c_prev) for (a, *_), (*_, c_prev) in zip(wrong_steps[1:], wrong_steps[:-1], strict=True))
         assert not arithmetic.equations(r["chosen"]) and "Step 1:" not in r["chosen"]
     assert ledger.generate("heldout", 5) == rows[:5] and ledger.generate("val", 5) != rows[:5]
+
+
+def test_skip_train_reads_a_slice_of_the_file_and_a_slice_past_the_end_is_an_error(tmp_path, tokenizer):
+    """skip_train passes over the first rows, limit_train counts from there: rows 3-4 of 6 (a scorer's fits on
+    rows no DPO run reads); skipping everything is an error naming the file and the skip; a bad skip is refused."""
+    from amrlhf.data import PreferenceDataModule, SFTDataModule
+    from amrlhf.errors import ConfigError
+
+    rows = [{**GOOD, "chosen": f"1 plus 2 is 3 ({i})."} for i in range(6)]
+    path = write(tmp_path, rows)
+    got = read_examples(path, "preference", 2, skip=3)
+    assert [e.chosen for e in got] == ["1 plus 2 is 3 (3).", "1 plus 2 is 3 (4)."]
+    assert len(read_examples(path, "preference", None, skip=4)) == 2
+    dm = SFTDataModule(path, tokenizer="local:tiny-llama", limit_train=2, skip_train=3, completion_field="chosen")
+    dm.setup()
+    assert len(dm.train_data) == 2
+    sft = read_examples(path, "sft", 2, skip=3, completion_field="chosen")
+    assert [e.responses for e in dm.train_data] == [e.responses for e in encode_examples(sft, tokenizer, 512)[0]]
+    with pytest.raises(AmrlhfError, match=r"no rows in .*d\.jsonl after its first 6 \(skip 7\)"):
+        read_examples(path, "preference", None, skip=7)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="skip_train must be an integer >= 0"):
+            PreferenceDataModule(path, skip_train=bad)

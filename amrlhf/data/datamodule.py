@@ -37,6 +37,7 @@ class _TextDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         token_scores: bool = False,
+        skip_train: int = 0,
     ):
         """
         Args:
@@ -47,6 +48,8 @@ class _TextDataModule(L.LightningDataModule):
                 room are dropped; both are counted and reported.
             batch_size: examples (pairs, for preferences) per micro-batch and device.
             limit_train: read at most this many training rows.
+            skip_train: training rows passed over before reading (with `limit_train`, a slice of a file: e.g.
+                the fits of a scorer on rows no DPO run of the same file reads).
             seed: data order seed (epoch 0 uses seed, epoch e > 0 a hash of (seed, e): `sampler.epoch_seed`).
             token_scores: rows carry per-token scores (`chosen_token_scores`, ...) for DatasetScorer.
         """
@@ -56,6 +59,9 @@ class _TextDataModule(L.LightningDataModule):
                             ("limit_val", limit_val)):
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        if isinstance(skip_train, bool) or not isinstance(skip_train, int) or skip_train < 0:
+            raise ConfigError(f"data.skip_train must be an integer >= 0, got {skip_train!r}")
+        self.skip_train = skip_train
         self.train_source, self.val_source = train, val
         self.tokenizer_name = tokenizer
         self.max_length, self.batch_size = max_length, batch_size
@@ -69,8 +75,8 @@ class _TextDataModule(L.LightningDataModule):
         self._resume: dict | None = None
         self.tokenizer = None
 
-    def _load(self, source: str, limit: int | None, name: str):
-        examples = read_examples(source, self.kind, limit, token_scores=self.with_token_scores,
+    def _load(self, source: str, limit: int | None, name: str, skip: int = 0):
+        examples = read_examples(source, self.kind, limit, skip=skip, token_scores=self.with_token_scores,
                                  prompt_template=getattr(self, "prompt_template", None),
                                  completion_field=getattr(self, "completion_field", None),
                                  span_fields=getattr(self, "span_labels", None))
@@ -91,7 +97,7 @@ class _TextDataModule(L.LightningDataModule):
             if not self.tokenizer_name:
                 raise AmrlhfError("data.tokenizer is not set (and no model name was given to default it)")
             self.tokenizer = load_tokenizer(self.tokenizer_name)
-        self.train_data = self._load(self.train_source, self.limit_train, "train")
+        self.train_data = self._load(self.train_source, self.limit_train, "train", self.skip_train)
         if self.val_source:
             self.val_data = self._load(self.val_source, self.limit_val, "val")
 
@@ -151,12 +157,12 @@ class PreferenceDataModule(_TextDataModule):
     def __init__(self, train: str, val: str | None = None, tokenizer: str | None = None, max_length: int = 512,
                  batch_size: int = 2, eval_batch_size: int | None = None, limit_train: int | None = None,
                  limit_val: int | None = None, seed: int = 0, shuffle: bool = True, token_scores: bool = False,
-                 span_labels: dict[str, str] | None = None):
+                 span_labels: dict[str, str] | None = None, skip_train: int = 0):
         """span_labels: per-token flaw labels for a token-level reward model, {side: row field of flawed
         character spans}, e.g. {rejected: rejected_spans, chosen: chosen_flaw_spans}; a side not named has
         none. The batch then carries `token_flawed`. The other arguments: as for every data module."""
         super().__init__(train, val, tokenizer, max_length, batch_size, eval_batch_size, limit_train, limit_val,
-                         seed, shuffle, token_scores)
+                         seed, shuffle, token_scores, skip_train)
         if span_labels is not None and (not span_labels or set(span_labels) - {"chosen", "rejected"}):
             raise ConfigError(f"data.span_labels maps 'chosen' and/or 'rejected' to a row field, got {span_labels!r}")
         self.span_labels = dict(span_labels) if span_labels else None
@@ -172,11 +178,11 @@ class SFTDataModule(_TextDataModule):
     def __init__(self, train: str, val: str | None = None, tokenizer: str | None = None, max_length: int = 512,
                  batch_size: int = 2, eval_batch_size: int | None = None, limit_train: int | None = None,
                  limit_val: int | None = None, seed: int = 0, shuffle: bool = True, token_scores: bool = False,
-                 completion_field: str | None = None):
+                 completion_field: str | None = None, skip_train: int = 0):
         """completion_field: the row field trained on (e.g. `chosen` or `rejected` of preference rows), after
         the row's `prompt`; None: `completion` or `messages`. The other arguments: as for every data module."""
         super().__init__(train, val, tokenizer, max_length, batch_size, eval_batch_size, limit_train, limit_val,
-                         seed, shuffle, token_scores)
+                         seed, shuffle, token_scores, skip_train)
         self.completion_field = completion_field
 
 
@@ -203,10 +209,11 @@ class PromptDataModule(_TextDataModule):
         seed: int = 0,
         shuffle: bool = True,
         prompt_template: str | None = None,
+        skip_train: int = 0,
     ):
         """
         Args:
-            train, val, tokenizer, eval_batch_size, limit_train, limit_val, seed, shuffle: as for
+            train, val, tokenizer, eval_batch_size, limit_train, limit_val, seed, shuffle, skip_train: as for
                 the other data modules.
             max_length: the longest PROMPT, in tokens (longer ones are dropped and counted).
             batch_size: prompts per rollout and device (GRPO samples num_generations of each).
@@ -214,7 +221,7 @@ class PromptDataModule(_TextDataModule):
                 a text prompt); a row without a named field is an error naming its file and line.
         """
         super().__init__(train, val, tokenizer, max_length, batch_size, eval_batch_size, limit_train, limit_val,
-                         seed, shuffle)
+                         seed, shuffle, skip_train=skip_train)
         self.prompt_template = prompt_template
 
     def collator(self) -> PromptCollator:

@@ -225,8 +225,9 @@ def attach_spans(ex: Example, row: dict, span_fields: dict[str, str]) -> Example
 
 def read_examples(source: str, kind: str, limit: int | None = None, token_scores: bool = False,
                   prompt_template: str | None = None, completion_field: str | None = None,
-                  span_fields: dict[str, str] | None = None) -> list[Example]:
-    """Read and validate every row (up to `limit`); kind is 'preference', 'sft' or 'prompt'.
+                  span_fields: dict[str, str] | None = None, skip: int = 0) -> list[Example]:
+    """Read and validate every row (up to `limit`, after the first `skip` rows, which are not read);
+    kind is 'preference', 'sft' or 'prompt'.
     With `token_scores`, rows must carry per-token scores (see `attach_token_scores`); `prompt_template`
     (prompt rows only) builds each prompt from the row's fields; `completion_field` (sft rows only) names
     the field trained on; `span_fields` ({side: field}) reads flawed character spans (`attach_spans`)."""
@@ -241,14 +242,17 @@ def read_examples(source: str, kind: str, limit: int | None = None, token_scores
             raise AmrlhfError("prompt_template applies to prompt rows only")
         def parse(src, line, row):  # noqa: E306
             return prompt_example(src, line, row, prompt_template)
-    out = []
+    out, skipped = [], 0
     for src, line, row in iter_rows(source):
+        if skipped < skip:
+            skipped += 1
+            continue
         if limit is not None and len(out) >= limit:
             break
         ex = parse(src, line, row)
         ex = attach_token_scores(ex, row) if token_scores else ex
         out.append(attach_spans(ex, row, span_fields) if span_fields else ex)
     if not out:
-        raise AmrlhfError(f"no rows in {source}")
-    log.info("read %d %s rows from %s", len(out), kind, source)
+        raise AmrlhfError(f"no rows in {source}" + (f" after its first {skipped} (skip {skip})" if skip else ""))
+    log.info("read %d %s rows from %s%s", len(out), kind, source, f" after its first {skip}" if skip else "")
     return out
