@@ -1,6 +1,7 @@
 """Data: validation errors name file, line and field; masks align with input_ids[:, 1:]."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -227,10 +228,10 @@ def test_the_ledger_task_plants_one_carried_error_where_its_span_starts():
     assert ledger.generate("heldout", 5) == rows[:5] and ledger.generate("val", 5) != rows[:5]
 
 
-def test_skip_train_reads_a_slice_of_the_file_and_a_slice_past_the_end_is_an_error(tmp_path, tokenizer):
+def test_skip_train_reads_a_slice_of_the_file_and_a_slice_past_the_end_is_an_error(tmp_path, tokenizer, caplog):
     """skip_train passes over the first rows, limit_train counts from there: rows 3-4 of 6 (a scorer's fits on
     rows no DPO run reads); skipping everything is an error naming the file and the skip; a bad skip is refused."""
-    from amrlhf.data import PreferenceDataModule, SFTDataModule
+    from amrlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule
     from amrlhf.errors import ConfigError
 
     rows = [{**GOOD, "chosen": f"1 plus 2 is 3 ({i})."} for i in range(6)]
@@ -243,8 +244,16 @@ def test_skip_train_reads_a_slice_of_the_file_and_a_slice_past_the_end_is_an_err
     assert len(dm.train_data) == 2
     sft = read_examples(path, "sft", 2, skip=3, completion_field="chosen")
     assert [e.responses for e in dm.train_data] == [e.responses for e in encode_examples(sft, tokenizer, 512)[0]]
-    with pytest.raises(AmrlhfError, match=r"no rows in .*d\.jsonl after its first 6 \(skip 7\)"):
+    with pytest.raises(AmrlhfError, match=r"d\.jsonl: data\.skip_train=7 passes over all of its 6 rows"):
         read_examples(path, "preference", None, skip=7)
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="skip_train must be an integer >= 0"):
             PreferenceDataModule(path, skip_train=bad)
+    for cls, extra in ((PreferenceDataModule, {}), (SFTDataModule, {"completion_field": "rejected"}),
+                       (PromptDataModule, {})):
+        dm = cls(path, tokenizer="local:tiny-llama", limit_train=2, skip_train=3, **extra)
+        dm.setup()
+        assert dm.skip_train == 3 and len(dm.train_data) == 2, cls.__name__
+    with caplog.at_level(logging.WARNING, logger="amrlhf.data.records"):
+        assert len(read_examples(path, "preference", 5, skip=4)) == 2
+    assert "2 rows after the first 4 (skip_train), fewer than limit_train=5" in caplog.text

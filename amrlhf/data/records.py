@@ -253,6 +253,11 @@ def read_examples(source: str, kind: str, limit: int | None = None, token_scores
         ex = attach_token_scores(ex, row) if token_scores else ex
         out.append(attach_spans(ex, row, span_fields) if span_fields else ex)
     if not out:
-        raise AmrlhfError(f"no rows in {source}" + (f" after its first {skipped} (skip {skip})" if skip else ""))
+        if skip:
+            raise AmrlhfError(f"{source}: data.skip_train={skip} passes over all of its {skipped} rows")
+        raise AmrlhfError(f"no rows in {source}")
+    if skip and limit is not None and len(out) < limit:
+        log.warning("%s: %d rows after the first %d (skip_train), fewer than limit_train=%d", source, len(out), skip,
+                    limit)
     log.info("read %d %s rows from %s%s", len(out), kind, source, f" after its first {skip}" if skip else "")
     return out

@@ -145,8 +145,9 @@ class AlignmentModule(L.LightningModule):
             for e in getattr(dm, f"{split}_data", None) or []:
                 n = len(e.prompt_ids) + max((len(r) for r in e.responses), default=0)
                 if n > limit:
+                    skip = getattr(dm, "skip_train", 0) if split == "train" else 0
                     raise ConfigError(
-                        f"{split} row {e.index + 1}: {n} tokens under data.max_length "
+                        f"{split} row {e.index + 1 + skip}: {n} tokens under data.max_length "
                         f"({getattr(dm, 'max_length', None)}), more than the policy's maximum of {limit} positions "
                         f"({self.policy_spec.name}): set data.init_args.max_length to {limit} or less")
 
