@@ -359,6 +359,10 @@ MISTAKES = {  # case -> tmp_path -> (command line, environment, what the error l
     "dpo-row-past-positions": lambda t: ([*FIT, "--data.init_args.max_length=4096",
                                          f"--data.init_args.train={_long_pairs(t)}", "--data.init_args.val=null"],
                                         {}, ["train row 2:", "max_length (4096)", "512 positions"]),
+    "dpo-row-past-positions-after-skip": lambda t: ([*FIT, "--data.init_args.max_length=4096",
+                                                     f"--data.init_args.train={_long_pairs(t)}",
+                                                     "--data.init_args.skip_train=1", "--data.init_args.val=null"],
+                                                    {}, ["train row 2:", "512 positions"]),  # the file's row
     "grpo-max-new-tokens-0": lambda t: (["fit", "--config", recipe("grpo"),
                                          "--model.init_args.sampling.max_new_tokens=0"], {}, ["max_new_tokens", "0"]),
     "grpo-temperature-0": lambda t: (["fit", "--config", recipe("grpo"), "--model.init_args.sampling.temperature=0"],
