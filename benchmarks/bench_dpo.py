@@ -8,7 +8,9 @@ to TRL. `ours` is DPOModule's defaults (shared-prefix packing on); `ours-padded`
 `share_prefix=False` (the padded batch, as TRL runs it).
 
     python benchmarks/bench_dpo.py [--models tiny smollm2] [--impls ours ours-padded trl] [--steps 4] [--warmup 2]
-Needs: `pip install -c constraints.txt -e .[compare]` (trl) and `amrlhf prepare` for the models.
+Needs `amrlhf prepare` for the models. The TRL side runs trl==1.16.0 as bench_grpo.py does: fetched once with
+`pip download --no-deps` into $AMRLHF_HOME/cache/bench/trl-1.16.0, first on sys.path in the TRL process only
+(an installed trl of another version is not used).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ppo import trl_dir  # noqa: E402
+
+TRL_VERSION = "1.16.0"
 IMPLS = ("ours", "ours-padded", "trl")
 MODELS = {
     "tiny": ("local:tiny-llama", "local:tiny-arith/prefs_train", 64),
@@ -116,7 +122,12 @@ def child(impl: str, name: str, args) -> None:
     torch.set_num_threads(args.threads)
     model, data, max_length = MODELS[name]
     if impl == "trl":
+        sys.path.insert(0, trl_dir(TRL_VERSION, "trl/trainer/dpo_trainer.py"))
+        import trl
         from trl import DPOConfig, DPOTrainer  # noqa: F401  (trl imports lazily)
+
+        if trl.__version__ != TRL_VERSION:
+            raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {TRL_VERSION}")
     else:
         import amrlhf.modules  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -124,6 +135,7 @@ def child(impl: str, name: str, args) -> None:
     out = run(model, data, max_length, args.batch, args.steps, args.warmup)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["import_rss_mb"] = baseline
+    out["load1"] = os.getloadavg()[0]  # the machine's 1-min load when this side finished
     print("RESULT " + json.dumps(out))
 
 
@@ -155,8 +167,8 @@ def main() -> None:
             res[impl] = json.loads(line[7:])
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.threads} threads")
-    print(f"{'model':10s}{'impl':13s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}")
+          f"{args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION}")
+    print(f"{'model':10s}{'impl':13s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}{'1-min load':>12s}")
     for name, res in rows:
         for impl, r in res.items():
             if r is None:
@@ -165,7 +177,7 @@ def main() -> None:
             sps = sum(r["times"]) / len(r["times"])
             r["sps"] = sps
             print(f"{name:10s}{impl:13s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}"
-                  f"{r['import_rss_mb']:15.0f}")
+                  f"{r['import_rss_mb']:15.0f}{r['load1']:12.1f}")
         trl = res.get("trl")
         for impl in ("ours", "ours-padded"):
             r = res.get(impl)
