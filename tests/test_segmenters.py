@@ -57,7 +57,8 @@ def test_one_sided_masks_the_rejected_side_only_by_hand():
 
 def test_the_side_is_the_maskers_and_is_checked():
     """The side policy is one of the masker's fields, copied to its uncached twin and set from a module's
-    `mask_side`; a side without a segmenter, or an unknown side, is refused before anything runs."""
+    `mask_side`; a side without a segmenter, or an unknown side, is refused before anything runs, and cannot be
+    made later through the module."""
     from amrlhf.errors import ConfigError
     from amrlhf.models import ModelSpec
     from amrlhf.modules import DPOModule, GRPOModule, PPOModule, SFTModule
@@ -78,6 +79,11 @@ def test_the_side_is_the_maskers_and_is_checked():
     assert DPOModule(spec).masker.side == "both"
     with pytest.raises(ConfigError, match="needs a segmenter"):
         DPOModule(spec, mask_side="rejected")
+    one_sided = DPOModule(spec, segmenter=AdaptivePivotSegmenter(), mask_side="rejected")
+    with pytest.raises(AttributeError):  # the module's view of its masker is read-only: no side without a segmenter
+        one_sided.segmenter = None
+    with pytest.raises(AttributeError):
+        one_sided.scorer = None
     with pytest.raises(ConfigError, match="mask_side must be one of"):
         Masker(AdaptivePivotSegmenter(), side="left")
 

@@ -77,22 +77,15 @@ class AlignmentModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps, self.betas = lr, weight_decay, warmup_steps, betas
         self.policy = None
 
-    # The masker's parts, as the recipe names them (model.init_args.segmenter / scorer).
+    # The masker's parts, as the recipe names them (model.init_args.segmenter / scorer); read-only, so that the
+    # masker's checks at construction (a side needs a segmenter) cannot be undone through the module.
     @property
     def segmenter(self) -> PivotSegmenter | None:
         return self.masker.segmenter
 
-    @segmenter.setter
-    def segmenter(self, value: PivotSegmenter | None) -> None:
-        self.masker.segmenter = value
-
     @property
     def scorer(self) -> TokenScorer | None:
         return self.masker.scorer
-
-    @scorer.setter
-    def scorer(self, value: TokenScorer | None) -> None:
-        self.masker.scorer = value
 
     def load_policy(self):
         from amrlhf.models import load_causal_lm
