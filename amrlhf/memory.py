@@ -1,8 +1,9 @@
 """Giving freed memory back to the operating system where large buffers die.
 
-glibc's allocator keeps freed heap memory for reuse: after a rollout's generation or an optimizer step, the
-hundreds of MB their buffers held stay in the process's resident set (docs/performance.md). `malloc_trim(0)`
-returns what it can. It is a no-op where there is no glibc (macOS, musl) and changes no value computed."""
+glibc's allocator keeps freed heap memory for reuse: after a rollout's generation, the hundreds of MB its KV
+cache and logits held stay in the process's resident set (docs/performance.md). `malloc_trim(0)` returns what it
+can. It is a no-op where there is no glibc (macOS, musl) and changes no value computed. Called once per rollout,
+after generation; not after every optimizer step, where it cost 12-26% of a CPU DPO step and lowered no peak."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from amrlhf.errors import ConfigError
-from amrlhf.memory import release_freed_memory
 from amrlhf.models import ModelSpec
 from amrlhf.modules.masking import Masker, setup_segmentation
 from amrlhf.scorers import TokenScorer
@@ -112,7 +111,6 @@ class AlignmentModule(L.LightningModule):
         activations (docs/performance.md, "Gradients")."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer.zero_grad(set_to_none=True)
-        release_freed_memory()  # the step's transient buffers and the gradients, back to the OS
 
     def mask_for(self, batch: dict, split: str) -> tuple[Tensor, Segmentation | None]:
         """The loss mask [N, T-1] and the Segmentation (None on the unmasked path)."""
