@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import trl_dir  # noqa: E402
+from bench_ppo import import_pinned_trl  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 IMPLS = ("ours", "ours-padded", "trl")
@@ -122,12 +122,8 @@ def child(impl: str, name: str, args) -> None:
     torch.set_num_threads(args.threads)
     model, data, max_length = MODELS[name]
     if impl == "trl":
-        sys.path.insert(0, trl_dir(TRL_VERSION, "trl/trainer/dpo_trainer.py"))
-        import trl
+        import_pinned_trl(TRL_VERSION, "trl/trainer/dpo_trainer.py")
         from trl import DPOConfig, DPOTrainer  # noqa: F401  (trl imports lazily)
-
-        if trl.__version__ != TRL_VERSION:
-            raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {TRL_VERSION}")
     else:
         import amrlhf.modules  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import _prompts, _rss, _summary, _trl_pad, report, run_children, trl_dir  # noqa: E402
+from bench_ppo import _prompts, _rss, _summary, _trl_pad, import_pinned_trl, report, run_children  # noqa: E402
 
 MODELS = {  # name: (model, prompts, max prompt tokens)
     "tiny": ("local:tiny-llama", "local:tiny-arith/sft_train", 64),
@@ -180,12 +180,8 @@ def child(impl: str, name: str, args) -> None:
 
         import amrlhf.modules  # noqa: F401
     else:
-        sys.path.insert(0, trl_dir(TRL_VERSION, "trl/trainer/grpo_trainer.py"))
-        import trl
+        import_pinned_trl(TRL_VERSION, "trl/trainer/grpo_trainer.py")
         from trl import GRPOTrainer  # noqa: F401
-
-        if trl.__version__ != TRL_VERSION:
-            raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {TRL_VERSION}")
     import_rss = _rss()
     report((run_ours if impl == "ours" else run_trl)(model, data, max_length, args), import_rss, args)
 

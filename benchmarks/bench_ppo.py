@@ -76,6 +76,17 @@ def trl_dir(version: str = TRL_VERSION, marker: str = "trl/experimental/ppo/ppo_
     return str(root)
 
 
+def import_pinned_trl(version: str = TRL_VERSION, marker: str = "trl/experimental/ppo/ppo_trainer.py"):
+    """trl==`version` imported from `trl_dir` (first on sys.path, this process only) -> the module; RuntimeError
+    when another version was imported."""
+    sys.path.insert(0, trl_dir(version, marker))
+    import trl
+
+    if trl.__version__ != version:
+        raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {version}")
+    return trl
+
+
 def _prompts(model: str, data: str, max_length: int, batch: int, n: int):
     """A PromptDataModule in file order holding exactly its first n prompts of <= max_length tokens."""
     from amrlhf.data import PromptDataModule
@@ -229,12 +240,8 @@ def child(impl: str, name: str, args) -> None:
 
         import amrlhf.modules  # noqa: F401
     else:
-        sys.path.insert(0, trl_dir())
-        import trl
+        import_pinned_trl()
         from trl.experimental.ppo import PPOTrainer  # noqa: F401
-
-        if trl.__version__ != TRL_VERSION:
-            raise RuntimeError(f"imported trl {trl.__version__} from {trl.__file__}, wanted {TRL_VERSION}")
     import_rss = _rss()
     report((run_ours if impl == "ours" else run_trl)(model, data, max_length, args), import_rss, args)
 
