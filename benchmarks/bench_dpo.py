@@ -5,9 +5,11 @@ same reference mode (a frozen reference model), no gradient checkpointing, fp32 
 (implementation, model) runs in its own process, so peak RSS is its own; implementations alternate
 so that machine noise hits both. Prints s/step, tokens/s, peak RSS (and RSS right after imports) and the ratios
 to TRL. `ours` is DPOModule's defaults (shared-prefix packing on); `ours-padded` the same with
-`share_prefix=False` (the padded batch, as TRL runs it).
+`share_prefix=False` (the padded batch, as TRL runs it); `ours-in-backward` the defaults with `optimizer_in_backward`
+(each weight's AdamW update inside the backward pass: the same weights, no full set of gradients held).
 
-    python benchmarks/bench_dpo.py [--models tiny smollm2] [--impls ours ours-padded trl] [--steps 4] [--warmup 2]
+    python benchmarks/bench_dpo.py [--models tiny smollm2] [--impls ours ours-padded ours-in-backward trl]
+        [--steps 4] [--warmup 2]
 Needs `amrlhf prepare` for the models. The TRL side runs trl==1.16.0 as bench_grpo.py does: fetched once with
 `pip download --no-deps` into $AMRLHF_HOME/cache/bench/trl-1.16.0, first on sys.path in the TRL process only
 (an installed trl of another version is not used).
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ppo import import_pinned_trl  # noqa: E402
 
 TRL_VERSION = "1.16.0"
-IMPLS = ("ours", "ours-padded", "trl")
+IMPLS = ("ours", "ours-padded", "ours-in-backward", "trl")
 MODELS = {
     "tiny": ("local:tiny-llama", "local:tiny-arith/prefs_train", 64),
     "smollm2": ("local:smollm2-135m-instruct", "local:halueval_dialogue/train", 256),
@@ -51,7 +53,7 @@ def _tokens(enc) -> int:
 
 
 def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int,
-             share_prefix: bool = True) -> dict:
+             share_prefix: bool = True, in_backward: bool = False) -> dict:
     import lightning as L
     import torch
 
@@ -63,7 +65,8 @@ def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, war
     tok, _, enc = _pairs(model, data, max_length, batch * (steps + warmup))
     torch.manual_seed(0)
     module = DPOModule(ModelSpec(model, dtype="float32"), reference=FrozenReference(),
-                       segmenter=SampleWiseSegmenter(), lr=1e-6, share_prefix=share_prefix)
+                       segmenter=SampleWiseSegmenter(), lr=1e-6, share_prefix=share_prefix,
+                       optimizer_in_backward=in_backward)
     loader = torch.utils.data.DataLoader(enc, batch_size=batch, collate_fn=Collator(tok.pad_token_id))
     times = []
 
@@ -127,7 +130,8 @@ def child(impl: str, name: str, args) -> None:
     else:
         import amrlhf.modules  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    run = (lambda *a: run_ours(*a, share_prefix=impl == "ours")) if impl != "trl" else run_trl
+    run = (lambda *a: run_ours(*a, share_prefix=impl != "ours-padded", in_backward=impl == "ours-in-backward")) \
+        if impl != "trl" else run_trl
     out = run(model, data, max_length, args.batch, args.steps, args.warmup)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["import_rss_mb"] = baseline
@@ -164,22 +168,22 @@ def main() -> None:
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION}")
-    print(f"{'model':10s}{'impl':13s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}{'1-min load':>12s}")
+    print(f"{'model':10s}{'impl':18s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}{'1-min load':>12s}")
     for name, res in rows:
         for impl, r in res.items():
             if r is None:
-                print(f"{name:10s}{impl:13s}{'failed':>10s}")
+                print(f"{name:10s}{impl:18s}{'failed':>10s}")
                 continue
             sps = sum(r["times"]) / len(r["times"])
             r["sps"] = sps
-            print(f"{name:10s}{impl:13s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}"
+            print(f"{name:10s}{impl:18s}{sps:10.3f}{r['tokens'] / sps:11.0f}{r['peak_rss_mb']:13.0f}"
                   f"{r['import_rss_mb']:15.0f}{r['load1']:12.1f}")
         trl = res.get("trl")
-        for impl in ("ours", "ours-padded"):
+        for impl in ("ours", "ours-padded", "ours-in-backward"):
             r = res.get(impl)
             if r and trl:
                 above = (r["peak_rss_mb"] - r["import_rss_mb"]) / (trl["peak_rss_mb"] - trl["import_rss_mb"])
-                print(f"{name:10s}{impl + '/TRL':20s}time {r['sps'] / trl['sps']:.2f}   peak RSS "
+                print(f"{name:10s}{impl + '/TRL':25s}time {r['sps'] / trl['sps']:.2f}   peak RSS "
                       f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}   peak RSS above imports {above:.2f}")
 
 

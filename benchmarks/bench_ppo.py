@@ -17,7 +17,10 @@ decode steps (longest response), peak RSS and RSS right after imports; ratios ou
 machine's 1-min load average at each step end is printed too: on a shared machine, times are only
 comparable between runs that saw similar load.
 
-    python benchmarks/bench_ppo.py [--models tiny smollm2] [--steps 3] [--warmup 1]
+    python benchmarks/bench_ppo.py [--models tiny smollm2] [--steps 3] [--warmup 1] [--optimizer-in-backward 1]
+
+`--optimizer-in-backward 1` runs our side with `optimizer_in_backward` (each weight's AdamW update inside the
+backward pass: the same weights, no full set of gradients held); TRL's side is unchanged.
 
 TRL >= 1.13 has no PPO trainer: the TRL side runs trl==1.12.0 (the last with trl/experimental/ppo),
 fetched once with `pip download --no-deps` and unzipped into $AMRLHF_HOME/cache/bench/trl-1.12.0,
@@ -115,7 +118,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     module = PPOModule(spec, reward=RewardModelScorer(spec), critic=ValueModel(spec), reference=FrozenReference(),
                        sampling=Sampling(max_new_tokens=args.new_tokens, temperature=1.0), kl=FixedKL(KL_COEF),
                        kl_estimator="k1", ppo_epochs=1, mini_batch_size=args.mini_batch, max_grad_norm=None,
-                       seed=SEED, lr=LR)
+                       seed=SEED, lr=LR, optimizer_in_backward=bool(args.optimizer_in_backward))
     gen, times, loads = [], [], []
     sample = module.sample
 
@@ -306,6 +309,8 @@ def main() -> None:
     p.add_argument("--mini-batch", type=int, default=2, help="rows per optimizer step")
     p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per response")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--optimizer-in-backward", type=int, choices=(0, 1), default=0,
+                   help="1: our side updates each weight inside the backward pass")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.batch % args.mini_batch:
@@ -317,7 +322,7 @@ def main() -> None:
     print(f"\nPPO rollout step, CPU fp32, {args.batch} prompts/rollout, mini-batch {args.mini_batch}, 1 PPO epoch, "
           f"<= {args.new_tokens} new tokens (T=1.0, stop at EOS), policy + frozen ref + reward model + critic; "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION} "
-          f"experimental PPOTrainer\n")
+          f"experimental PPOTrainer{'; ours with optimizer_in_backward' if args.optimizer_in_backward else ''}\n")
     for name, res in rows:
         print(f"model {name} ({MODELS[name][0]}, prompts {MODELS[name][1]})\n")
         print("| metric (per rollout step) | ours | TRL | ours/TRL |\n|---|---:|---:|---:|")

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 # lower layers never import higher ones (same layer: allowed, circles are checked separately)
 LAYERS = [
-    {"errors", "distributed", "paths", "config_files", "memory", "stats"},
+    {"errors", "distributed", "paths", "config_files", "memory", "optimizers", "stats"},
     {"losses", "segmenters", "assets", "tracking"},
     {"models", "cache"},
     {"data"},

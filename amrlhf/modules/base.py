@@ -10,11 +10,13 @@ import logging
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 
-from amrlhf.errors import ConfigError
+from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.models import ModelSpec
 from amrlhf.modules.masking import Masker, setup_segmentation
+from amrlhf.optimizers import AdamWInBackward
 from amrlhf.scorers import TokenScorer
 from amrlhf.segmenters import PivotSegmenter, Segmentation, Side
 
@@ -67,9 +69,11 @@ class AlignmentModule(L.LightningModule):
         warmup_steps: int = 0,
         betas: tuple[float, float] = (0.9, 0.999),
         mask_side: Side = "both",
+        optimizer_in_backward: bool = False,
     ):
         super().__init__()
         check_optimizer(lr, weight_decay, warmup_steps, betas)
+        self.optimizer_in_backward = optimizer_in_backward
         self.policy_spec = policy
         # segmenter None = the unmasked path (m = response mask): the reference for parity tests.
         self.masker = Masker(segmenter, scorer, score_calibration_batches, mask_side)
@@ -97,12 +101,43 @@ class AlignmentModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        if self.optimizer_in_backward:
+            self.check_optimizer_in_backward()
+            opt = AdamWInBackward(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         if not self.warmup_steps:
             return opt
         warm = self.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def check_optimizer_in_backward(self) -> None:
+        """Refuse the trainer settings under which updating each weight inside the backward pass (amrlhf.optimizers)
+        would train something else than the plain AdamW step: each needs every gradient before any update."""
+        t = self.trainer
+        why = []
+        if t.gradient_clip_val:
+            why.append(f"trainer.gradient_clip_val ({t.gradient_clip_val}): the global norm needs every gradient")
+        if t.accumulate_grad_batches != 1:
+            why.append(f"trainer.accumulate_grad_batches ({t.accumulate_grad_batches}): every backward pass would "
+                       "step; use a larger data.batch_size")
+        if t.world_size > 1 or not isinstance(t.strategy, SingleDeviceStrategy):
+            why.append(f"the {type(t.strategy).__name__} strategy: a weight would be updated before its gradient is "
+                       "reduced across devices; optimizer_in_backward runs on one device")
+        if t.precision == "16-mixed":
+            why.append("precision 16-mixed: its gradient scaler unscales and checks every gradient before the step; "
+                       "use bf16-mixed")
+        if why:
+            raise AmrlhfError(f"{type(self).__name__}: optimizer_in_backward updates each weight as soon as its "
+                              f"gradient exists, which rules out {'; '.join(why)}")
+
+    def teardown(self, stage: str) -> None:
+        # the hooks of an optimizer stepped in the backward pass leave with the fit (a crash included): a later
+        # backward through this module keeps its gradients and leaves the weights alone
+        for opt in (self.trainer.optimizers if self._trainer is not None else []):
+            if isinstance(opt, AdamWInBackward):
+                opt.detach()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next

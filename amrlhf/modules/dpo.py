@@ -40,6 +40,7 @@ class DPOModule(PackedForward, AlignmentModule):
         betas: tuple[float, float] = (0.9, 0.999),
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
         share_prefix: bool = True,
+        optimizer_in_backward: bool = False,
     ):
         """
         Args:
@@ -59,9 +60,13 @@ class DPOModule(PackedForward, AlignmentModule):
             share_prefix: run each pair as one packed sequence, its prompt (and any common start of its two
                 responses) once, for the policy and the reference (amrlhf.models.shared_prefix;
                 docs/performance.md); false: the padded batch. The values agree to float32 rounding.
+            optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
+                gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
+                the trainable weights' gradients ever held at once. One device, no gradient clipping, no
+                gradient accumulation.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
-                         betas, mask_side=mask_side)
+                         betas, mask_side=mask_side, optimizer_in_backward=optimizer_in_backward)
         self.reference = reference or FrozenReference()
         self.loss_fn = loss or SigmoidDPO()
         self.nll_alpha = nll_alpha

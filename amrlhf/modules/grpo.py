@@ -117,6 +117,7 @@ class GRPOModule(PackedForward, OnPolicyModule):
         betas: tuple[float, float] = (0.9, 0.999),
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
         share_prefix: bool = True,
+        optimizer_in_backward: bool = False,
     ):
         """
         Args:
@@ -170,10 +171,15 @@ class GRPOModule(PackedForward, OnPolicyModule):
             share_prefix: the responses to one prompt in a (mini-)batch run as packed sequences, the prompt
                 once (amrlhf.models.shared_prefix; docs/performance.md), for the policy and the reference;
                 false: the padded batch. The values agree to float32 rounding.
+            optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
+                gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
+                the trainable weights' gradients ever held at once. One device, no gradient clipping (max_grad_norm: null), no
+                gradient accumulation.
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
                          kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,
-                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas, logits_chunk, mask_side)
+                         segment_warmup_rollouts, seed, lr, weight_decay, warmup_steps, betas, logits_chunk, mask_side,
+                         optimizer_in_backward)
         self.share_prefix = share_prefix
         self.advantage = advantage if advantage is not None else GroupRelative()
         if num_generations < 1 or (num_generations < 2 and getattr(self.advantage, "needs_groups", True)):

@@ -91,8 +91,14 @@ class OnPolicyModule(AlignmentModule):
         betas: tuple[float, float],
         logits_chunk: int | None,
         mask_side: Side = "both",
+        optimizer_in_backward: bool = False,
     ):
-        super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas, mask_side=mask_side)
+        super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas, mask_side=mask_side,
+                         optimizer_in_backward=optimizer_in_backward)
+        if optimizer_in_backward and max_grad_norm:
+            raise ConfigError(f"{type(self).__name__}: optimizer_in_backward updates each weight as soon as its "
+                              f"gradient exists, before the global norm that max_grad_norm ({max_grad_norm}) clips "
+                              "by is known: set max_grad_norm: null")
         check_logits_chunk(logits_chunk)
         refuse_per_example_caches(type(self).__name__, reference, scorer, reward)
         self.logits_chunk = logits_chunk  # predicted tokens per vocabulary projection (models/forward.lean_forward)

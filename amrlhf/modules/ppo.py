@@ -74,6 +74,7 @@ class PPOModule(OnPolicyModule):
         betas: tuple[float, float] = (0.9, 0.999),
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
         mask_normalization: Literal["response", "kept"] = "response",
+        optimizer_in_backward: bool = False,
     ):
         """
         Args:
@@ -110,12 +111,16 @@ class PPOModule(OnPolicyModule):
             mask_normalization: `response` (default): the AM mask multiplies the advantages and the actor
                 loss is the mean over every response token, so the mask removes gradient and never amplifies
                 it (as GRPO's, docs/rl.md); `kept`: the mean over the kept tokens only (the rule before 0.2).
+            optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
+                gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
+                the trainable weights' gradients ever held at once. One device, no gradient clipping (max_grad_norm: null), no
+                gradient accumulation.
         """
         if mask_normalization not in ("response", "kept"):
             raise ConfigError(f"PPOModule: mask_normalization must be response or kept, got {mask_normalization!r}")
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty, kl, ppo_epochs,
                          mini_batch_size, max_grad_norm, label_momentum, segment_warmup_rollouts, seed, lr,
-                         weight_decay, warmup_steps, betas, logits_chunk, mask_side)
+                         weight_decay, warmup_steps, betas, logits_chunk, mask_side, optimizer_in_backward)
         self.critic = critic if critic is not None else SharedValueHead()
         self.kl_estimator = kl_estimator
         self.gamma, self.lam = gamma, lam

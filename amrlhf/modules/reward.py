@@ -52,13 +52,18 @@ class RewardModule(_ScalarHeadModule):
     progress_keys = ("rm/accuracy",)
 
     def __init__(self, model: ModelSpec, center_coef: float = 0.0, lr: float = 1e-5, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
+                 warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999), optimizer_in_backward: bool = False):
         """
         Args:
             model: the reward model's backbone (hub id, folder, `local:` id; LoRA optional), given a scalar head.
             center_coef: weight of TRL's centring term (0: off).
+            optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
+                gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
+                the trainable weights' gradients ever held at once. One device, no gradient clipping, no
+                gradient accumulation.
         """
-        super().__init__(model, None, None, 0, lr, weight_decay, warmup_steps, betas)
+        super().__init__(model, None, None, 0, lr, weight_decay, warmup_steps, betas,
+                         optimizer_in_backward=optimizer_in_backward)
         self.center_coef = center_coef
 
     def model_step(self, batch: dict):
@@ -82,12 +87,17 @@ class TokenRewardModule(_ScalarHeadModule):
     progress_keys = ("rm/token_accuracy",)
 
     def __init__(self, model: ModelSpec, lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 betas: tuple[float, float] = (0.9, 0.999)):
+                 betas: tuple[float, float] = (0.9, 0.999), optimizer_in_backward: bool = False):
         """
         Args:
             model: the reward model's backbone (hub id, folder, `local:` id; LoRA optional), given a scalar head.
+            optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
+                gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
+                the trainable weights' gradients ever held at once. One device, no gradient clipping, no
+                gradient accumulation.
         """
-        super().__init__(model, None, None, 0, lr, weight_decay, warmup_steps, betas)
+        super().__init__(model, None, None, 0, lr, weight_decay, warmup_steps, betas,
+                         optimizer_in_backward=optimizer_in_backward)
 
     def model_step(self, batch: dict):
         if "token_flawed" not in batch:

@@ -47,7 +47,7 @@ class SFTModule(AlignmentModule):
     def __init__(self, policy: ModelSpec, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
                  score_calibration_batches: int = 8, mask_side: Side = "both", rollout: BestOfN | None = None, lr: float = 1e-6,
                  weight_decay: float = 0.0, warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999),
-                 logits_chunk: int | None = DEFAULT_LOGITS_CHUNK):
+                 logits_chunk: int | None = DEFAULT_LOGITS_CHUNK, optimizer_in_backward: bool = False):
         """
         Args:
             policy: the model trained.
@@ -59,9 +59,13 @@ class SFTModule(AlignmentModule):
             logits_chunk: predicted tokens per vocabulary-projection chunk (amrlhf.models.forward.lean_forward;
                 docs/performance.md): smaller saves memory, larger launches fewer kernels; 0 or null computes
                 the batch's logits at once.
+            optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
+                gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
+                the trainable weights' gradients ever held at once. One device, no gradient clipping, no
+                gradient accumulation.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
-                         betas, mask_side=mask_side)
+                         betas, mask_side=mask_side, optimizer_in_backward=optimizer_in_backward)
         self.rollout = rollout
         check_logits_chunk(logits_chunk)
         self.logits_chunk = logits_chunk

@@ -1,0 +1,168 @@
+"""AdamW stepped inside the backward pass (amrlhf.optimizers.AdamWInBackward, the modules' `optimizer_in_backward`):
+the same weights and optimizer state as a plain AdamW step, bit for bit; one gradient held at a time; the set-ups
+it cannot serve refused with a message; the hooks gone after the fit."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from test_grpo import fit as fit_grpo
+from test_grpo import letters_grpo
+from test_ppo import fit as fit_ppo
+from test_ppo import letters_ppo
+
+from amrlhf.data import PreferenceDataModule
+from amrlhf.errors import AmrlhfError, ConfigError
+from amrlhf.models import ModelSpec
+from amrlhf.modules import DPOModule, FrozenReference, ValueModel
+from amrlhf.optimizers import AdamWInBackward
+from amrlhf.segmenters import SampleWiseSegmenter
+
+
+class TiedNet(torch.nn.Module):
+    """An embedding tied to the output head (as SmolLM2's), a checkpointed layer, and a bias-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.mid = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.mid(t)), self.emb(x), use_reentrant=False)
+        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), x.flatten())
+
+
+def _groups(net):
+    return [{"params": [net.emb.weight], "weight_decay": 0.0},
+            {"params": [net.mid.weight, net.mid.bias], "weight_decay": 0.1}]
+
+
+def _held_during_backward(net):
+    """Hooks registered before the optimizer's: at each gradient's completion, how many parameters hold one."""
+    seen = []
+    for p in net.parameters():
+        p.register_post_accumulate_grad_hook(lambda _: seen.append(sum(q.grad is not None for q in net.parameters())))
+    return seen
+
+
+def test_the_weights_and_state_are_plain_adamw_s_bit_for_bit_with_one_gradient_held_at_a_time():
+    torch.manual_seed(0)
+    plain_net = TiedNet()
+    net = copy.deepcopy(plain_net)
+    held_plain, held = _held_during_backward(plain_net), _held_during_backward(net)
+    plain = torch.optim.AdamW(_groups(plain_net), lr=1e-2, betas=(0.8, 0.99))
+    fused = AdamWInBackward(_groups(net), lr=1e-2, betas=(0.8, 0.99))
+    warm = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 3)) for o in (plain, fused)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randint(0, 50, (4, 7), generator=gen)
+        loss = plain_net(x)
+        loss.backward()
+        plain.step()
+        plain.zero_grad(set_to_none=True)
+        assert torch.equal(fused.step(lambda: (out := net(x)).backward() or out), loss)  # noqa: B023
+        assert all(p.grad is None for p in net.parameters())
+        for s in warm:
+            s.step()
+    assert fused.updates == 5 * 3  # the tied weight updated once per step, after both of its uses
+    for a, b in zip(plain_net.parameters(), net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    sa, sb = plain.state_dict(), fused.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i, state in sa["state"].items():
+        assert all(torch.equal(v, sb["state"][i][k]) for k, v in state.items())
+    assert max(held_plain) == 3 and max(held) == 1  # plain AdamW holds every gradient; in-backward one at a time
+
+    # its state dict is AdamW's: a run resumes with either optimizer
+    resumed = torch.optim.AdamW(_groups(net), lr=1e-2, betas=(0.8, 0.99))
+    resumed.load_state_dict(fused.state_dict())
+    fused.detach()
+    x = torch.randint(0, 50, (4, 7), generator=gen)
+    for n, o in ((plain_net, plain), (net, resumed)):
+        n(x).backward()
+        o.step()
+    for a, b in zip(plain_net.parameters(), net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_after_detach_a_backward_keeps_its_gradients_and_leaves_the_weights():
+    torch.manual_seed(0)
+    net = TiedNet()
+    opt = AdamWInBackward(net.parameters(), lr=1e-2)
+    assert opt.attached and opt.step() is None  # no closure: nothing to run
+    opt.detach()
+    opt.detach()  # idempotent
+    before = [p.detach().clone() for p in net.parameters()]
+    net(torch.randint(0, 50, (2, 5))).backward()
+    assert not opt.attached and opt.updates == 0
+    assert all(p.grad is not None for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+def _fit_dpo(in_backward: bool, steps: int = 3, **trainer_kw):
+    L.seed_everything(0, verbose=False)
+    dm = PreferenceDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", max_length=64,
+                              batch_size=2, shuffle=False)
+    module = DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), segmenter=SampleWiseSegmenter(),
+                       lr=1e-3, warmup_steps=2, weight_decay=0.01, optimizer_in_backward=in_backward)
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].detach())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Losses()], **trainer_kw)
+    trainer.fit(module, datamodule=dm)
+    return module, trainer, losses
+
+
+def test_dpo_trains_the_same_weights_bit_for_bit_and_the_hooks_leave_with_the_fit():
+    plain, _, plain_losses = _fit_dpo(False)
+    fused, trainer, losses = _fit_dpo(True)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, AdamWInBackward) and opt.updates > 0 and not opt.attached
+    assert len(losses) == 3 and all(torch.equal(a, b) for a, b in zip(plain_losses, losses, strict=True))
+    a, b = dict(plain.named_parameters()), dict(fused.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    start = DPOModule(ModelSpec("local:tiny-llama"))
+    start.configure_model()
+    assert any(not torch.equal(p, a["policy." + n]) for n, p in start.policy.named_parameters())  # it trained
+
+
+@pytest.mark.parametrize(("trainer_kw", "message"), [
+    ({"gradient_clip_val": 1.0}, "gradient_clip_val (1.0)"),
+    ({"accumulate_grad_batches": 2}, "accumulate_grad_batches (2)"),
+])
+def test_set_ups_that_need_every_gradient_before_the_step_are_refused(trainer_kw, message):
+    with pytest.raises(AmrlhfError, match="optimizer_in_backward") as err:
+        _fit_dpo(True, **trainer_kw)
+    assert message in str(err.value)
+
+
+def test_grpo_trains_the_same_weights_bit_for_bit_and_refuses_gradient_clipping(letters):
+    with pytest.raises(ConfigError, match=r"max_grad_norm \(1.0\).*max_grad_norm: null"):
+        letters_grpo(letters, optimizer_in_backward=True)
+    a, b = letters_grpo(letters, max_grad_norm=None), letters_grpo(letters, max_grad_norm=None, optimizer_in_backward=True)
+    ra, rb = fit_grpo(a, letters, rollouts=2), fit_grpo(b, letters, rollouts=2)
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_ppo_with_a_critic_on_its_own_backbone_trains_the_same_weights_bit_for_bit(letters):
+    """Two backward passes per mini-batch (the policy's, then the critic's): each updates its own weights."""
+    def build(**kw):
+        torch.manual_seed(0)
+        return letters_ppo(letters, critic=ValueModel(ModelSpec(str(letters[0]))), ppo_epochs=1, max_grad_norm=None,
+                           **kw)
+
+    a, b = build(), build(optimizer_in_backward=True)
+    ra, rb = fit_ppo(a, letters, rollouts=2), fit_ppo(b, letters, rollouts=2)
+    assert [r["loss/value_avg"] for r in ra] == [r["loss/value_avg"] for r in rb]
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert any(n.startswith("critic.") for n in pa) and any(n.startswith("policy.") for n in pa)
