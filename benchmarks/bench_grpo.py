@@ -4,7 +4,7 @@ One step = one rollout: `--prompts` prompts x `--generations` samples each (KV c
 reward of every completion, group-relative advantages (std-scaled), then 2 optimizer steps on mini-batches
 of half the completions (so both sides compute the old log-probs in a pass of their own), DAPO's token-mean
 loss, clip 0.2, beta `--beta` (0: no reference model, TRL's default; > 0: a frozen reference, k3 in the
-loss), AdamW lr 1e-6, gradient clipping 1.0, seed 0. Both sides get the same model (fp32 on CPU), the same
+loss), AdamW lr 1e-6, gradient clipping `--max-grad-norm` (1.0; 0: off on both sides), seed 0. Both sides get the same model (fp32 on CPU), the same
 prompts in the same order (file order) and the same reward function (`digit_share`: the share of digit
 characters in the completion).
 
@@ -15,6 +15,10 @@ and RSS after imports, and the ratios ours/TRL; the machine's 1-min load average
 comparable between runs that saw similar load).
 
     python benchmarks/bench_grpo.py [--models tiny smollm2] [--steps 3] [--warmup 1]
+        [--max-grad-norm 0 --optimizer-in-backward 1]
+
+`--optimizer-in-backward 1` runs our side with `optimizer_in_backward` (each weight's AdamW update inside the
+backward pass: the same weights, no full set of gradients held), which needs `--max-grad-norm 0`.
 
 The TRL side runs trl==1.16.0, fetched once with `pip download --no-deps` and unzipped into
 $AMRLHF_HOME/cache/bench/trl-1.16.0, first on sys.path in the TRL process only (the venv is untouched).
@@ -81,7 +85,8 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
                         num_generations=args.generations, advantage=GroupRelative(), aggregation=TokenMean(),
                         kl=FixedKL(args.beta), kl_estimator="k3", clip_low=0.2,
                         sampling=Sampling(max_new_tokens=args.new_tokens, temperature=1.0), epochs=1,
-                        mini_batch_size=rows // 2, max_grad_norm=1.0, seed=SEED, lr=LR)
+                        mini_batch_size=rows // 2, max_grad_norm=args.max_grad_norm or None, seed=SEED, lr=LR,
+                        optimizer_in_backward=bool(args.optimizer_in_backward))
     gen, clock = [], Clock()
     sample = module.sample
 
@@ -149,7 +154,8 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
             output_dir=out, per_device_train_batch_size=rows // 2, gradient_accumulation_steps=1,
             steps_per_generation=2, num_generations=args.generations, num_iterations=1,
             max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, learning_rate=LR,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=args.beta,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
+            beta=args.beta,
             epsilon=0.2, loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
             shuffle_dataset=False, max_steps=2 * (args.steps + args.warmup), optim="adamw_torch", use_cpu=True,
             bf16=False, fp16=False, report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True,
@@ -214,14 +220,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generations", type=int, default=4, help="samples per prompt (G)")
     p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per completion")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping on both sides (0: off)")
+    p.add_argument("--optimizer-in-backward", type=int, choices=(0, 1), default=0,
+                   help="1: our side updates each weight inside the backward pass (needs --max-grad-norm 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "new_tokens", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.beta < 0:
-        p.error("--warmup and --beta must be >= 0")
+    if args.warmup < 0 or args.beta < 0 or args.max_grad_norm < 0:
+        p.error("--warmup, --beta and --max-grad-norm must be >= 0")
+    if args.optimizer_in_backward and args.max_grad_norm:
+        p.error("--optimizer-in-backward 1 needs --max-grad-norm 0: the global norm needs every gradient first")
     if args.generations < 2:
         p.error("--generations must be >= 2 (group-relative advantages compare the samples of a prompt)")
     if (args.prompts * args.generations) % 2:
@@ -236,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = run_children(__file__, args)
     print(f"\nGRPO rollout step, CPU fp32, {args.prompts} prompts x {args.generations} samples, <= {args.new_tokens} "
-          f"new tokens (T=1.0, stop at EOS), 2 optimizer steps per rollout, DAPO loss, beta {args.beta}; "
-          f"{args.steps} timed rollouts after {args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION} "
-          "GRPOTrainer\n")
+          f"new tokens (T=1.0, stop at EOS), 2 optimizer steps per rollout, DAPO loss, beta {args.beta}, gradient "
+          f"clipping {args.max_grad_norm or 'off'}; {args.steps} timed rollouts after {args.warmup} warm-up, "
+          f"{args.threads} threads; TRL {TRL_VERSION} GRPOTrainer"
+          f"{'; ours with optimizer_in_backward' if args.optimizer_in_backward else ''}\n")
     for name, res in results:
         print(f"model {name} ({MODELS[name][0]}, prompts {MODELS[name][1]})\n\n{table(res)}")
         for impl, r in res.items():

@@ -4,7 +4,8 @@ Three stages, each in a process group of its own with a time limit of its own (2
 is killed with everything it started); the results are written under --out after every stage, so a run stopped
 from outside still leaves the stages it finished:
   1. dpo: benchmarks/gpu_dpo.py: our DPO step against TRL's DPOTrainer on the same card (tokens/s, MFU, peak memory;
-     packed and padded; gradient checkpointing off and on), AM-DPO cached and online.
+     packed and padded; gradient checkpointing off and on; ours with the optimizer in the backward pass), AM-DPO
+     cached and online.
   2. reference: does a cached reference agree with the live one under bf16-mixed? A short DPO fit whose reference
      is the live bf16 model, with the cached log-probs of the same model (CachedReference: computed once before
      training, in batches of its own) read beside it at every step: per response token and per sequence, the

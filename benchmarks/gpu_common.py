@@ -217,8 +217,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _versus(label: str, a: dict, b: dict) -> str:
+    """`label tokens/s A/B, peak memory A/B` (n/a where B's peak is unknown: on the CPU)."""
+    mem = a["peak_gib"] / b["peak_gib"] if b["peak_gib"] and not math.isnan(b["peak_gib"]) else None
+    return (f"{label} tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak memory "
+            f"{'n/a' if mem is None else f'{mem:.2f}x'}")
+
+
 def ratios(rows: list[dict]) -> list[str]:
-    """One line per gradient-checkpointing setting: our DPO row over TRL's (tokens/s, peak memory)."""
+    """One line per gradient-checkpointing setting: our DPO row over TRL's (tokens/s, peak memory); then, where it
+    ran, the in-backward row (checkpointing on) over our DPO row and over TRL's."""
     lines = []
     for gc in (False, True):
         pick = {r["impl"]: r for r in rows if r["variant"] == "DPO" and r["gc"] == gc}
@@ -230,7 +238,11 @@ def ratios(rows: list[dict]) -> list[str]:
         if missing:
             lines.append(f"{label} n/a ({' and '.join(missing)} not run)")
             continue
-        mem = ours["peak_gib"] / trl["peak_gib"] if trl["peak_gib"] and not math.isnan(trl["peak_gib"]) else None
-        lines.append(f"{label} tokens/s {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x, peak memory "
-                     f"{'n/a' if mem is None else f'{mem:.2f}x'}")
+        lines.append(_versus(label, ours, trl))
+    ran = {(r["variant"], r["impl"]): r for r in rows if r["gc"] and "not_run" not in r}
+    in_bwd = ran.get(("DPO in backward", "ours"))
+    for impl in ("ours", "TRL"):
+        base = ran.get(("DPO", impl))
+        if in_bwd and base:
+            lines.append(_versus(f"ours in backward/{impl}, gradient checkpointing on:", in_bwd, base))
     return lines

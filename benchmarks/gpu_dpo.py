@@ -5,6 +5,8 @@ temporary folder), 8 pairs x (256 prompt + 256 response) tokens per step (every 
 same token ids for both), bf16 autocast over float32 master weights, a frozen reference in bf16, AdamW at lr 1e-6,
 gradient clipping at 1.0, 3 warm-up + 10 timed steps. Rows, implementations alternating:
   DPO ours / TRL with gradient checkpointing off, then on;
+  DPO in backward: ours with checkpointing on and `optimizer_in_backward` (each weight's AdamW update inside the
+  backward pass, so the float32 gradients are never all held; it cannot clip, so this row does not);
   AM-DPO cached (reward-model scores computed once before training: CachedScorer) and AM-DPO online (a
   reward-model forward every step; the reward model is the policy's folder with a fresh head), ours only;
   DPO padded: ours without shared-prefix packing (each prompt run twice), the last row.
@@ -67,7 +69,7 @@ from gpu_common import (  # noqa: E402
 log = logging.getLogger("gpu_dpo")
 LR = 1e-6
 ROWS = (("DPO", "ours", False), ("DPO", "TRL", False), ("DPO", "ours", True), ("DPO", "TRL", True),
-        ("AM-DPO cached", "ours", False), ("AM-DPO online", "ours", False), ("DPO padded", "ours", False))
+        ("DPO in backward", "ours", True), ("AM-DPO cached", "ours", False), ("AM-DPO online", "ours", False), ("DPO padded", "ours", False))
 DRY_RUN = dict(shape="tiny", pairs=2, prompt=32, response=32, warmup=1, steps=1)
 
 
@@ -131,8 +133,8 @@ def bench_module(fused: bool, compiled: bool):
             return model
 
         def configure_optimizers(self):
-            if not fused:
-                return super().configure_optimizers()  # the recipes' AdamW (foreach on CUDA)
+            if not fused or self.optimizer_in_backward:
+                return super().configure_optimizers()  # the recipes' AdamW (foreach on CUDA), or AdamWInBackward
             params = [p for p in self.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=True)
 
@@ -182,7 +184,9 @@ def run_ours(variant: str, gc_on: bool, ctx, clock: StepClock):
     a = ctx.args
     # "DPO padded": without shared-prefix packing (each pair's prompt run twice, rows padded; a dense 4D mask
     # keeps SDPA off its flash kernel, so packing can lose on a GPU: docs/performance.md)
-    kw = {"segmenter": SampleWiseSegmenter(), "share_prefix": variant != "DPO padded"}
+    in_backward = variant == "DPO in backward"  # no gradient clipping: it needs every gradient before any update
+    kw = {"segmenter": SampleWiseSegmenter(), "share_prefix": variant != "DPO padded",
+          "optimizer_in_backward": in_backward}
     if variant.startswith("AM-DPO"):
         scorer = RewardModelScorer(ModelSpec(ctx.policy, dtype="bfloat16"))
         if variant == "AM-DPO cached":
@@ -203,7 +207,7 @@ def run_ours(variant: str, gc_on: bool, ctx, clock: StepClock):
                 trainer.should_stop = True
 
     trainer = L.Trainer(accelerator="cuda" if CUDA else "cpu", devices=1, precision=a.precision,
-                        max_steps=a.warmup + a.steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                        max_steps=a.warmup + a.steps, gradient_clip_val=None if in_backward else 1.0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[Timer()])
     trainer.fit(module, datamodule=bench_data(ctx.examples, ctx.tokenizer, a.pairs))

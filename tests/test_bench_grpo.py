@@ -13,7 +13,9 @@ import bench_grpo  # noqa: E402
     (["--generations", "1"], "--generations must be >= 2"),
     (["--prompts", "1", "--generations", "3"], "must be even"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--beta", "-1"], "--beta and --max-grad-norm must be >= 0"),
+    (["--max-grad-norm", "-1"], "--beta and --max-grad-norm must be >= 0"),
+    (["--optimizer-in-backward", "1"], "--optimizer-in-backward 1 needs --max-grad-norm 0"),
     (["--models", "gpt5"], "invalid choice"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):

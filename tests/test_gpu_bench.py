@@ -89,6 +89,13 @@ def test_table_and_ratios():
     assert "| DPO | TRL | on | not run: --no-trl |" in text
     assert gpu_common.ratios(rows) == ["ours/TRL, gradient checkpointing off: tokens/s 2.00x, peak memory 0.80x",
                                        "ours/TRL, gradient checkpointing on: n/a (TRL not run)"]
+    # the in-backward row against our checkpointed DPO row and TRL's (0.16 s, 8 GiB against 0.15 s, 10 GiB; 0.3 s, 16)
+    rows[3] = row("TRL", True, 0.3, 16.0)
+    rows.append(dict(row("ours", True, 0.16, 8.0), variant="DPO in backward"))
+    assert gpu_common.ratios(rows)[1:] == [
+        "ours/TRL, gradient checkpointing on: tokens/s 2.00x, peak memory 0.62x",
+        "ours in backward/ours, gradient checkpointing on: tokens/s 0.94x, peak memory 0.80x",
+        "ours in backward/TRL, gradient checkpointing on: tokens/s 1.88x, peak memory 0.50x"]
 
 
 def _dry_run(tmp_path, *extra) -> dict:
@@ -100,9 +107,10 @@ def _dry_run(tmp_path, *extra) -> dict:
 def test_dry_run_of_our_rows(tmp_path, capsys):
     result = _dry_run(tmp_path, "--no-trl")
     ours = [r for r in result["rows"] if r["impl"] == "ours"]
-    assert [(r["variant"], r["gc"]) for r in ours] == [("DPO", False), ("DPO", True), ("AM-DPO cached", False),
-                                                       ("AM-DPO online", False), ("DPO padded", False)]
-    assert [r.get("computed_tokens_per_step") for r in ours] == [2 * (32 + 2 * 32)] * 4 + [None]  # packed, padded
+    assert [(r["variant"], r["gc"]) for r in ours] == [("DPO", False), ("DPO", True), ("DPO in backward", True),
+                                                       ("AM-DPO cached", False), ("AM-DPO online", False),
+                                                       ("DPO padded", False)]
+    assert [r.get("computed_tokens_per_step") for r in ours] == [2 * (32 + 2 * 32)] * 5 + [None]  # packed, padded
     for r in ours:
         assert "not_run" not in r, r
         assert r["timed_steps"] == 1 and r["s_per_step"] > 0 and r["loss_finite"] and 0 < r["mfu"]

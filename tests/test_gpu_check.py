@@ -98,7 +98,7 @@ def test_the_dry_run_runs_every_stage(tmp_path, capsys):
                                                      "stages.log"]  # within what a device call brings back
     stages = json.loads((out / "gpu_check.json").read_text())["stages"]
     dpo, ref, fsdp = stages["dpo"], stages["reference"], stages["fsdp"]
-    assert dpo["rows_run"] == 5 and not dpo["problems"] and "| DPO | ours | off | 1 |" in dpo["table"]
+    assert dpo["rows_run"] == 6 and not dpo["problems"] and "| DPO | ours | off | 1 |" in dpo["table"]
     assert ref["steps"] == 3 and ref["sequence_logp_mean"] > 10
     assert 0 <= ref["token_max"] < 0.05 and 0 <= ref["loss_bound"] < 0.05  # rows misaligned would be far apart
     assert fsdp["exit_codes"] == {"uninterrupted": 0, "crashed": 17, "resumed": 0} and not fsdp["problems"]
