@@ -133,10 +133,9 @@ def bench_module(fused: bool, compiled: bool):
             return model
 
         def configure_optimizers(self):
-            if not fused or self.optimizer_in_backward:
+            if not fused:
                 return super().configure_optimizers()  # the recipes' AdamW (foreach on CUDA), or AdamWInBackward
-            params = [p for p in self.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=True)
+            return self.adamw([p for p in self.parameters() if p.requires_grad], fused=True)  # (in backward too)
 
         def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
             if not fused or not gradient_clip_val:

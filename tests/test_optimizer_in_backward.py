@@ -3,6 +3,7 @@ the same weights and optimizer state as a plain AdamW step, bit for bit; one gra
 it cannot serve refused with a message; the hooks gone after the fit."""
 
 import copy
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -48,13 +49,16 @@ def _held_during_backward(net):
     return seen
 
 
-def test_the_weights_and_state_are_plain_adamw_s_bit_for_bit_with_one_gradient_held_at_a_time():
+@pytest.mark.parametrize("kernel", [{}, {"foreach": True}, {"fused": True}])
+def test_the_weights_and_state_are_plain_adamw_s_bit_for_bit_with_one_gradient_held_at_a_time(kernel):
     torch.manual_seed(0)
     plain_net = TiedNet()
     net = copy.deepcopy(plain_net)
     held_plain, held = _held_during_backward(plain_net), _held_during_backward(net)
-    plain = torch.optim.AdamW(_groups(plain_net), lr=1e-2, betas=(0.8, 0.99))
-    fused = AdamWInBackward(_groups(net), lr=1e-2, betas=(0.8, 0.99))
+    plain = torch.optim.AdamW(_groups(plain_net), lr=1e-2, betas=(0.8, 0.99), **kernel)
+    fused = AdamWInBackward(_groups(net), lr=1e-2, betas=(0.8, 0.99), **kernel)
+    step_hooks = []
+    fused.register_step_pre_hook(lambda *_: step_hooks.append(1))
     warm = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 3)) for o in (plain, fused)]
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
@@ -68,6 +72,7 @@ def test_the_weights_and_state_are_plain_adamw_s_bit_for_bit_with_one_gradient_h
         for s in warm:
             s.step()
     assert fused.updates == 5 * 3  # the tied weight updated once per step, after both of its uses
+    assert len(step_hooks) == 5  # an optimizer's step hooks run once per step, not once per weight
     for a, b in zip(plain_net.parameters(), net.parameters(), strict=True):
         assert torch.equal(a, b)
     sa, sb = plain.state_dict(), fused.state_dict()
@@ -77,7 +82,7 @@ def test_the_weights_and_state_are_plain_adamw_s_bit_for_bit_with_one_gradient_h
     assert max(held_plain) == 3 and max(held) == 1  # plain AdamW holds every gradient; in-backward one at a time
 
     # its state dict is AdamW's: a run resumes with either optimizer
-    resumed = torch.optim.AdamW(_groups(net), lr=1e-2, betas=(0.8, 0.99))
+    resumed = torch.optim.AdamW(_groups(net), lr=1e-2, betas=(0.8, 0.99), **kernel)
     resumed.load_state_dict(fused.state_dict())
     fused.detach()
     x = torch.randint(0, 50, (4, 7), generator=gen)
@@ -115,7 +120,8 @@ def _fit_dpo(in_backward: bool, steps: int = 3, **trainer_kw):
             losses.append(outputs["loss"].detach())
 
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Losses()], **trainer_kw)
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Losses(), *trainer_kw.pop("callbacks", [])], **trainer_kw)
     trainer.fit(module, datamodule=dm)
     return module, trainer, losses
 
@@ -135,13 +141,49 @@ def test_dpo_trains_the_same_weights_bit_for_bit_and_the_hooks_leave_with_the_fi
 
 
 @pytest.mark.parametrize(("trainer_kw", "message"), [
-    ({"gradient_clip_val": 1.0}, "gradient_clip_val (1.0)"),
+    ({"gradient_clip_val": 1.0}, "gradient_clip_val (1.0): the global norm needs every gradient (set trainer."),
     ({"accumulate_grad_batches": 2}, "accumulate_grad_batches (2)"),
+    ({"callbacks": [L.pytorch.callbacks.GradientAccumulationScheduler({0: 2})]}, "accumulate_grad_batches (2)"),
 ])
 def test_set_ups_that_need_every_gradient_before_the_step_are_refused(trainer_kw, message):
     with pytest.raises(AmrlhfError, match="optimizer_in_backward") as err:
         _fit_dpo(True, **trainer_kw)
     assert message in str(err.value)
+
+
+def test_multi_device_strategies_and_a_gradient_scaler_are_refused(monkeypatch):
+    module = DPOModule(ModelSpec("local:tiny-llama"), optimizer_in_backward=True)
+    stub = SimpleNamespace(gradient_clip_val=None, accumulate_grad_batches=1, world_size=2, strategy=object(),
+                           precision="16-mixed")
+    monkeypatch.setattr(DPOModule, "trainer", property(lambda self: stub))
+    with pytest.raises(AmrlhfError) as err:
+        module.check_optimizer_in_backward()
+    assert "the object strategy: a weight would be updated before its gradient is reduced" in str(err.value)
+    assert "precision 16-mixed" in str(err.value)
+
+
+def test_a_failed_fit_takes_its_hooks_along_and_a_second_fit_trains_as_the_first():
+    class Boom(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+
+    L.seed_everything(0, verbose=False)
+    module = DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), segmenter=SampleWiseSegmenter(),
+                       lr=1e-3, optimizer_in_backward=True)
+    dm = PreferenceDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", max_length=64,
+                              batch_size=2, shuffle=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, datamodule=dm)
+    first = trainer.optimizers[0]
+    assert first.updates > 0 and not first.attached and module._in_backward is None  # detached at the failure
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    second = trainer.optimizers[0]
+    assert second is not first and second.updates == first.updates * 2  # 1 step, then 2: the new optimizer's own
 
 
 def test_grpo_trains_the_same_weights_bit_for_bit_and_refuses_gradient_clipping(letters):

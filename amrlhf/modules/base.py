@@ -54,6 +54,13 @@ class PackedForward:
         return {"chunk_size": self.logits_chunk, "share_prefix": self.share_prefix, "responses_only": True}
 
 
+class _DetachOnException(L.Callback):
+    """A fit that fails skips the module's teardown: its in-backward hooks are removed here."""
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        pl_module._detach_in_backward()
+
+
 class AlignmentModule(L.LightningModule):
     """Base for SFT / reward / DPO modules: loads `policy` in `configure_model`, owns AdamW with
     linear warm-up, and logs metric dicts (`eval/` prefix for validation, reduced across devices)."""
@@ -100,17 +107,23 @@ class AlignmentModule(L.LightningModule):
             self.policy = self.load_policy()
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_in_backward:
-            self.check_optimizer_in_backward()
-            opt = AdamWInBackward(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-        else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        opt = self.adamw([p for p in self.parameters() if p.requires_grad])
         if not self.warmup_steps:
             return opt
         warm = self.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def adamw(self, params: list, **kernel) -> torch.optim.Optimizer:
+        """AdamW over `params` with the module's settings (`kernel`: foreach / fused), stepped inside the backward
+        pass when `optimizer_in_backward` (after the trainer's settings are checked)."""
+        self._detach_in_backward()  # an earlier fit's hooks (one that failed: teardown runs on success only)
+        kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, **kernel)
+        if not self.optimizer_in_backward:
+            return torch.optim.AdamW(params, **kw)
+        self.check_optimizer_in_backward()
+        self._in_backward = AdamWInBackward(params, **kw)
+        return self._in_backward
 
     def check_optimizer_in_backward(self) -> None:
         """Refuse the trainer settings under which updating each weight inside the backward pass (amrlhf.optimizers)
@@ -118,7 +131,8 @@ class AlignmentModule(L.LightningModule):
         t = self.trainer
         why = []
         if t.gradient_clip_val:
-            why.append(f"trainer.gradient_clip_val ({t.gradient_clip_val}): the global norm needs every gradient")
+            why.append(f"trainer.gradient_clip_val ({t.gradient_clip_val}): the global norm needs every gradient "
+                       "(set trainer.gradient_clip_val: null)")
         if t.accumulate_grad_batches != 1:
             why.append(f"trainer.accumulate_grad_batches ({t.accumulate_grad_batches}): every backward pass would "
                        "step; use a larger data.batch_size")
@@ -132,12 +146,24 @@ class AlignmentModule(L.LightningModule):
             raise AmrlhfError(f"{type(self).__name__}: optimizer_in_backward updates each weight as soon as its "
                               f"gradient exists, which rules out {'; '.join(why)}")
 
+    _in_backward: AdamWInBackward | None = None
+
+    def _detach_in_backward(self) -> None:
+        """The hooks of an optimizer stepped in the backward pass leave with the fit: a later backward through this
+        module keeps its gradients and leaves the weights alone."""
+        if self._in_backward is not None:
+            self._in_backward.detach()
+            self._in_backward = None
+
+    def configure_callbacks(self):
+        return [_DetachOnException()] if self.optimizer_in_backward else []
+
+    def on_train_epoch_start(self) -> None:
+        if self.optimizer_in_backward:  # again: a GradientAccumulationScheduler sets the accumulation per epoch
+            self.check_optimizer_in_backward()
+
     def teardown(self, stage: str) -> None:
-        # the hooks of an optimizer stepped in the backward pass leave with the fit (a crash included): a later
-        # backward through this module keeps its gradients and leaves the weights alone
-        for opt in (self.trainer.optimizers if self._trainer is not None else []):
-            if isinstance(opt, AdamWInBackward):
-                opt.detach()
+        self._detach_in_backward()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next
