@@ -189,7 +189,8 @@ def test_a_failed_fit_takes_its_hooks_along_and_a_second_fit_trains_as_the_first
 def test_grpo_trains_the_same_weights_bit_for_bit_and_refuses_gradient_clipping(letters):
     with pytest.raises(ConfigError, match=r"max_grad_norm \(1.0\).*max_grad_norm: null"):
         letters_grpo(letters, optimizer_in_backward=True)
-    a, b = letters_grpo(letters, max_grad_norm=None), letters_grpo(letters, max_grad_norm=None, optimizer_in_backward=True)
+    a = letters_grpo(letters, max_grad_norm=None)
+    b = letters_grpo(letters, max_grad_norm=None, optimizer_in_backward=True)
     ra, rb = fit_grpo(a, letters, rollouts=2), fit_grpo(b, letters, rollouts=2)
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

@@ -173,8 +173,8 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 false: the padded batch. The values agree to float32 rounding.
             optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
                 gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
-                the trainable weights' gradients ever held at once. One device, no gradient clipping (max_grad_norm: null), no
-                gradient accumulation.
+                the trainable weights' gradients ever held at once. One device, no gradient clipping
+                (max_grad_norm: null), no gradient accumulation.
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
                          kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,

@@ -113,8 +113,8 @@ class PPOModule(OnPolicyModule):
                 it (as GRPO's, docs/rl.md); `kept`: the mean over the kept tokens only (the rule before 0.2).
             optimizer_in_backward: update each weight with AdamW inside the backward pass, as soon as its
                 gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
-                the trainable weights' gradients ever held at once. One device, no gradient clipping (max_grad_norm: null), no
-                gradient accumulation.
+                the trainable weights' gradients ever held at once. One device, no gradient clipping
+                (max_grad_norm: null), no gradient accumulation.
         """
         if mask_normalization not in ("response", "kept"):
             raise ConfigError(f"PPOModule: mask_normalization must be response or kept, got {mask_normalization!r}")
