@@ -145,10 +145,15 @@ def test_dpo_trains_the_same_weights_bit_for_bit_and_the_hooks_leave_with_the_fi
     ({"accumulate_grad_batches": 2}, "accumulate_grad_batches (2)"),
     ({"callbacks": [L.pytorch.callbacks.GradientAccumulationScheduler({0: 2})]}, "accumulate_grad_batches (2)"),
 ])
-def test_set_ups_that_need_every_gradient_before_the_step_are_refused(trainer_kw, message):
+def test_set_ups_that_need_every_gradient_before_the_step_are_refused(trainer_kw, message, monkeypatch):
+    loads = []
+    real = DPOModule.load_policy
+    monkeypatch.setattr(DPOModule, "load_policy", lambda self: loads.append(1) or real(self))
     with pytest.raises(AmrlhfError, match="optimizer_in_backward") as err:
         _fit_dpo(True, **trainer_kw)
     assert message in str(err.value)
+    # refused before the policy loads, but where the accumulation is set per epoch, only once it is
+    assert loads == ([1] if "callbacks" in trainer_kw else [])
 
 
 def test_multi_device_strategies_and_a_gradient_scaler_are_refused(monkeypatch):

@@ -158,6 +158,10 @@ class AlignmentModule(L.LightningModule):
     def configure_callbacks(self):
         return [_DetachOnException()] if self.optimizer_in_backward else []
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.optimizer_in_backward:  # before the model loads (and again with the optimizer)
+            self.check_optimizer_in_backward()
+
     def on_train_epoch_start(self) -> None:
         if self.optimizer_in_backward:  # again: a GradientAccumulationScheduler sets the accumulation per epoch
             self.check_optimizer_in_backward()
