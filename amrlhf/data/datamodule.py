@@ -8,6 +8,7 @@ and length filtering is reported (logged and exposed in `report` for tracking).
 from __future__ import annotations
 
 import logging
+import warnings
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -19,6 +20,10 @@ from amrlhf.data.tokenize import encode_examples, encode_prompts
 from amrlhf.errors import AmrlhfError, ConfigError
 
 log = logging.getLogger(__name__)
+# Lightning warns that a run resumed inside an epoch may train "unreliable results" unless the DataLoader holds a
+# state_dict. Ours need not: ResumableSampler skips exactly the batches the checkpoint had trained on (the resume
+# tests in tests/test_cli.py compare every loss with an uninterrupted run's).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class _TextDataModule(L.LightningDataModule):
