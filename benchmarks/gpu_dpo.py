@@ -69,7 +69,8 @@ from gpu_common import (  # noqa: E402
 log = logging.getLogger("gpu_dpo")
 LR = 1e-6
 ROWS = (("DPO", "ours", False), ("DPO", "TRL", False), ("DPO", "ours", True), ("DPO", "TRL", True),
-        ("DPO in backward", "ours", True), ("AM-DPO cached", "ours", False), ("AM-DPO online", "ours", False), ("DPO padded", "ours", False))
+        ("DPO in backward", "ours", True), ("AM-DPO cached", "ours", False), ("AM-DPO online", "ours", False),
+        ("DPO padded", "ours", False))
 DRY_RUN = dict(shape="tiny", pairs=2, prompt=32, response=32, warmup=1, steps=1)
 
 
@@ -206,8 +207,8 @@ def run_ours(variant: str, gc_on: bool, ctx, clock: StepClock):
                 trainer.should_stop = True
 
     trainer = L.Trainer(accelerator="cuda" if CUDA else "cpu", devices=1, precision=a.precision,
-                        max_steps=a.warmup + a.steps, gradient_clip_val=None if in_backward else 1.0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        max_steps=a.warmup + a.steps, gradient_clip_val=None if in_backward else 1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[Timer()])
     trainer.fit(module, datamodule=bench_data(ctx.examples, ctx.tokenizer, a.pairs))
     ctx.packed = bool(module.packed)

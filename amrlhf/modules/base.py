@@ -116,12 +116,11 @@ class AlignmentModule(L.LightningModule):
 
     def adamw(self, params: list, **kernel) -> torch.optim.Optimizer:
         """AdamW over `params` with the module's settings (`kernel`: foreach / fused), stepped inside the backward
-        pass when `optimizer_in_backward` (after the trainer's settings are checked)."""
+        pass when `optimizer_in_backward` (the trainer's settings were checked in `setup`)."""
         self._detach_in_backward()  # an earlier fit's hooks (one that failed: teardown runs on success only)
         kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, **kernel)
         if not self.optimizer_in_backward:
             return torch.optim.AdamW(params, **kw)
-        self.check_optimizer_in_backward()
         self._in_backward = AdamWInBackward(params, **kw)
         return self._in_backward
 
@@ -159,7 +158,7 @@ class AlignmentModule(L.LightningModule):
         return [_DetachOnException()] if self.optimizer_in_backward else []
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.optimizer_in_backward:  # before the model loads (and again with the optimizer)
+        if stage == "fit" and self.optimizer_in_backward:  # before the model loads
             self.check_optimizer_in_backward()
 
     def on_train_epoch_start(self) -> None:
