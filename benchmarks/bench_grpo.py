@@ -5,8 +5,8 @@ reward of every completion, group-relative advantages (std-scaled), then 2 optim
 of half the completions (so both sides compute the old log-probs in a pass of their own), DAPO's token-mean
 loss, clip 0.2, beta `--beta` (0: no reference model, TRL's default; > 0: a frozen reference, k3 in the
 loss), AdamW lr 1e-6, gradient clipping `--max-grad-norm` (1.0; 0: off on both sides), seed 0. Both sides get
-the same model (fp32 on CPU), the same prompts in the same order (file order) and the same reward function (`digit_share`: the share of digit
-characters in the completion).
+the same model (fp32 on CPU), the same prompts in the same order (file order) and the same reward function
+(`digit_share`: the share of digit characters in the completion).
 
 Each (implementation, model) runs in its own process, so peak RSS is its own. Per rollout (after warm-up):
 s/step, tokens/s ((prompt + generated tokens) / s), the generation part alone (timed around our
