@@ -1,9 +1,17 @@
 """Giving freed memory back to the operating system where large buffers die.
 
 glibc's allocator keeps freed heap memory for reuse: after a rollout's generation, the hundreds of MB its KV
-cache and logits held stay in the process's resident set (docs/performance.md). `malloc_trim(0)` returns what it
-can. It is a no-op where there is no glibc (macOS, musl) and changes no value computed. Called once per rollout,
-after generation; not after every optimizer step, where it cost 12-26% of a CPU DPO step and lowered no peak."""
+cache and logits held stay in the process's resident set (docs/performance.md). Two levers, both no-ops where
+there is no glibc (macOS, musl), neither changing any value computed:
+
+- `release_freed_memory()`: `malloc_trim(0)` returns what it can. Called once per rollout, after generation; not
+  after every optimizer step, where it cost 12-26% of a CPU DPO step and lowered no peak.
+- `map_large_allocations(threshold)`: `mallopt(M_MMAP_THRESHOLD)`. glibc serves a request above its mmap
+  threshold with a mapping of its own, unmapped (given back) when freed, but raises that threshold to the size of
+  every such block freed, up to 32 MiB; after a few steps of a torch run nearly every activation comes from the
+  heap and stays resident once freed. A fixed threshold keeps large buffers mapped, so memory freed inside a step
+  leaves the resident set at once. Costs page faults where a buffer is mapped afresh (docs/performance.md).
+"""
 
 from __future__ import annotations
 
@@ -12,25 +20,39 @@ import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
+M_MMAP_THRESHOLD = -3            # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20    # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 _libc = None
 
 
-def _trim_fn():
+def _libc_fn(name: str):
+    """A function of glibc, or False where there is none (or no such function)."""
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c")
+        found = ctypes.util.find_library("c")
         try:
-            lib = ctypes.CDLL(name) if name else None
-            _libc = getattr(lib, "malloc_trim", False) or False
+            _libc = ctypes.CDLL(found) if found else False
         except OSError:
             _libc = False
-    return _libc
+    return (getattr(_libc, name, False) or False) if _libc else False
 
 
 def release_freed_memory() -> bool:
     """Ask the C allocator to return freed memory to the OS. -> whether it could be asked (glibc)."""
-    trim = _trim_fn()
+    trim = _libc_fn("malloc_trim")
     if not trim:
         return False
     trim(0)
     return True
+
+
+def map_large_allocations(threshold: int) -> bool:
+    """Serve every allocation of at least `threshold` bytes with its own mapping from now on, given back to the OS
+    when freed (glibc's M_MMAP_THRESHOLD, fixed: its growth with each freed block stops). -> whether it is set
+    (False where there is no glibc). The setting is the process's, for every later allocation."""
+    if not 0 < threshold <= MMAP_THRESHOLD_MAX:
+        raise ValueError(f"an mmap threshold is between 1 byte and {MMAP_THRESHOLD_MAX} bytes; got {threshold}")
+    mallopt = _libc_fn("mallopt")
+    if not mallopt or not _libc_fn("gnu_get_libc_version"):  # musl's mallopt does nothing
+        return False
+    return mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1

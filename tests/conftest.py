@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="amrlhf-test-home-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)  # each pytest process leaves no home behind
 os.environ["AMRLHF_HOME"] = str(_HOME)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
