@@ -6,11 +6,13 @@ there is no glibc (macOS, musl), neither changing any value computed:
 
 - `release_freed_memory()`: `malloc_trim(0)` returns what it can. Called once per rollout, after generation; not
   after every optimizer step, where it cost 12-26% of a CPU DPO step and lowered no peak.
-- `map_large_allocations(threshold)`: `mallopt(M_MMAP_THRESHOLD)`. glibc serves a request above its mmap
-  threshold with a mapping of its own, unmapped (given back) when freed, but raises that threshold to the size of
-  every such block freed, up to 32 MiB; after a few steps of a torch run nearly every activation comes from the
-  heap and stays resident once freed. A fixed threshold keeps large buffers mapped, so memory freed inside a step
-  leaves the resident set at once. Costs page faults where a buffer is mapped afresh (docs/performance.md).
+- `map_large_allocations(threshold)`: `mallopt(M_MMAP_THRESHOLD)`. Where its free memory cannot serve a request,
+  glibc grows the heap, or, for a request above its mmap threshold, maps the block on its own and unmaps it (gives
+  it back) when freed. But it raises that threshold to the size of every such block freed, up to 32 MiB: after a
+  few steps of a torch run nearly every activation comes from the heap, and stays resident once freed. A fixed
+  threshold keeps large buffers mapped, so memory freed inside a step leaves the resident set at once. Costs page
+  faults where a buffer is mapped afresh (docs/performance.md), so `heap_allocations()` lifts it where many medium
+  buffers live and die together: a rollout's generation.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3            # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD_MAX = 32 << 20    # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 _libc = None
+_threshold: int | None = None  # the fixed threshold map_large_allocations set
 
 
 def _libc_fn(name: str):
@@ -47,12 +52,33 @@ def release_freed_memory() -> bool:
 
 
 def map_large_allocations(threshold: int) -> bool:
-    """Serve every allocation of at least `threshold` bytes with its own mapping from now on, given back to the OS
-    when freed (glibc's M_MMAP_THRESHOLD, fixed: its growth with each freed block stops). -> whether it is set
-    (False where there is no glibc). The setting is the process's, for every later allocation."""
+    """From now on, an allocation of at least `threshold` bytes that the heap's free memory cannot serve gets a
+    mapping of its own, given back to the OS when freed, instead of growing the heap (glibc's M_MMAP_THRESHOLD,
+    fixed: its growth with each freed block stops). -> whether it is set (False where there is no glibc). The
+    setting is the process's, for every later allocation."""
     if not 0 < threshold <= MMAP_THRESHOLD_MAX:
         raise ValueError(f"an mmap threshold is between 1 byte and {MMAP_THRESHOLD_MAX} bytes; got {threshold}")
+    global _threshold
     mallopt = _libc_fn("mallopt")
     if not mallopt or not _libc_fn("gnu_get_libc_version"):  # musl's mallopt does nothing
         return False
-    return mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
+    if mallopt(M_MMAP_THRESHOLD, int(threshold)) != 1:
+        return False
+    _threshold = int(threshold)
+    return True
+
+
+@contextmanager
+def heap_allocations() -> Iterator[None]:
+    """Inside, allocations come from the heap again (glibc's largest threshold): for work of many medium buffers
+    that live and die together, such as a generation's KV cache, which would each be faulted in afresh if mapped.
+    After it, `map_large_allocations`' threshold again. A no-op where that was never set."""
+    if _threshold is None:
+        yield
+        return
+    mallopt = _libc_fn("mallopt")
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, _threshold)

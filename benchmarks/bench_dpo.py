@@ -9,7 +9,7 @@ to TRL. `ours` is DPOModule's defaults (shared-prefix packing on); `ours-padded`
 (each weight's AdamW update inside the backward pass: the same weights, no full set of gradients held).
 
     python benchmarks/bench_dpo.py [--models tiny smollm2] [--impls ours ours-padded ours-in-backward trl]
-        [--steps 4] [--warmup 2]
+        [--steps 4] [--warmup 2] [--map-large-mb 0.25]
 Needs `amrlhf prepare` for the models. The TRL side runs trl==1.16.0 as bench_grpo.py does: fetched once with
 `pip download --no-deps` into $AMRLHF_HOME/cache/bench/trl-1.16.0, first on sys.path in the TRL process only
 (an installed trl of another version is not used).
@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import import_pinned_trl  # noqa: E402
+from bench_ppo import add_map_large_argument, import_pinned_trl, mapping_callbacks  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 IMPLS = ("ours", "ours-padded", "ours-in-backward", "trl")
@@ -53,7 +53,7 @@ def _tokens(enc) -> int:
 
 
 def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int,
-             share_prefix: bool = True, in_backward: bool = False) -> dict:
+             share_prefix: bool = True, in_backward: bool = False, map_large_mb: float = 0.0) -> dict:
     import lightning as L
     import torch
 
@@ -78,7 +78,8 @@ def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, war
             times.append(time.perf_counter() - self.t)
 
     trainer = L.Trainer(accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Timer(), *mapping_callbacks(map_large_mb)])
     trainer.fit(module, train_dataloaders=loader)
     return {"times": times[warmup:], "tokens": _tokens(enc[batch * warmup:]) / steps}
 
@@ -130,8 +131,8 @@ def child(impl: str, name: str, args) -> None:
     else:
         import amrlhf.modules  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    run = (lambda *a: run_ours(*a, share_prefix=impl != "ours-padded", in_backward=impl == "ours-in-backward")) \
-        if impl != "trl" else run_trl
+    run = (lambda *a: run_ours(*a, share_prefix=impl != "ours-padded", in_backward=impl == "ours-in-backward",
+                               map_large_mb=args.map_large_mb)) if impl != "trl" else run_trl
     out = run(model, data, max_length, args.batch, args.steps, args.warmup)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["import_rss_mb"] = baseline
@@ -147,6 +148,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
     p.add_argument("--threads", type=int, default=2)
+    add_map_large_argument(p)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -157,7 +159,8 @@ def main() -> None:
         res = {}
         for impl in args.impls:
             cmd = [sys.executable, __file__, "--child", impl, name, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads)]
+                   str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads),
+                   "--map-large-mb", str(args.map_large_mb)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -167,7 +170,8 @@ def main() -> None:
             res[impl] = json.loads(line[7:])
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION}")
+          f"{args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION}"
+          f"{f'; ours with MapLargeAllocations({args.map_large_mb:g} MiB)' if args.map_large_mb else ''}")
     print(f"{'model':10s}{'impl':18s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}{'1-min load':>12s}")
     for name, res in rows:
         for impl, r in res.items():

@@ -15,7 +15,7 @@ and RSS after imports, and the ratios ours/TRL; the machine's 1-min load average
 comparable between runs that saw similar load).
 
     python benchmarks/bench_grpo.py [--models tiny smollm2] [--steps 3] [--warmup 1]
-        [--max-grad-norm 0 --optimizer-in-backward 1]
+        [--max-grad-norm 0 --optimizer-in-backward 1] [--map-large-mb 0.25]
 
 `--optimizer-in-backward 1` runs our side with `optimizer_in_backward` (each weight's AdamW update inside the
 backward pass: the same weights, no full set of gradients held), which needs `--max-grad-norm 0`.
@@ -37,7 +37,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import _prompts, _rss, _summary, _trl_pad, import_pinned_trl, report, run_children  # noqa: E402
+from bench_ppo import (  # noqa: E402
+    _prompts,
+    _rss,
+    _summary,
+    _trl_pad,
+    add_map_large_argument,
+    import_pinned_trl,
+    mapping_callbacks,
+    ours_settings,
+    report,
+    run_children,
+)
 
 MODELS = {  # name: (model, prompts, max prompt tokens)
     "tiny": ("local:tiny-llama", "local:tiny-arith/sft_train", 64),
@@ -109,7 +120,8 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
 
     trainer = L.Trainer(accelerator="cpu", max_steps=(args.steps + args.warmup) * module.steps_per_rollout(rows),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Timer()])
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Timer(), *mapping_callbacks(args.map_large_mb)])
     trainer.fit(module, datamodule=dm)
     return {"times": clock.times, "gen": gen, "loads": clock.loads}
 
@@ -224,6 +236,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer-in-backward", type=int, choices=(0, 1), default=0,
                    help="1: our side updates each weight inside the backward pass (needs --max-grad-norm 0)")
     p.add_argument("--threads", type=int, default=2)
+    add_map_large_argument(p)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "new_tokens", "threads"):
@@ -250,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
           f"new tokens (T=1.0, stop at EOS), 2 optimizer steps per rollout, DAPO loss, beta {args.beta}, gradient "
           f"clipping {args.max_grad_norm or 'off'}; {args.steps} timed rollouts after {args.warmup} warm-up, "
           f"{args.threads} threads; TRL {TRL_VERSION} GRPOTrainer"
-          f"{'; ours with optimizer_in_backward' if args.optimizer_in_backward else ''}\n")
+          f"{ours_settings(args)}\n")
     for name, res in results:
         print(f"model {name} ({MODELS[name][0]}, prompts {MODELS[name][1]})\n\n{table(res)}")
         for impl, r in res.items():

@@ -18,6 +18,10 @@ machine's 1-min load average at each step end is printed too: on a shared machin
 comparable between runs that saw similar load.
 
     python benchmarks/bench_ppo.py [--models tiny smollm2] [--steps 3] [--warmup 1] [--optimizer-in-backward 1]
+        [--map-large-mb 1]
+
+`--map-large-mb X` (here and in bench_grpo.py, bench_dpo.py) gives our side's trainer
+`amrlhf.callbacks.MapLargeAllocations(X)`: large buffers mapped on their own, given back when freed.
 
 `--optimizer-in-backward 1` runs our side with `optimizer_in_backward` (each weight's AdamW update inside the
 backward pass: the same weights, no full set of gradients held); TRL's side is unchanged.
@@ -103,6 +107,26 @@ def _prompts(model: str, data: str, max_length: int, batch: int, n: int):
     return dm
 
 
+def add_map_large_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--map-large-mb", type=float, default=0.0,
+                   help="> 0: our side's trainer gets MapLargeAllocations(threshold_mb) (allocations of at least "
+                        "this many MiB mapped on their own, given back when freed; glibc); 0: off")
+
+
+def mapping_callbacks(threshold_mb: float) -> list:
+    """[MapLargeAllocations(threshold_mb)] for our side's trainer, or [] when off (0)."""
+    from amrlhf.callbacks import MapLargeAllocations
+
+    return [MapLargeAllocations(threshold_mb)] if threshold_mb > 0 else []
+
+
+def ours_settings(args) -> str:
+    """What our side runs with beyond the defaults, for a table's heading ('' when nothing)."""
+    named = (["optimizer_in_backward"] if args.optimizer_in_backward else []) + (
+        [f"MapLargeAllocations({args.map_large_mb:g} MiB)"] if args.map_large_mb else [])
+    return f"; ours with {' and '.join(named)}" if named else ""
+
+
 def run_ours(model: str, data: str, max_length: int, args) -> dict:
     import lightning as L
 
@@ -145,7 +169,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     per_rollout = module.steps_per_rollout(args.batch)
     trainer = L.Trainer(accelerator="cpu", max_steps=(args.steps + args.warmup) * per_rollout, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[Timer()])
+                        num_sanity_val_steps=0, callbacks=[Timer(), *mapping_callbacks(args.map_large_mb)])
     trainer.fit(module, datamodule=dm)
     return {"times": times, "gen": gen, "loads": loads}
 
@@ -311,6 +335,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--optimizer-in-backward", type=int, choices=(0, 1), default=0,
                    help="1: our side updates each weight inside the backward pass")
+    add_map_large_argument(p)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.batch % args.mini_batch:
@@ -322,7 +347,7 @@ def main() -> None:
     print(f"\nPPO rollout step, CPU fp32, {args.batch} prompts/rollout, mini-batch {args.mini_batch}, 1 PPO epoch, "
           f"<= {args.new_tokens} new tokens (T=1.0, stop at EOS), policy + frozen ref + reward model + critic; "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION} "
-          f"experimental PPOTrainer{'; ours with optimizer_in_backward' if args.optimizer_in_backward else ''}\n")
+          f"experimental PPOTrainer{ours_settings(args)}\n")
     for name, res in rows:
         print(f"model {name} ({MODELS[name][0]}, prompts {MODELS[name][1]})\n")
         print("| metric (per rollout step) | ours | TRL | ours/TRL |\n|---|---:|---:|---:|")

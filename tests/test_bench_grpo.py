@@ -34,3 +34,16 @@ def test_summary_and_ratio_table():
     assert "| s/step | 3.000 | 6.000 | 0.50 |" in text
     assert "| peak RSS MB | 900.0 | n/a | n/a |" in bench_grpo.table({"ours": ours, "trl": "did not run"})
     assert bench_grpo.digit_share("", "a1b2") == 0.5
+
+
+def test_map_large_mb_gives_our_side_the_callback_and_names_it_in_the_heading():
+    from amrlhf.callbacks import MapLargeAllocations
+
+    off, on = bench_grpo.parse([]), bench_grpo.parse(["--map-large-mb", "0.25"])
+    assert bench_grpo.mapping_callbacks(off.map_large_mb) == []
+    (callback,) = bench_grpo.mapping_callbacks(on.map_large_mb)
+    assert isinstance(callback, MapLargeAllocations) and callback.threshold == 1 << 18
+    assert bench_grpo.ours_settings(off) == ""
+    assert bench_grpo.ours_settings(on) == "; ours with MapLargeAllocations(0.25 MiB)"
+    both = bench_grpo.parse(["--map-large-mb", "1", "--max-grad-norm", "0", "--optimizer-in-backward", "1"])
+    assert bench_grpo.ours_settings(both) == "; ours with optimizer_in_backward and MapLargeAllocations(1 MiB)"

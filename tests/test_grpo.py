@@ -5,6 +5,7 @@ and bad configuration or a broken reward stops with an error line naming what is
 
 import dataclasses
 import json
+from contextlib import contextmanager
 
 import lightning as L
 import pytest
@@ -512,18 +513,28 @@ def test_soft_weights_scale_each_tokens_gradient_once_under_either_rule(letters,
 
 def test_freed_memory_is_given_back_after_generation_only_and_changes_nothing(letters, monkeypatch):
     """release_freed_memory runs once per rollout, after its generation, not after every optimizer step (there it
-    cost time and lowered no peak: docs/performance.md); the training is the same with it as without it (it only
-    returns freed pages to the OS)."""
+    cost time and lowered no peak: docs/performance.md); the generation runs inside heap_allocations (where
+    MapLargeAllocations is on, the KV cache comes from the heap, trimmed after); the training is the same with it
+    as without it (it only returns freed pages to the OS)."""
     import amrlhf.modules.onpolicy as onpolicy
     from amrlhf.memory import release_freed_memory
 
     assert release_freed_memory() in (True, False)  # glibc here; a no-op elsewhere
     calls = []
-    monkeypatch.setattr(onpolicy, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(onpolicy, "release_freed_memory", lambda: calls.append("trim") or True)
+
+    @contextmanager
+    def heap_allocations():
+        calls.append("heap")
+        yield
+        calls.append("mapped")
+
+    monkeypatch.setattr(onpolicy, "heap_allocations", heap_allocations)
     a = letters_grpo(letters)
     rows_a = fit(a, letters, rollouts=2)
-    # 2 rollouts x 1 generation; none of the 2 x (2 epochs x 16 responses / mini-batch 8) optimizer steps
-    assert len(calls) == 2
+    # 2 rollouts x 1 generation, inside heap_allocations (MapLargeAllocations' threshold lifted), trimmed after;
+    # none of the 2 x (2 epochs x 16 responses / mini-batch 8) optimizer steps
+    assert calls == ["heap", "mapped", "trim"] * 2
     monkeypatch.setattr(onpolicy, "release_freed_memory", lambda: False)
     b = letters_grpo(letters)
     rows_b = fit(b, letters, rollouts=2)

@@ -30,7 +30,7 @@ from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.losses.kl_control import FixedKL, KLController
 from amrlhf.losses.ppo import eos_penalised
 from amrlhf.losses.reductions import last_response_index
-from amrlhf.memory import release_freed_memory
+from amrlhf.memory import heap_allocations, release_freed_memory
 from amrlhf.models import ModelSpec
 from amrlhf.models.forward import check_logits_chunk
 from amrlhf.modules.base import AlignmentModule
@@ -199,14 +199,15 @@ class OnPolicyModule(AlignmentModule):
         fields) for verifiable rewards)."""
         tok = self.trainer.datamodule.tokenizer
         prompts = left_padded_prompts(prompt_batch)
-        if per_prompt:
-            seeds = [(seed * 1_000_033 + int(i)) % (1 << 62) for i in prompt_batch["index"]]
-            batch, ended = sample_groups(self.policy, prompts, seeds, self.sampling, eos_id=tok.eos_token_id,
-                                         pad_id=tok.pad_token_id, n=n, device=self.device)
-        else:
-            with seeded(seed, self.device):
-                batch, ended = sample_responses(self.policy, prompts, self.sampling, eos_id=tok.eos_token_id,
-                                                pad_id=tok.pad_token_id, n=n)
+        with heap_allocations():  # the KV cache's many medium buffers: from the heap, trimmed after
+            if per_prompt:
+                seeds = [(seed * 1_000_033 + int(i)) % (1 << 62) for i in prompt_batch["index"]]
+                batch, ended = sample_groups(self.policy, prompts, seeds, self.sampling, eos_id=tok.eos_token_id,
+                                             pad_id=tok.pad_token_id, n=n, device=self.device)
+            else:
+                with seeded(seed, self.device):
+                    batch, ended = sample_responses(self.policy, prompts, self.sampling, eos_id=tok.eos_token_id,
+                                                    pad_id=tok.pad_token_id, n=n)
         batch["index"] = prompt_batch["index"].cpu().repeat_interleave(n)
         records = prompt_batch.get("rows") or [{}] * len(prompt_batch["index"])
         rows = [r for r in records for _ in range(n)]
