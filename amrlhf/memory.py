@@ -25,9 +25,9 @@ from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3            # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD_MAX = 32 << 20    # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
+MMAP_THRESHOLD_MAX = 32 << 20    # the documented maximum on 64-bit, and the cap of glibc's own growth of it
 _libc = None
-_threshold: int | None = None  # the fixed threshold map_large_allocations set
+_threshold: int | None = None  # the threshold in force, once map_large_allocations has fixed one
 
 
 def _libc_fn(name: str):
@@ -68,17 +68,24 @@ def map_large_allocations(threshold: int) -> bool:
     return True
 
 
+def _set_threshold(value: int) -> None:
+    global _threshold
+    _libc_fn("mallopt")(M_MMAP_THRESHOLD, value)
+    _threshold = value
+
+
 @contextmanager
 def heap_allocations() -> Iterator[None]:
     """Inside, allocations come from the heap again (glibc's largest threshold): for work of many medium buffers
     that live and die together, such as a generation's KV cache, which would each be faulted in afresh if mapped.
-    After it, `map_large_allocations`' threshold again. A no-op where that was never set."""
-    if _threshold is None:
+    After it (also after an exception, and in nested blocks), the threshold in force before it. A no-op where
+    `map_large_allocations` never fixed one."""
+    before = _threshold
+    if before is None:
         yield
         return
-    mallopt = _libc_fn("mallopt")
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    _set_threshold(MMAP_THRESHOLD_MAX)
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, _threshold)
+        _set_threshold(before)

@@ -107,8 +107,15 @@ def _prompts(model: str, data: str, max_length: int, batch: int, n: int):
     return dm
 
 
+def _threshold_mb(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"between 0 (off) and 32 MiB; got {text}")
+    return value
+
+
 def add_map_large_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--map-large-mb", type=float, default=0.0,
+    p.add_argument("--map-large-mb", type=_threshold_mb, default=0.0,
                    help="> 0: our side's trainer gets MapLargeAllocations(threshold_mb) (allocations of at least "
                         "this many MiB mapped on their own, given back when freed; glibc); 0: off")
 

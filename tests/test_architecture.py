@@ -2,9 +2,6 @@
 circles, no import upward across the layers below, and nothing imports the command-line entry point."""
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -127,16 +124,3 @@ def test_the_check_finds_a_circle_hidden_in_a_function(tmp_path):
     assert graph["amrlhf.paths"] == {"amrlhf.assets"}
     assert _circles(_without_own_package(graph)) == [["amrlhf.assets", "amrlhf.paths"]]
 
-
-def test_a_test_run_leaves_no_amrlhf_home_behind(tmp_path):
-    """conftest.py gives each pytest process a temporary AMRLHF_HOME (tiny assets built into it); the process
-    removes it when it exits, so repeated runs do not fill the temporary directory."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
-                           str(tmp_path / "base"), f"{Path(__file__)}::test_nothing_imports_the_command_line"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TMPDIR": str(tmp)})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout
-    assert not list(tmp.glob("amrlhf-test-home-*"))

@@ -17,6 +17,7 @@ import bench_grpo  # noqa: E402
     (["--max-grad-norm", "-1"], "--beta and --max-grad-norm must be >= 0"),
     (["--optimizer-in-backward", "1"], "--optimizer-in-backward 1 needs --max-grad-norm 0"),
     (["--models", "gpt5"], "invalid choice"),
+    (["--map-large-mb", "-1"], "between 0 (off) and 32 MiB; got -1"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
