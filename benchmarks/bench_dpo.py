@@ -1,7 +1,9 @@
 """Benchmark (not a test): our DPO step vs TRL's DPOTrainer step, side by side.
 
 Same model, same preference pairs (HaluEval dialogue when prepared, else tiny-arith), same batch,
-same reference mode (a frozen reference model), no gradient checkpointing, fp32 on CPU. Each
+same reference mode (a frozen reference model), no gradient checkpointing, fp32 on CPU, AdamW lr 1e-6 with
+torch's default kernel (`--fused-adamw 1`: the fused one) and no gradient clipping on both sides (TRL's
+defaults, fused AdamW and clipping at 1.0, are set to match). Each
 (implementation, model) runs in its own process, so peak RSS is its own; implementations alternate
 so that machine noise hits both. Prints s/step, tokens/s, peak RSS (and RSS right after imports) and the ratios
 to TRL. `ours` is DPOModule's defaults (shared-prefix packing on); `ours-padded` the same with
@@ -9,7 +11,7 @@ to TRL. `ours` is DPOModule's defaults (shared-prefix packing on); `ours-padded`
 (each weight's AdamW update inside the backward pass: the same weights, no full set of gradients held).
 
     python benchmarks/bench_dpo.py [--models tiny smollm2] [--impls ours ours-padded ours-in-backward trl]
-        [--steps 4] [--warmup 2] [--map-large-mb 0.25]
+        [--steps 4] [--warmup 2] [--fused-adamw 1] [--map-large-mb 0.25]
 Needs `amrlhf prepare` for the models. The TRL side runs trl==1.16.0 as bench_grpo.py does: fetched once with
 `pip download --no-deps` into $AMRLHF_HOME/cache/bench/trl-1.16.0, first on sys.path in the TRL process only
 (an installed trl of another version is not used).
@@ -26,7 +28,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ppo import add_map_large_argument, import_pinned_trl, mapping_callbacks  # noqa: E402
+from bench_ppo import (  # noqa: E402
+    add_adamw_argument,
+    add_map_large_argument,
+    import_pinned_trl,
+    mapping_callbacks,
+    ours_settings,
+    trl_optim,
+)
 
 TRL_VERSION = "1.16.0"
 IMPLS = ("ours", "ours-padded", "ours-in-backward", "trl")
@@ -53,7 +62,8 @@ def _tokens(enc) -> int:
 
 
 def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int,
-             share_prefix: bool = True, in_backward: bool = False, map_large_mb: float = 0.0) -> dict:
+             share_prefix: bool = True, in_backward: bool = False, map_large_mb: float = 0.0,
+             fused_adamw: bool = False) -> dict:
     import lightning as L
     import torch
 
@@ -66,7 +76,7 @@ def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, war
     torch.manual_seed(0)
     module = DPOModule(ModelSpec(model, dtype="float32"), reference=FrozenReference(),
                        segmenter=SampleWiseSegmenter(), lr=1e-6, share_prefix=share_prefix,
-                       optimizer_in_backward=in_backward)
+                       optimizer_in_backward=in_backward, fused_adamw=fused_adamw)
     loader = torch.utils.data.DataLoader(enc, batch_size=batch, collate_fn=Collator(tok.pad_token_id))
     times = []
 
@@ -84,7 +94,7 @@ def run_ours(model: str, data: str, max_length: int, batch: int, steps: int, war
     return {"times": times[warmup:], "tokens": _tokens(enc[batch * warmup:]) / steps}
 
 
-def run_trl(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int) -> dict:
+def run_trl(model: str, data: str, max_length: int, batch: int, steps: int, warmup: int, optim: str) -> dict:
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -113,7 +123,7 @@ def run_trl(model: str, data: str, max_length: int, batch: int, steps: int, warm
     cfg = DPOConfig(output_dir=os.path.join("bench_out", "trl"), per_device_train_batch_size=batch,
                     max_length=max_length, beta=0.1, learning_rate=1e-6, max_steps=steps + warmup, use_cpu=True,
                     bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1000,
-                    dataloader_num_workers=0, seed=0)
+                    dataloader_num_workers=0, seed=0, optim=optim, max_grad_norm=0.0)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[Timer()])
     trainer.train()
@@ -132,7 +142,8 @@ def child(impl: str, name: str, args) -> None:
         import amrlhf.modules  # noqa: F401
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run = (lambda *a: run_ours(*a, share_prefix=impl != "ours-padded", in_backward=impl == "ours-in-backward",
-                               map_large_mb=args.map_large_mb)) if impl != "trl" else run_trl
+                               map_large_mb=args.map_large_mb, fused_adamw=bool(args.fused_adamw))) \
+        if impl != "trl" else (lambda *a: run_trl(*a, optim=trl_optim(args)))
     out = run(model, data, max_length, args.batch, args.steps, args.warmup)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["import_rss_mb"] = baseline
@@ -148,6 +159,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
     p.add_argument("--threads", type=int, default=2)
+    add_adamw_argument(p)
     add_map_large_argument(p)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -160,7 +172,7 @@ def main() -> None:
         for impl in args.impls:
             cmd = [sys.executable, __file__, "--child", impl, name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads),
-                   "--map-large-mb", str(args.map_large_mb)]
+                   "--map-large-mb", str(args.map_large_mb), "--fused-adamw", str(args.fused_adamw)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -170,8 +182,7 @@ def main() -> None:
             res[impl] = json.loads(line[7:])
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.threads} threads; TRL {TRL_VERSION}"
-          f"{f'; ours with MapLargeAllocations({args.map_large_mb:g} MiB)' if args.map_large_mb else ''}")
+          f"{args.warmup} warm-up, {args.threads} threads, no gradient clipping; TRL {TRL_VERSION}{ours_settings(args)}")
     print(f"{'model':10s}{'impl':18s}{'s/step':>10s}{'tokens/s':>11s}{'peak RSS MB':>13s}{'after imports':>15s}{'1-min load':>12s}")
     for name, res in rows:
         for impl, r in res.items():

@@ -4,7 +4,7 @@ One step = one rollout: `--prompts` prompts x `--generations` samples each (KV c
 reward of every completion, group-relative advantages (std-scaled), then 2 optimizer steps on mini-batches
 of half the completions (so both sides compute the old log-probs in a pass of their own), DAPO's token-mean
 loss, clip 0.2, beta `--beta` (0: no reference model, TRL's default; > 0: a frozen reference, k3 in the
-loss), AdamW lr 1e-6, gradient clipping `--max-grad-norm` (1.0; 0: off on both sides), seed 0. Both sides get
+loss), AdamW lr 1e-6 (torch's default kernel on both sides; `--fused-adamw 1`: the fused one), gradient clipping `--max-grad-norm` (1.0; 0: off on both sides), seed 0. Both sides get
 the same model (fp32 on CPU), the same prompts in the same order (file order) and the same reward function
 (`digit_share`: the share of digit characters in the completion).
 
@@ -42,12 +42,14 @@ from bench_ppo import (  # noqa: E402
     _rss,
     _summary,
     _trl_pad,
+    add_adamw_argument,
     add_map_large_argument,
     import_pinned_trl,
     mapping_callbacks,
     ours_settings,
     report,
     run_children,
+    trl_optim,
 )
 
 MODELS = {  # name: (model, prompts, max prompt tokens)
@@ -97,7 +99,7 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
                         kl=FixedKL(args.beta), kl_estimator="k3", clip_low=0.2,
                         sampling=Sampling(max_new_tokens=args.new_tokens, temperature=1.0), epochs=1,
                         mini_batch_size=rows // 2, max_grad_norm=args.max_grad_norm or None, seed=SEED, lr=LR,
-                        optimizer_in_backward=bool(args.optimizer_in_backward))
+                        optimizer_in_backward=bool(args.optimizer_in_backward), fused_adamw=bool(args.fused_adamw))
     gen, clock = [], Clock()
     sample = module.sample
 
@@ -169,7 +171,7 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
             beta=args.beta,
             epsilon=0.2, loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
-            shuffle_dataset=False, max_steps=2 * (args.steps + args.warmup), optim="adamw_torch", use_cpu=True,
+            shuffle_dataset=False, max_steps=2 * (args.steps + args.warmup), optim=trl_optim(args), use_cpu=True,
             bf16=False, fp16=False, report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True,
             dataloader_num_workers=0, seed=SEED, log_completions=False)
         trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=cfg, train_dataset=ds,
@@ -236,6 +238,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer-in-backward", type=int, choices=(0, 1), default=0,
                    help="1: our side updates each weight inside the backward pass (needs --max-grad-norm 0)")
     p.add_argument("--threads", type=int, default=2)
+    add_adamw_argument(p)
     add_map_large_argument(p)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -5,7 +5,8 @@ log-probs, values and reward scores, GAE, then ppo_epochs x mini-batches of opti
 sides get the same model, the same prompts in the same order (PromptDataModule, file order), the
 same settings: fp32 on CPU, rollout batch 4 prompts, mini-batch 2 (2 optimizer steps per rollout),
 1 PPO epoch, up to 32 new tokens sampled at temperature 1.0 and stopped at EOS, kl 0.05 (k1),
-vf_coef 0.1, cliprange 0.2/0.2, gamma 1, lam 0.95, lr 1e-6, AdamW, no gradient clipping, seed 0.
+vf_coef 0.1, cliprange 0.2/0.2, gamma 1, lam 0.95, lr 1e-6, AdamW (torch's default kernel on both sides;
+`--fused-adamw 1`: the fused one), no gradient clipping, seed 0.
 Models: policy (trained), frozen reference, reward model and critic = the same weights with a
 fresh scalar head (the critic, initialised like the reward model, is trained).
 
@@ -127,11 +128,23 @@ def mapping_callbacks(threshold_mb: float) -> list:
     return [MapLargeAllocations(threshold_mb)] if threshold_mb > 0 else []
 
 
+def add_adamw_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fused-adamw", type=int, choices=(0, 1), default=0,
+                   help="1: AdamW's fused kernel on both sides (ours: fused_adamw; TRL: optim adamw_torch_fused); "
+                        "0: torch.optim.AdamW's default kernel on both sides (TRL: optim adamw_torch)")
+
+
+def trl_optim(args) -> str:
+    """TRL's `optim` for the AdamW kernel our side runs (TRL's own default is the fused one)."""
+    return "adamw_torch_fused" if args.fused_adamw else "adamw_torch"
+
+
 def ours_settings(args) -> str:
-    """What our side runs with beyond the defaults, for a table's heading ('' when nothing)."""
-    named = (["optimizer_in_backward"] if args.optimizer_in_backward else []) + (
+    """The AdamW kernel both sides run, then what our side runs with beyond the defaults, for a table's heading."""
+    named = (["optimizer_in_backward"] if getattr(args, "optimizer_in_backward", 0) else []) + (
         [f"MapLargeAllocations({args.map_large_mb:g} MiB)"] if args.map_large_mb else [])
-    return f"; ours with {' and '.join(named)}" if named else ""
+    kernel = "; fused AdamW on both sides" if args.fused_adamw else ""
+    return kernel + (f"; ours with {' and '.join(named)}" if named else "")
 
 
 def run_ours(model: str, data: str, max_length: int, args) -> dict:
@@ -149,7 +162,8 @@ def run_ours(model: str, data: str, max_length: int, args) -> dict:
     module = PPOModule(spec, reward=RewardModelScorer(spec), critic=ValueModel(spec), reference=FrozenReference(),
                        sampling=Sampling(max_new_tokens=args.new_tokens, temperature=1.0), kl=FixedKL(KL_COEF),
                        kl_estimator="k1", ppo_epochs=1, mini_batch_size=args.mini_batch, max_grad_norm=None,
-                       seed=SEED, lr=LR, optimizer_in_backward=bool(args.optimizer_in_backward))
+                       seed=SEED, lr=LR, optimizer_in_backward=bool(args.optimizer_in_backward),
+                       fused_adamw=bool(args.fused_adamw))
     gen, times, loads = [], [], []
     sample = module.sample
 
@@ -252,7 +266,7 @@ def run_trl(model: str, data: str, max_length: int, args) -> dict:
             total_episodes=args.batch * (args.steps + args.warmup), response_length=args.new_tokens,
             stop_token="eos", temperature=1.0, learning_rate=LR, kl_coef=KL_COEF, kl_estimator="k1", vf_coef=0.1,
             cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95, missing_eos_penalty=None,
-            num_sample_generations=0, optim="adamw_torch", lr_scheduler_type="constant", use_cpu=True, bf16=False,
+            num_sample_generations=0, optim=trl_optim(args), lr_scheduler_type="constant", use_cpu=True, bf16=False,
             fp16=False, report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True,
             dataloader_num_workers=0, seed=SEED)
         trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -342,6 +356,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--optimizer-in-backward", type=int, choices=(0, 1), default=0,
                    help="1: our side updates each weight inside the backward pass")
+    add_adamw_argument(p)
     add_map_large_argument(p)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()

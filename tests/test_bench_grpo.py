@@ -48,3 +48,14 @@ def test_map_large_mb_gives_our_side_the_callback_and_names_it_in_the_heading():
     assert bench_grpo.ours_settings(on) == "; ours with MapLargeAllocations(0.25 MiB)"
     both = bench_grpo.parse(["--map-large-mb", "1", "--max-grad-norm", "0", "--optimizer-in-backward", "1"])
     assert bench_grpo.ours_settings(both) == "; ours with optimizer_in_backward and MapLargeAllocations(1 MiB)"
+
+
+def test_both_sides_run_the_same_adamw_kernel_and_the_heading_names_a_fused_one():
+    plain, fused = bench_grpo.parse([]), bench_grpo.parse(["--fused-adamw", "1"])
+    assert bench_grpo.trl_optim(plain) == "adamw_torch"  # torch.optim.AdamW's default kernel, as ours
+    assert bench_grpo.trl_optim(fused) == "adamw_torch_fused"
+    assert bench_grpo.ours_settings(fused) == "; fused AdamW on both sides"
+    fused_mapped = bench_grpo.parse(["--fused-adamw", "1", "--map-large-mb", "1"])
+    assert bench_grpo.ours_settings(fused_mapped) == "; fused AdamW on both sides; ours with MapLargeAllocations(1 MiB)"
+    with pytest.raises(SystemExit):
+        bench_grpo.parse(["--fused-adamw", "2"])

@@ -107,12 +107,13 @@ def test_after_detach_a_backward_keeps_its_gradients_and_leaves_the_weights():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
-def _fit_dpo(in_backward: bool, steps: int = 3, **trainer_kw):
+def _fit_dpo(in_backward: bool, steps: int = 3, fused_adamw: bool = False, **trainer_kw):
     L.seed_everything(0, verbose=False)
     dm = PreferenceDataModule("local:tiny-arith/prefs_train", tokenizer="local:tiny-llama", max_length=64,
                               batch_size=2, shuffle=False)
     module = DPOModule(ModelSpec("local:tiny-llama"), reference=FrozenReference(), segmenter=SampleWiseSegmenter(),
-                       lr=1e-3, warmup_steps=2, weight_decay=0.01, optimizer_in_backward=in_backward)
+                       lr=1e-3, warmup_steps=2, weight_decay=0.01, optimizer_in_backward=in_backward,
+                       fused_adamw=fused_adamw)
     losses = []
 
     class Losses(L.Callback):
@@ -138,6 +139,19 @@ def test_dpo_trains_the_same_weights_bit_for_bit_and_the_hooks_leave_with_the_fi
     start = DPOModule(ModelSpec("local:tiny-llama"))
     start.configure_model()
     assert any(not torch.equal(p, a["policy." + n]) for n, p in start.policy.named_parameters())  # it trained
+
+
+def test_fused_adamw_is_the_fused_kernel_and_trains_the_same_weights_to_rounding_in_backward_too():
+    plain, _, plain_losses = _fit_dpo(False)
+    fused, trainer, losses = _fit_dpo(False, fused_adamw=True)
+    fused_in_backward, trainer_ib, losses_ib = _fit_dpo(True, fused_adamw=True)
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert isinstance(trainer_ib.optimizers[0], AdamWInBackward) and trainer_ib.optimizers[0].defaults["fused"] is True
+    assert trainer_ib.optimizers[0].updates > 0
+    a, b, c = (dict(m.named_parameters()) for m in (plain, fused, fused_in_backward))
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-5) for n in a)  # AdamW's update, another kernel
+    assert all(torch.equal(b[n], c[n]) for n in b)  # in the backward pass: the fused kernel per weight, the same
+    assert all(torch.equal(x, y) for x, y in zip(losses, losses_ib, strict=True)) and len(plain_losses) == 3
 
 
 @pytest.mark.parametrize(("trainer_kw", "message"), [

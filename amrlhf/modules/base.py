@@ -77,10 +77,11 @@ class AlignmentModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         mask_side: Side = "both",
         optimizer_in_backward: bool = False,
+        fused_adamw: bool = False,
     ):
         super().__init__()
         check_optimizer(lr, weight_decay, warmup_steps, betas)
-        self.optimizer_in_backward = optimizer_in_backward
+        self.optimizer_in_backward, self.fused_adamw = optimizer_in_backward, fused_adamw
         self.policy_spec = policy
         # segmenter None = the unmasked path (m = response mask): the reference for parity tests.
         self.masker = Masker(segmenter, scorer, score_calibration_batches, mask_side)
@@ -115,10 +116,11 @@ class AlignmentModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def adamw(self, params: list, **kernel) -> torch.optim.Optimizer:
-        """AdamW over `params` with the module's settings (`kernel`: foreach / fused), stepped inside the backward
-        pass when `optimizer_in_backward` (the trainer's settings were checked in `setup`)."""
+        """AdamW over `params` with the module's settings (`kernel`: foreach / fused; `fused_adamw` sets
+        fused), stepped inside the backward pass when `optimizer_in_backward` (the trainer's settings were checked in `setup`)."""
         self._detach_in_backward()  # an earlier fit's hooks (one that failed: teardown runs on success only)
-        kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, **kernel)
+        kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
+                  **({"fused": True} if self.fused_adamw else {}), **kernel)
         if not self.optimizer_in_backward:
             return torch.optim.AdamW(params, **kw)
         self._in_backward = AdamWInBackward(params, **kw)

@@ -41,6 +41,7 @@ class DPOModule(PackedForward, AlignmentModule):
         logits_chunk: int | None = DEFAULT_LOGITS_CHUNK,
         share_prefix: bool = True,
         optimizer_in_backward: bool = False,
+        fused_adamw: bool = False,
     ):
         """
         Args:
@@ -64,9 +65,13 @@ class DPOModule(PackedForward, AlignmentModule):
                 gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
                 the trainable weights' gradients ever held at once. One device, no gradient clipping, no
                 gradient accumulation.
+            fused_adamw: AdamW's fused kernel (torch's `fused=True`, the transformers Trainer's default): one pass
+                over each weight, about 4x faster than the default per-weight loop on CPU (docs/performance.md);
+                the weights agree with the default's to float32 rounding, not bit for bit.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
-                         betas, mask_side=mask_side, optimizer_in_backward=optimizer_in_backward)
+                         betas, mask_side=mask_side, optimizer_in_backward=optimizer_in_backward,
+                         fused_adamw=fused_adamw)
         self.reference = reference or FrozenReference()
         self.loss_fn = loss or SigmoidDPO()
         self.nll_alpha = nll_alpha

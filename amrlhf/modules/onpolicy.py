@@ -92,9 +92,10 @@ class OnPolicyModule(AlignmentModule):
         logits_chunk: int | None,
         mask_side: Side = "both",
         optimizer_in_backward: bool = False,
+        fused_adamw: bool = False,
     ):
         super().__init__(policy, segmenter, scorer, 0, lr, weight_decay, warmup_steps, betas, mask_side=mask_side,
-                         optimizer_in_backward=optimizer_in_backward)
+                         optimizer_in_backward=optimizer_in_backward, fused_adamw=fused_adamw)
         if optimizer_in_backward and max_grad_norm:
             raise ConfigError(f"{type(self).__name__}: optimizer_in_backward updates each weight as soon as its "
                               f"gradient exists, before the global norm that max_grad_norm ({max_grad_norm}) clips "

@@ -47,7 +47,8 @@ class SFTModule(AlignmentModule):
     def __init__(self, policy: ModelSpec, segmenter: PivotSegmenter | None = None, scorer: TokenScorer | None = None,
                  score_calibration_batches: int = 8, mask_side: Side = "both", rollout: BestOfN | None = None, lr: float = 1e-6,
                  weight_decay: float = 0.0, warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999),
-                 logits_chunk: int | None = DEFAULT_LOGITS_CHUNK, optimizer_in_backward: bool = False):
+                 logits_chunk: int | None = DEFAULT_LOGITS_CHUNK, optimizer_in_backward: bool = False,
+                 fused_adamw: bool = False):
         """
         Args:
             policy: the model trained.
@@ -63,9 +64,13 @@ class SFTModule(AlignmentModule):
                 gradient exists (amrlhf.optimizers; docs/performance.md): the same weights bit for bit, without
                 the trainable weights' gradients ever held at once. One device, no gradient clipping, no
                 gradient accumulation.
+            fused_adamw: AdamW's fused kernel (torch's `fused=True`, the transformers Trainer's default): one pass
+                over each weight, about 4x faster than the default per-weight loop on CPU (docs/performance.md);
+                the weights agree with the default's to float32 rounding, not bit for bit.
         """
         super().__init__(policy, segmenter, scorer, score_calibration_batches, lr, weight_decay, warmup_steps,
-                         betas, mask_side=mask_side, optimizer_in_backward=optimizer_in_backward)
+                         betas, mask_side=mask_side, optimizer_in_backward=optimizer_in_backward,
+                         fused_adamw=fused_adamw)
         self.rollout = rollout
         check_logits_chunk(logits_chunk)
         self.logits_chunk = logits_chunk
