@@ -120,10 +120,12 @@ def _fit_dpo(in_backward: bool, steps: int = 3, fused_adamw: bool = False, **tra
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].detach())
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+    ckpt_path = trainer_kw.pop("ckpt_path", None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False,
+                        enable_checkpointing=trainer_kw.pop("enable_checkpointing", False),
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Losses(), *trainer_kw.pop("callbacks", [])], **trainer_kw)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, trainer, losses
 
 
@@ -228,3 +230,28 @@ def test_ppo_with_a_critic_on_its_own_backbone_trains_the_same_weights_bit_for_b
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     assert any(n.startswith("critic.") for n in pa) and any(n.startswith("policy.") for n in pa)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_resumed_fit_keeps_the_modules_adamw_kernel(in_backward, tmp_path):
+    """torch restores `fused` from the checkpoint's state dict; the module's own setting must win, so that a fit
+    resumed from a checkpoint runs the kernel it was configured with (and an interrupted fit equals an
+    uninterrupted one)."""
+    module = DPOModule(ModelSpec("local:tiny-llama"), fused_adamw=True, optimizer_in_backward=in_backward)
+    module.configure_model()
+    opt = module.configure_optimizers()
+    plain = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in module.parameters()])
+    opt.load_state_dict(plain.state_dict())  # a checkpoint written by the default kernel
+    assert all(g["fused"] is True for g in opt.param_groups)
+    back = DPOModule(ModelSpec("local:tiny-llama"), optimizer_in_backward=in_backward)
+    back.configure_model()
+    default = back.configure_optimizers()
+    default.load_state_dict(opt.state_dict())  # and the other way round
+    assert all(g["fused"] is None for g in default.param_groups)
+
+
+def test_a_fit_resumed_from_a_checkpoint_runs_the_fused_kernel_it_was_configured_with(tmp_path):
+    _fit_dpo(False, steps=2, enable_checkpointing=True, default_root_dir=tmp_path)  # the default kernel's state
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    _, trainer, losses = _fit_dpo(False, steps=3, fused_adamw=True, ckpt_path=str(ckpt))
+    assert len(losses) == 1 and all(g["fused"] is True for g in trainer.optimizers[0].param_groups)

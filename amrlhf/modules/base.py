@@ -61,6 +61,20 @@ class _DetachOnException(L.Callback):
         pl_module._detach_in_backward()
 
 
+def _keeps_its_kernel(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`opt`, whose kernel (`fused`, `foreach`) stays the one it was built with when a checkpoint's state is loaded
+    (torch restores every group setting from the state dict, so a fit resumed from a checkpoint of another kernel
+    would run that one)."""
+    kernel = {k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults}
+
+    def restore(optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group.update(kernel)
+
+    opt.register_load_state_dict_post_hook(restore)
+    return opt
+
+
 class AlignmentModule(L.LightningModule):
     """Base for SFT / reward / DPO modules: loads `policy` in `configure_model`, owns AdamW with
     linear warm-up, and logs metric dicts (`eval/` prefix for validation, reduced across devices)."""
@@ -122,8 +136,8 @@ class AlignmentModule(L.LightningModule):
         kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                   **({"fused": True} if self.fused_adamw else {}), **kernel)
         if not self.optimizer_in_backward:
-            return torch.optim.AdamW(params, **kw)
-        self._in_backward = AdamWInBackward(params, **kw)
+            return _keeps_its_kernel(torch.optim.AdamW(params, **kw))
+        self._in_backward = _keeps_its_kernel(AdamWInBackward(params, **kw))
         return self._in_backward
 
     def check_optimizer_in_backward(self) -> None:
