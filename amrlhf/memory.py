@@ -68,12 +68,6 @@ def map_large_allocations(threshold: int) -> bool:
     return True
 
 
-def _set_threshold(value: int) -> None:
-    global _threshold
-    _libc_fn("mallopt")(M_MMAP_THRESHOLD, value)
-    _threshold = value
-
-
 @contextmanager
 def heap_allocations() -> Iterator[None]:
     """Inside, allocations come from the heap again (glibc's largest threshold): for work of many medium buffers
@@ -84,8 +78,8 @@ def heap_allocations() -> Iterator[None]:
     if before is None:
         yield
         return
-    _set_threshold(MMAP_THRESHOLD_MAX)
+    map_large_allocations(MMAP_THRESHOLD_MAX)
     try:
         yield
     finally:
-        _set_threshold(before)
+        map_large_allocations(before)

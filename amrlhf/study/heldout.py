@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from amrlhf.data import Collator, encode_examples, read_examples
 from amrlhf.data.records import iter_rows
@@ -28,7 +29,9 @@ from amrlhf.evaluation.localization import (
     truth_tensor,
 )
 from amrlhf.evaluation.preference import pair_logps, per_pair
+from amrlhf.models.forward import lean_forward
 from amrlhf.modules.context import scoring_context
+from amrlhf.sampling import left_pad, own_generation_config
 
 log = logging.getLogger(__name__)
 PREF_KEYS = ("implicit_acc", "implicit_margin", "lognorm_acc")
@@ -161,10 +164,6 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
     """Greedy continuations (decoded, special tokens removed). The generation config is built here
     alone; the checkpoint's generation_config is blanked for the call (transformers would fill unset
     fields from it)."""
-    from transformers import GenerationConfig
-
-    from amrlhf.sampling import left_pad, own_generation_config
-
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
@@ -230,8 +229,6 @@ def marked_rows(tokenizer, data, spec: Heldout) -> list[tuple]:
 def marked_items(model, tokenizer, data, spec: Heldout, desc: str) -> tuple[dict[str, list[float]], list[str]]:
     """Per held-out item (those with at least one marked token; the others are counted and logged):
     `marked_acc` and `marked_logp` (see `Marked`), and the items' identities (`row_id`)."""
-    from amrlhf.models.forward import lean_forward
-
     owned = marked_rows(tokenizer, data, spec)
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
