@@ -119,8 +119,8 @@ def fail(message: str) -> int:
     return 2
 
 
-def bench_module(fused: bool, compiled: bool):
-    """DPOModule with the benchmark's options (fused AdamW, compiled decoder layers), keeping its last loss."""
+def bench_module(compiled: bool):
+    """DPOModule with the benchmark's option (compiled decoder layers), keeping its last loss."""
     from amrlhf.modules import DPOModule
 
     class BenchDPO(DPOModule):
@@ -132,18 +132,6 @@ def bench_module(fused: bool, compiled: bool):
             if compiled:
                 compile_layers(model)
             return model
-
-        def configure_optimizers(self):
-            if not fused:
-                return super().configure_optimizers()  # the recipes' AdamW (foreach on CUDA), or AdamWInBackward
-            return self.adamw([p for p in self.parameters() if p.requires_grad], fused=True)  # (in backward too)
-
-        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            if not fused or not gradient_clip_val:
-                return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients itself
-            # (a GradScaler concern: bf16-mixed has no scaler, so the gradients are the true ones)
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], gradient_clip_val)
 
         def training_step(self, batch, batch_idx):
             if self.packed is None:  # whether shared-prefix packing served (it falls back by itself)
@@ -192,8 +180,9 @@ def run_ours(variant: str, gc_on: bool, ctx, clock: StepClock):
         if variant == "AM-DPO cached":
             scorer = CachedScorer(scorer, cache=os.path.join(ctx.root, "scores"))
         kw = {"segmenter": AdaptivePivotSegmenter(delta=0.3), "scorer": scorer, "score_calibration_batches": 1}
-    module = bench_module(a.fused_adamw, a.compile)(
-        ModelSpec(ctx.policy, dtype="float32", gradient_checkpointing=gc_on), reference=our_reference(ctx), lr=LR, **kw)
+    module = bench_module(a.compile)(
+        ModelSpec(ctx.policy, dtype="float32", gradient_checkpointing=gc_on), reference=our_reference(ctx), lr=LR,
+        fused_adamw=a.fused_adamw, **kw)
 
     class Timer(L.Callback):
         def on_train_start(self, *_):

@@ -255,3 +255,36 @@ def test_a_fit_resumed_from_a_checkpoint_runs_the_fused_kernel_it_was_configured
     (ckpt,) = tmp_path.rglob("*.ckpt")
     _, trainer, losses = _fit_dpo(False, steps=3, fused_adamw=True, ckpt_path=str(ckpt))
     assert len(losses) == 1 and all(g["fused"] is True for g in trainer.optimizers[0].param_groups)
+
+
+def test_fused_adamw_clips_under_bf16_mixed_where_lightning_would_refuse(monkeypatch):
+    """Lightning's mixed-precision plugin refuses to clip for an optimizer that can unscale gradients itself (the
+    fused kernel), a GradScaler's concern bf16-mixed does not have: the module clips, as Lightning's plain plugin
+    would, over the optimizer's weights."""
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        before = real(params, max_norm, *a, **k)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        seen.append((float(before), float(after), len(params)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    module, trainer, losses = _fit_dpo(False, steps=2, fused_adamw=True, precision="bf16-mixed",
+                                       gradient_clip_val=1e-3)
+    n_weights = sum(1 for p in module.parameters() if p.requires_grad)
+    assert len(losses) == 2 and len(seen) == 2
+    assert all(before > 1e-3 and after <= 1e-3 * (1 + 1e-4) and n == n_weights for before, after, n in seen)
+
+
+def test_fused_adamw_with_clipping_under_a_gradient_scaler_is_refused(monkeypatch):
+    module = DPOModule(ModelSpec("local:tiny-llama"), fused_adamw=True)
+    stub = SimpleNamespace(gradient_clip_val=1.0, precision="16-mixed")
+    monkeypatch.setattr(DPOModule, "trainer", property(lambda self: stub))
+    with pytest.raises(AmrlhfError, match="fused_adamw under precision 16-mixed unscales the gradients"):
+        module.setup("fit")
+    stub.gradient_clip_val = None
+    module.setup("fit")  # no clipping: nothing to refuse
+    stub.precision, stub.gradient_clip_val = "bf16-mixed", 1.0
+    module.setup("fit")

@@ -10,6 +10,7 @@ import logging
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 
@@ -176,6 +177,31 @@ class AlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.optimizer_in_backward:  # before the model loads
             self.check_optimizer_in_backward()
+        if stage == "fit" and self.fused_adamw:
+            self.check_fused_adamw()
+
+    def check_fused_adamw(self) -> None:
+        """Refuse clipping under 16-mixed with the fused kernel: its step unscales the gradients itself (the
+        GradScaler's), after clipping would have seen them still scaled."""
+        t = self.trainer
+        clip = t.gradient_clip_val or getattr(self, "max_grad_norm", None)
+        if t.precision == "16-mixed" and clip:
+            raise AmrlhfError(f"{type(self).__name__}: fused_adamw under precision 16-mixed unscales the gradients "
+                              f"inside its step, after gradient clipping ({clip}) would have to see them unscaled: "
+                              "use bf16-mixed, or clipping off, or fused_adamw: false")
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, but under the fused kernel with a mixed-precision plugin that has no gradient scaler
+        (bf16-mixed) done here as Lightning's plain plugin does: Lightning refuses to clip for any optimizer able to
+        unscale gradients itself, a GradScaler's concern; without a scaler the gradients are the true ones."""
+        plugin = self.trainer.precision_plugin
+        if not (self.fused_adamw and gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None):
+            return super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_train_epoch_start(self) -> None:
         if self.optimizer_in_backward:  # again: a GradientAccumulationScheduler sets the accumulation per epoch
