@@ -13,7 +13,7 @@ from test_grpo import letters_grpo
 from test_ppo import fit as fit_ppo
 from test_ppo import letters_ppo
 
-from amrlhf.data import PreferenceDataModule
+from amrlhf.data import PreferenceDataModule, PromptDataModule
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.models import ModelSpec
 from amrlhf.modules import DPOModule, FrozenReference, ValueModel
@@ -233,7 +233,7 @@ def test_ppo_with_a_critic_on_its_own_backbone_trains_the_same_weights_bit_for_b
 
 
 @pytest.mark.parametrize("in_backward", [False, True])
-def test_a_resumed_fit_keeps_the_modules_adamw_kernel(in_backward, tmp_path):
+def test_a_resumed_fit_keeps_the_modules_adamw_kernel(in_backward):
     """torch restores `fused` from the checkpoint's state dict; the module's own setting must win, so that a fit
     resumed from a checkpoint runs the kernel it was configured with (and an interrupted fit equals an
     uninterrupted one)."""
@@ -241,8 +241,17 @@ def test_a_resumed_fit_keeps_the_modules_adamw_kernel(in_backward, tmp_path):
     module.configure_model()
     opt = module.configure_optimizers()
     plain = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in module.parameters()])
+    for p in plain.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the default kernel's step counters take it; the fused kernel's float32
+    try:
+        plain.step()
+    finally:
+        torch.set_default_dtype(default_dtype)
     opt.load_state_dict(plain.state_dict())  # a checkpoint written by the default kernel
     assert all(g["fused"] is True for g in opt.param_groups)
+    assert {s["step"].dtype for s in opt.state.values()} == {torch.float32}  # placed as the fused kernel needs them
     back = DPOModule(ModelSpec("local:tiny-llama"), optimizer_in_backward=in_backward)
     back.configure_model()
     default = back.configure_optimizers()
@@ -278,13 +287,42 @@ def test_fused_adamw_clips_under_bf16_mixed_where_lightning_would_refuse(monkeyp
     assert all(before > 1e-3 and after <= 1e-3 * (1 + 1e-4) and n == n_weights for before, after, n in seen)
 
 
-def test_fused_adamw_with_clipping_under_a_gradient_scaler_is_refused(monkeypatch):
-    module = DPOModule(ModelSpec("local:tiny-llama"), fused_adamw=True)
-    stub = SimpleNamespace(gradient_clip_val=1.0, precision="16-mixed")
-    monkeypatch.setattr(DPOModule, "trainer", property(lambda self: stub))
-    with pytest.raises(AmrlhfError, match="fused_adamw under precision 16-mixed unscales the gradients"):
-        module.setup("fit")
-    stub.gradient_clip_val = None
-    module.setup("fit")  # no clipping: nothing to refuse
-    stub.precision, stub.gradient_clip_val = "bf16-mixed", 1.0
-    module.setup("fit")
+def test_fused_adamw_under_a_gradient_scaler_takes_unscaled_gradients_clipped_through_lightning():
+    """16-mixed (a GradScaler; a CPU Trainer turns it into bf16-mixed, so the plugin and the scaler by hand, in the
+    order of the plugin's optimizer_step): the scaler unscales, Lightning's plugin clips (it refused to for the
+    fused kernel), the scaler steps; the weights are the fused step's on the true, clipped gradients."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    def start():
+        return [torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+
+    module = DPOModule(ModelSpec("local:tiny-llama"), fused_adamw=True, lr=1e-2)
+    scaled, plain = start(), start()
+    opt, ref = module.adamw(scaled), module.adamw(plain)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(sum((w ** 2).sum() for w in scaled)).backward()
+    scaler.unscale_(opt)
+    MixedPrecision("16-mixed", "cpu", scaler=scaler).clip_gradients(opt, 0.5, GradClipAlgorithmType.NORM)
+    scaler.step(opt)
+    sum((w ** 2).sum() for w in plain).backward()
+    torch.nn.utils.clip_grad_norm_(plain, 0.5)
+    ref.step()
+    assert all(torch.equal(a, b) for a, b in zip(scaled, plain, strict=True))
+    assert not torch.equal(plain[0], start()[0])  # it stepped
+
+
+def test_grpo_with_fused_adamw_clips_by_max_grad_norm_under_bf16_mixed(letters, monkeypatch):
+    """The manual-optimization path (GRPO's `self.clip_gradients`) through the same Lightning plugin."""
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k: seen.append(max_norm)
+                        or real(params, max_norm, *a, **k))
+    module = letters_grpo(letters, fused_adamw=True, max_grad_norm=0.5)
+    model, path = letters
+    L.seed_everything(0, verbose=False)
+    dm = PromptDataModule(train=str(path), tokenizer=str(model), max_length=8, batch_size=4)
+    L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=module.steps_per_rollout(module.rows_per_rollout(4)),
+              logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, dm)
+    assert len(seen) == module.steps_per_rollout(module.rows_per_rollout(4)) and set(seen) == {0.5}
+    assert all(g["fused"] is True for g in module.trainer.optimizers[0].param_groups)

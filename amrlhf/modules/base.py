@@ -10,7 +10,6 @@ import logging
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 
@@ -62,17 +61,20 @@ class _DetachOnException(L.Callback):
         pl_module._detach_in_backward()
 
 
-def _keeps_its_kernel(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """`opt`, whose kernel (`fused`, `foreach`) stays the one it was built with when a checkpoint's state is loaded
-    (torch restores every group setting from the state dict, so a fit resumed from a checkpoint of another kernel
-    would run that one)."""
+def _as_configured(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`opt`, run with the kernel it was built with (`fused`, `foreach`) whatever a checkpoint says: torch takes a
+    loaded state dict's kernel, and places its `step` counters by it, so a fit resumed from another kernel's
+    checkpoint would run that kernel. The fused kernel also declares that it can unscale gradients itself, and
+    Lightning's mixed-precision plugin then refuses to clip; here it takes gradients already unscaled, as the
+    default kernel does: Lightning unscales (16-mixed), clips, then steps, through its own plugins."""
     kernel = {k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults}
 
-    def restore(optimizer: torch.optim.Optimizer) -> None:
-        for group in optimizer.param_groups:
-            group.update(kernel)
+    def keep_kernel(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+        return {**state, "param_groups": [{**group, **kernel} for group in state["param_groups"]]}
 
-    opt.register_load_state_dict_post_hook(restore)
+    opt.register_load_state_dict_pre_hook(keep_kernel)
+    if opt.defaults.get("fused"):
+        opt._step_supports_amp_scaling = False
     return opt
 
 
@@ -135,10 +137,10 @@ class AlignmentModule(L.LightningModule):
         fused), stepped inside the backward pass when `optimizer_in_backward` (the trainer's settings were checked in `setup`)."""
         self._detach_in_backward()  # an earlier fit's hooks (one that failed: teardown runs on success only)
         kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
-                  **({"fused": True} if self.fused_adamw else {}), **kernel)
+                  **({"fused": True} if self.fused_adamw else {}) | kernel)
         if not self.optimizer_in_backward:
-            return _keeps_its_kernel(torch.optim.AdamW(params, **kw))
-        self._in_backward = _keeps_its_kernel(AdamWInBackward(params, **kw))
+            return _as_configured(torch.optim.AdamW(params, **kw))
+        self._in_backward = _as_configured(AdamWInBackward(params, **kw))
         return self._in_backward
 
     def check_optimizer_in_backward(self) -> None:
@@ -177,31 +179,6 @@ class AlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.optimizer_in_backward:  # before the model loads
             self.check_optimizer_in_backward()
-        if stage == "fit" and self.fused_adamw:
-            self.check_fused_adamw()
-
-    def check_fused_adamw(self) -> None:
-        """Refuse clipping under 16-mixed with the fused kernel: its step unscales the gradients itself (the
-        GradScaler's), after clipping would have seen them still scaled."""
-        t = self.trainer
-        clip = t.gradient_clip_val or getattr(self, "max_grad_norm", None)
-        if t.precision == "16-mixed" and clip:
-            raise AmrlhfError(f"{type(self).__name__}: fused_adamw under precision 16-mixed unscales the gradients "
-                              f"inside its step, after gradient clipping ({clip}) would have to see them unscaled: "
-                              "use bf16-mixed, or clipping off, or fused_adamw: false")
-
-    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, but under the fused kernel with a mixed-precision plugin that has no gradient scaler
-        (bf16-mixed) done here as Lightning's plain plugin does: Lightning refuses to clip for any optimizer able to
-        unscale gradients itself, a GradScaler's concern; without a scaler the gradients are the true ones."""
-        plugin = self.trainer.precision_plugin
-        if not (self.fused_adamw and gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None):
-            return super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_train_epoch_start(self) -> None:
         if self.optimizer_in_backward:  # again: a GradientAccumulationScheduler sets the accumulation per epoch

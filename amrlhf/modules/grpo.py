@@ -177,8 +177,8 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 the trainable weights' gradients ever held at once. One device, no gradient clipping
                 (max_grad_norm: null), no gradient accumulation.
             fused_adamw: AdamW's fused kernel (torch's `fused=True`, the transformers Trainer's default): one pass
-                over each weight, about 4x faster than the default per-weight loop on CPU (docs/performance.md);
-                the weights agree with the default's to float32 rounding, not bit for bit.
+                over each weight; the AdamW step about 4x faster on CPU, a few per cent of a training step
+                (docs/performance.md). The weights agree with the default's to float32 rounding, not bit for bit.
         """
         super().__init__(policy, reward, reference, segmenter, scorer, sampling, missing_eos_penalty,
                          kl if kl is not None else FixedKL(0.0), epochs, mini_batch_size, max_grad_norm, 0.9,

@@ -117,8 +117,8 @@ class PPOModule(OnPolicyModule):
                 the trainable weights' gradients ever held at once. One device, no gradient clipping
                 (max_grad_norm: null), no gradient accumulation.
             fused_adamw: AdamW's fused kernel (torch's `fused=True`, the transformers Trainer's default): one pass
-                over each weight, about 4x faster than the default per-weight loop on CPU (docs/performance.md);
-                the weights agree with the default's to float32 rounding, not bit for bit.
+                over each weight; the AdamW step about 4x faster on CPU, a few per cent of a training step
+                (docs/performance.md). The weights agree with the default's to float32 rounding, not bit for bit.
         """
         if mask_normalization not in ("response", "kept"):
             raise ConfigError(f"PPOModule: mask_normalization must be response or kept, got {mask_normalization!r}")
