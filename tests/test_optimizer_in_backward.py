@@ -16,7 +16,8 @@ from test_ppo import letters_ppo
 from amrlhf.data import PreferenceDataModule, PromptDataModule
 from amrlhf.errors import AmrlhfError, ConfigError
 from amrlhf.models import ModelSpec
-from amrlhf.modules import DPOModule, FrozenReference, ValueModel
+from amrlhf.modules import DPOModule, FrozenReference, ValueModel, onpolicy
+from amrlhf.modules.onpolicy import clip_threshold
 from amrlhf.optimizers import AdamWInBackward
 from amrlhf.segmenters import SampleWiseSegmenter
 
@@ -326,3 +327,34 @@ def test_grpo_with_fused_adamw_clips_by_max_grad_norm_under_bf16_mixed(letters, 
               enable_model_summary=False).fit(module, dm)
     assert len(seen) == module.steps_per_rollout(module.rows_per_rollout(4)) and set(seen) == {0.5}
     assert all(g["fused"] is True for g in module.trainer.optimizers[0].param_groups)
+
+
+def test_on_policy_clipping_under_a_gradient_scaler_clips_the_true_gradients():
+    """GRPO and PPO clip before `opt.step()`, where Lightning unscales under 16-mixed: the gradients are still
+    scaled, so the threshold is scaled with them; clipping then unscaling equals unscaling then clipping."""
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert clip_threshold(0.5, MixedPrecision("16-mixed", "cpu", scaler=scaler)) == 512.0
+    assert clip_threshold(0.5, MixedPrecision("bf16-mixed", "cpu")) == 0.5 == clip_threshold(0.5, Precision())
+    true = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    scaled = [g * 1024.0 for g in true]
+    a = [torch.nn.Parameter(torch.zeros(5)) for _ in true]
+    b = [torch.nn.Parameter(torch.zeros(5)) for _ in true]
+    for p, g in zip(a, true, strict=True):
+        p.grad = g.clone()
+    for p, s in zip(b, scaled, strict=True):
+        p.grad = s.clone()
+    torch.nn.utils.clip_grad_norm_(a, 0.5)
+    torch.nn.utils.clip_grad_norm_(b, clip_threshold(0.5, MixedPrecision("16-mixed", "cpu", scaler=scaler)))
+    assert all(torch.allclose(p.grad, q.grad / 1024.0, rtol=1e-6, atol=0) for p, q in zip(a, b, strict=True))
+
+
+def test_grpo_clips_at_the_threshold_clip_threshold_gives(letters, monkeypatch):
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k: seen.append(max_norm)
+                        or real(params, max_norm, *a, **k))
+    monkeypatch.setattr(onpolicy, "clip_threshold", lambda max_norm, plugin: 0.123)
+    module = letters_grpo(letters, max_grad_norm=0.5)
+    rows = fit_grpo(module, letters, rollouts=1)
+    assert rows and seen and set(seen) == {0.123}

@@ -50,6 +50,14 @@ BY_LABEL = ("segments/kept_frac_chosen", "segments/kept_frac_rejected")  # absen
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
+def clip_threshold(max_norm: float, precision_plugin) -> float:
+    """The norm to clip this module's gradients at, where they are clipped: before the optimizer step. Under a
+    gradient scaler (16-mixed) manual optimization's gradients are unscaled only inside that step, so they are still
+    scaled then; clipping them at `max_norm` x the scale clips the true gradients at `max_norm`."""
+    scaler = getattr(precision_plugin, "scaler", None)
+    return max_norm * float(scaler.get_scale()) if scaler is not None else max_norm
+
+
 def refuse_per_example_caches(module: str, *components) -> None:
     """A rollout's responses are new samples: what is cached or shipped per dataset example (a cached
     reference, cached or dataset token scores) describes other responses, so it cannot serve them."""
@@ -288,7 +296,9 @@ class OnPolicyModule(AlignmentModule):
                     self.manual_backward(loss)
                     stats.update(part_stats)
                 if self.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(opt, gradient_clip_val=clip_threshold(self.max_grad_norm,
+                                                                              self.trainer.precision_plugin),
+                                        gradient_clip_algorithm="norm")
                 opt.step()
                 # freed at once: not kept through the next mini-batch's forward or the next rollout (the freed
                 # memory is not trimmed here: a trim after every step cost 12-26% of a DPO step on a CPU and
