@@ -133,8 +133,9 @@ class AlignmentModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def adamw(self, params: list, **kernel) -> torch.optim.Optimizer:
-        """AdamW over `params` with the module's settings (`kernel`: foreach / fused; `fused_adamw` sets
-        fused), stepped inside the backward pass when `optimizer_in_backward` (the trainer's settings were checked in `setup`)."""
+        """AdamW over `params` with the module's settings (`kernel`: foreach / fused; `fused_adamw` sets fused),
+        stepped inside the backward pass when `optimizer_in_backward` (the trainer's settings were checked in
+        `setup`)."""
         self._detach_in_backward()  # an earlier fit's hooks (one that failed: teardown runs on success only)
         kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                   **({"fused": True} if self.fused_adamw else {}) | kernel)
