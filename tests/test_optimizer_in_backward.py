@@ -267,25 +267,33 @@ def test_a_fit_resumed_from_a_checkpoint_runs_the_fused_kernel_it_was_configured
     assert len(losses) == 1 and all(g["fused"] is True for g in trainer.optimizers[0].param_groups)
 
 
-def test_fused_adamw_clips_under_bf16_mixed_where_lightning_would_refuse(monkeypatch):
-    """Lightning's mixed-precision plugin refuses to clip for an optimizer that can unscale gradients itself (the
-    fused kernel), a GradScaler's concern bf16-mixed does not have: the module clips, as Lightning's plain plugin
-    would, over the optimizer's weights."""
+def record_clipping(monkeypatch) -> list[tuple[float, float, float, int]]:
+    """Every `torch.nn.utils.clip_grad_norm_` call from now on (Lightning's precision plugins make it): (max_norm,
+    the gradients' norm before, their norm after, the number of weights passed)."""
     real, seen = torch.nn.utils.clip_grad_norm_, []
 
     def spy(params, max_norm, *a, **k):
         params = list(params)
         before = real(params, max_norm, *a, **k)
-        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        seen.append((float(before), float(after), len(params)))
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
+                                                      if p.grad is not None]))
+        seen.append((max_norm, float(before), float(after), len(params)))
         return before
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return seen
+
+
+def test_fused_adamw_clips_under_bf16_mixed_where_lightning_would_refuse(monkeypatch):
+    """Lightning's mixed-precision plugin refuses to clip for an optimizer that can unscale gradients itself (the
+    fused kernel declares it), a GradScaler's concern bf16-mixed does not have: the module's fused AdamW takes
+    unscaled gradients, so the plugin clips, over the optimizer's weights."""
+    seen = record_clipping(monkeypatch)
     module, trainer, losses = _fit_dpo(False, steps=2, fused_adamw=True, precision="bf16-mixed",
                                        gradient_clip_val=1e-3)
     n_weights = sum(1 for p in module.parameters() if p.requires_grad)
     assert len(losses) == 2 and len(seen) == 2
-    assert all(before > 1e-3 and after <= 1e-3 * (1 + 1e-4) and n == n_weights for before, after, n in seen)
+    assert all(before > 1e-3 and after <= 1e-3 * (1 + 1e-4) and n == n_weights for _, before, after, n in seen)
 
 
 def test_fused_adamw_under_a_gradient_scaler_takes_unscaled_gradients_clipped_through_lightning():
@@ -315,9 +323,7 @@ def test_fused_adamw_under_a_gradient_scaler_takes_unscaled_gradients_clipped_th
 
 def test_grpo_with_fused_adamw_clips_by_max_grad_norm_under_bf16_mixed(letters, monkeypatch):
     """The manual-optimization path (GRPO's `self.clip_gradients`) through the same Lightning plugin."""
-    real, seen = torch.nn.utils.clip_grad_norm_, []
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k: seen.append(max_norm)
-                        or real(params, max_norm, *a, **k))
+    seen = record_clipping(monkeypatch)
     module = letters_grpo(letters, fused_adamw=True, max_grad_norm=0.5)
     model, path = letters
     L.seed_everything(0, verbose=False)
@@ -325,7 +331,7 @@ def test_grpo_with_fused_adamw_clips_by_max_grad_norm_under_bf16_mixed(letters, 
     L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=module.steps_per_rollout(module.rows_per_rollout(4)),
               logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, dm)
-    assert len(seen) == module.steps_per_rollout(module.rows_per_rollout(4)) and set(seen) == {0.5}
+    assert len(seen) == module.steps_per_rollout(module.rows_per_rollout(4)) and {m for m, *_ in seen} == {0.5}
     assert all(g["fused"] is True for g in module.trainer.optimizers[0].param_groups)
 
 
@@ -351,10 +357,8 @@ def test_on_policy_clipping_under_a_gradient_scaler_clips_the_true_gradients():
 
 
 def test_grpo_clips_at_the_threshold_clip_threshold_gives(letters, monkeypatch):
-    real, seen = torch.nn.utils.clip_grad_norm_, []
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k: seen.append(max_norm)
-                        or real(params, max_norm, *a, **k))
+    seen = record_clipping(monkeypatch)
     monkeypatch.setattr(onpolicy, "clip_threshold", lambda max_norm, plugin: 0.123)
     module = letters_grpo(letters, max_grad_norm=0.5)
     rows = fit_grpo(module, letters, rollouts=1)
-    assert rows and seen and set(seen) == {0.123}
+    assert rows and seen and {m for m, *_ in seen} == {0.123}
