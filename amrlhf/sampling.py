@@ -1,25 +1,26 @@
 """Generation for rejection sampling, PPO and GRPO: no Lightning in here.
 
-Prompts are left-padded, sampled with the KV cache, stopped at EOS; each response keeps its EOS
+Prompts are left-padded and sampled with the KV cache by our own decode loop (`decode`: transformers'
+`generate` step for step, each prompt prefilled once for its n samples), stopped at EOS; each response keeps its EOS
 (the model generated it, so it is a response token) and nothing after it. A response cut by
 max_new_tokens has no EOS (PPO can penalise that); the collated rows' masks come from lengths,
 so truncation never leaves a pad or prompt token inside the response mask.
 
 The sampling distribution is `Sampling`'s alone (temperature, top-p, top-k; nothing else): nothing of
 a checkpoint's own `generation_config` (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...)
-applies, so PPO's log-probs are those of the distribution the responses were drawn from.
+applies (the loop never reads it), so PPO's log-probs are those of the distribution the responses were drawn from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
-    LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -56,17 +57,6 @@ class Sampling:
                 or self.prompts_per_call < 0:
             raise ConfigError(f"sampling.prompts_per_call must be an integer >= 0 (0: every prompt in one call), "
                               f"got {self.prompts_per_call!r}")
-
-
-def generation_config(sampling: Sampling, *, n: int, max_new_tokens: int, eos_id: int, pad_id: int
-                      ) -> GenerationConfig:
-    """The complete generation config of a rollout: every field that shapes the distribution set from
-    `sampling` or to its neutral value."""
-    return GenerationConfig(
-        do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, typical_p=1.0,
-        min_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True)
 
 
 @contextlib.contextmanager
@@ -120,7 +110,7 @@ def collate_groups(prompts: list[list[int]], groups: list[list[list[int]]], *, e
 
 def sample_responses(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int,
                      max_length: int | None = None, n: int = 1) -> tuple[dict[str, Tensor], Tensor]:
-    """n sampled responses per prompt from the global RNG, one `generate` call for the batch (seed it
+    """n sampled responses per prompt from the global RNG, one batched `generate` for the batch (seed it
     with `seeded`). -> (batch with input_ids / attention_mask / response_mask, ended_with_eos [N] bool)."""
     groups = generate(model, prompts, n, sampling, eos_id=eos_id, pad_id=pad_id, max_length=max_length)
     return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
@@ -133,7 +123,7 @@ def sample_groups(model, prompts: list[list[int]], seeds: list[int], sampling: S
     prompt): a group depends on its seed and its prompt only, not on the other prompts of the batch or their
     order; sample k is the group's k-th row. `batched` (the default): the prompts in batched `generate` calls
     (`sampling.prompts_per_call` at a time, all by default; KV cache, left padding), each group's tokens drawn
-    from its own generator (`GroupSampler`); False: one call per prompt with the global RNG seeded (the same
+    from its own generator (`TokenSampler`); False: one call per prompt with the global RNG seeded (the same
     draws in fp32; the reference the tests compare with)."""
     if batched:
         step = sampling.prompts_per_call or len(prompts)
@@ -149,14 +139,14 @@ def sample_groups(model, prompts: list[list[int]], seeds: list[int], sampling: S
     return collate_groups(prompts, groups, eos_id=eos_id, pad_id=pad_id)
 
 
-class GroupSampler(LogitsProcessor):
-    """Samples inside a batched `generate`, each group of n rows from its own generator: the sampling warpers
-    transformers would apply (temperature, top-k, top-p, in its order), the softmax, then one
-    `torch.multinomial` per group on that group's rows, exactly the draw transformers makes for a batch of one
-    prompt from a seeded global RNG. The chosen token gets score 0 and every other -inf, so generate's greedy
-    step (do_sample off) takes it; padding, EOS and the cache stay transformers' own."""
+class TokenSampler:
+    """Draws the next token of every row: the sampling warpers transformers' `generate` applies (temperature,
+    top-k, top-p, in its order), the softmax, then `torch.multinomial`, the draw transformers makes. Without
+    seeds: over all rows from the global RNG (seed it with `seeded`), as transformers does for a batch; with seeds
+    (one per group of n rows): one draw per group from the group's own generator, exactly the draw transformers
+    makes for a batch of one prompt from a seeded global RNG."""
 
-    def __init__(self, sampling: Sampling, seeds: list[int], n: int, device: torch.device):
+    def __init__(self, sampling: Sampling, n: int, device: torch.device, seeds: list[int] | None = None):
         warpers = []
         if sampling.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(sampling.temperature))
@@ -165,14 +155,17 @@ class GroupSampler(LogitsProcessor):
         if sampling.top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
         self.warpers, self.n = LogitsProcessorList(warpers), n
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.generators = None if seeds is None else [torch.Generator(device=device).manual_seed(int(s))
+                                                      for s in seeds]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        """(the rows' tokens so far [R, T], fp32 scores [R, V]) -> the drawn tokens [R]."""
         probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
+        if self.generators is None:
+            return torch.multinomial(probs, num_samples=1).squeeze(1)
         n = self.n
-        picks = torch.cat([torch.multinomial(probs[g * n:(g + 1) * n], num_samples=1, generator=gen)
-                           for g, gen in enumerate(self.generators)])
-        return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
+        return torch.cat([torch.multinomial(probs[g * n:(g + 1) * n], num_samples=1, generator=gen)
+                          for g, gen in enumerate(self.generators)]).squeeze(1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -186,33 +179,71 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, attn
 
 
+def _accepts(model, name: str) -> bool:
+    """Whether the model's own forward (under a peft wrapper, the wrapped model's) takes keyword `name`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
+@torch.no_grad()
+def decode(model, ids: Tensor, attn: Tensor, n: int, new_tokens: int, sampler: TokenSampler, *, eos_id: int,
+           pad_id: int) -> Tensor:
+    """Sampled continuations of left-padded prompts, n rows per prompt -> [prompts x n, steps] token ids (pad after
+    a row's EOS; steps <= new_tokens, fewer when every row has ended).
+
+    The decode loop of transformers' `generate` (the same forward calls: position ids from the attention mask,
+    the last position's logits in fp32, a finished row fed pad), with one difference in the work, none in the
+    result: each prompt is prefilled once and its KV cache and last logits repeated for its n rows, where
+    `generate` prefills every row (tested: the same tokens as `generate` from the same RNG state)."""
+    device = next(model.parameters()).device
+    ids, attn = ids.to(device), attn.to(device)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    if _accepts(model, "position_ids"):
+        extra["position_ids"] = pos
+    out = model(input_ids=ids, attention_mask=attn, use_cache=True, **extra)
+    key = "cache" if "cache" in out else "past_key_values"  # transformers 5 renamed it
+    cache = out[key]
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].to(dtype=torch.float32).repeat_interleave(n, 0)
+    del out
+    seq, attn, pos = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
+    unfinished = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
+    for step in range(new_tokens):
+        tokens = sampler(seq, logits).where(unfinished, pad_id)
+        seq = torch.cat([seq, tokens[:, None]], dim=-1)
+        unfinished &= tokens != eos_id
+        if step + 1 == new_tokens or not unfinished.any():
+            break
+        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=-1)
+        pos = pos + 1
+        if "position_ids" in extra:
+            extra["position_ids"] = pos
+        out = model(input_ids=tokens[:, None], attention_mask=attn, use_cache=True, **{key: cache}, **extra)
+        cache, logits = out[key], out.logits[:, -1].to(dtype=torch.float32)
+        del out
+    return seq[:, ids.shape[1]:]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: int, sampling: Sampling, *, eos_id: int, pad_id: int,
              max_length: int | None = None, seeds: list[int] | None = None) -> list[list[list[int]]]:
     """n sampled responses per prompt -> [prompt][sample] token ids, trimmed after the first EOS. Drawn from
     the global RNG, or with `seeds` (one per prompt) each prompt's from a generator of its own."""
-    device = next(model.parameters()).device
     ids, attn = left_pad(prompts, pad_id)
     width = ids.shape[1]
     new = sampling.max_new_tokens if max_length is None else min(sampling.max_new_tokens, max_length - width)
     if new < 1:
         raise ValueError(f"prompts of {width} tokens leave no room to generate under max_length={max_length}")
-    config = generation_config(sampling, n=n, max_new_tokens=new, eos_id=eos_id, pad_id=pad_id)
-    processors = None
-    if seeds is not None:  # the sampling is GroupSampler's: generate only takes the token it chose
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        config.do_sample, config.temperature, config.top_p, config.top_k, config.min_p = False, None, None, None, None
-        config.num_return_sequences = 1  # greedy decoding takes one row per input: the rows are repeated here,
-        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)  # as sampling's expansion does
-        processors = LogitsProcessorList([GroupSampler(sampling, seeds, n, device)])
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    sampler = TokenSampler(sampling, n, next(model.parameters()).device, seeds)
     was_training = model.training
     model.eval()
-    with own_generation_config(model):
-        out: Tensor = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                     generation_config=config, logits_processor=processors)
-    model.train(was_training)
-    gen = out[:, width:].tolist()
+    try:
+        gen = decode(model, ids, attn, n, new, sampler, eos_id=eos_id, pad_id=pad_id).tolist()
+    finally:
+        model.train(was_training)
     result: list[list[list[int]]] = []
     for i in range(len(prompts)):
         samples = []

@@ -161,6 +161,40 @@ def test_batched_groups_are_the_per_prompt_groups(letters, sampling):
     assert responses(sample_groups(model, prompts, seeds, two_per_call, **kw)[0]) == batched
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, temperature=0.7,
+                                                                           top_k=12, top_p=0.9)],
+                         ids=["plain", "warped"])
+def test_decode_draws_the_tokens_transformers_generate_draws(letters, sampling, lora):
+    """Our decode loop gives, from the same global RNG state, the tokens transformers' `generate` samples
+    (left-padded prompts of different lengths, n rows each, pad after a row's EOS), with the sampling warpers
+    on and under a peft wrapper; and it prefills each prompt once, where `generate` prefills all n rows."""
+    from transformers import GenerationConfig
+
+    from amrlhf.models import LoraSpec, load_causal_lm, load_tokenizer
+    from amrlhf.sampling import TokenSampler, decode, left_pad, own_generation_config, seeded
+
+    tok = load_tokenizer(str(letters[0]))
+    model = load_causal_lm(ModelSpec(str(letters[0]), lora=LoraSpec(r=4) if lora else None)).eval()
+    prompts = [tok(t)["input_ids"] for t in ("a b c", "d", "e f g h i")]
+    ids, attn = left_pad(prompts, tok.pad_token_id)
+    config = GenerationConfig(do_sample=True, num_return_sequences=4, max_new_tokens=8, min_new_tokens=0,
+                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with seeded(3), own_generation_config(model):
+        expected = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)[:, ids.shape[1]:]
+    rows = []
+    base = model.get_base_model() if lora else model
+    hook = base.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with seeded(3):
+        got = decode(model, ids, attn, 4, 8, TokenSampler(sampling, 4, torch.device("cpu")),
+                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    hook.remove()
+    assert torch.equal(got, expected)
+    assert (got == tok.eos_token_id).any() and (got == tok.pad_token_id).any()  # rows ended early, then pad
+    assert rows[0] == 3 and set(rows[1:]) == {12}  # the prefill: one row per prompt; each step: every row
+
+
 def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):
     kw = dict(kl=FixedKL(0.05), clip_high=0.28)
     a, b = letters_grpo(letters, **kw), letters_grpo(letters, segmenter=SampleWiseSegmenter(), **kw)
