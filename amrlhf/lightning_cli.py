@@ -4,15 +4,18 @@ Adds to plain LightningCLI: runs write to `<runs_root>/<run_name>/` (default run
 recipe's folder and file name, e.g. `dpo-smollm2`, so `--ckpt_path last` finds the run), an MLflow logger (reattached on
 resume), last/best checkpoints (each written to a temporary file beside it and renamed over it: a kill leaves the
 previous one whole), the resolved recipe saved with the run, and `data.tokenizer` defaulting to the policy's
-(a reward model's `model`'s) tokenizer. Expected mistakes (a setting a class refuses, a trainer set-up Lightning refuses, a missing or damaged
+(a reward model's `model`'s) tokenizer. Expected mistakes (a recipe key or value the parser refuses, a setting a class
+refuses, a trainer set-up Lightning refuses, a missing or damaged
 checkpoint, a runs folder that cannot be written) end as one AmrlhfError; SIGTERM / SIGINT during fit end as
 Interrupted after a resumable last.ckpt (callbacks/interrupt.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -59,6 +63,40 @@ def expected_cause(exc: BaseException) -> AmrlhfError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _recipe_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def refused_recipe(argv: list[str], message: str) -> str:
+    """jsonargparse's refusal of a recipe (a usage dump and a nested report) as one line: the recipe file(s), the
+    key, the class and what is wrong; for an option a class does not take, the options it takes."""
+    key = re.match(r'Parser key "([^"]+)":', message)
+    overridden = key is not None and any(a.startswith(f"--{key.group(1)}") for a in argv)
+    where = ", ".join(_recipe_files(argv)) if not overridden else ""
+    where = where or "the command line"
+    problem = re.search(r"Problem with given class_path '([^']+)':\n(.*?)(?=\n\s*- |\n\s*Given value|\Z)", message,
+                        re.DOTALL)
+    if problem is None:
+        lines = [line.strip() for line in message.splitlines() if not line.strip().startswith("Given value")]
+        return f"{where}: " + re.sub(r'Parser key "([^"]+)":', r"\1:", " ".join(line for line in lines if line))
+    class_path, detail = problem.group(1), " ".join(line.strip() for line in problem.group(2).splitlines())
+    detail = re.sub(r'Parser key "([^"]+)":', r"\1:", detail)
+    unknown = re.match(r"Option '([^'.]+)[^']*' is not accepted", detail)
+    if unknown:
+        try:
+            params = [n for n in inspect.signature(_module_class(class_path)).parameters if n != "self"]
+            detail = f"{class_path.rsplit('.', 1)[-1]} takes no '{unknown.group(1)}'; it takes: {', '.join(params)}"
+        except (ImportError, AttributeError, ValueError):
+            pass
+    return f"{where}: {key.group(1) + ': ' if key else ''}{class_path}: {detail}"
 
 
 def check_writable(folder: Path) -> None:
@@ -153,6 +191,17 @@ class AmrlhfCLI(LightningCLI):
         parser.add_argument("--runs_root", type=str, default="runs", help="parent folder of all runs")
         parser.add_argument("--checkpoint_every", type=int, default=50, help="save last.ckpt every N steps")
         parser.add_class_arguments(Tracking, "tracking")
+
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False  # a refused recipe raises; parse_arguments turns it into one error line
+        return parser
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            raise AmrlhfError(refused_recipe(self.argv, str(exc))) from None
 
     def _cfg(self):
         return self.config[self.subcommand] if self.subcommand else self.config

@@ -271,6 +271,35 @@ def test_expected_mistakes_are_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "error: study file not found" in proc.stderr
 
 
+@pytest.mark.parametrize("edit,expected", [
+    (("    model:\n      name:", "    policy:\n      name:"),
+     ": model: amrlhf.modules.RewardModule: RewardModule takes no 'policy'; it takes: model, center_coef, lr,"),
+    (("  class_path: amrlhf.modules.RewardModule", "  class_path: amrlhf.modules.RewardModul"),
+     ": model: amrlhf.modules.RewardModul: module 'amrlhf.modules' has no attribute 'RewardModul'"),
+    (("seed_everything: 0", "seed_everything: 0\nseeds: 1"), ": Subcommand 'fit' does not accept option 'seeds'"),
+], ids=["renamed-key", "misspelt-class", "unknown-top-level-key"])
+def test_a_recipe_the_parser_refuses_is_one_error_line_naming_file_and_field(tmp_path, edit, expected):
+    """jsonargparse's refusal (a usage dump of every option, then a nested report) ends as one line naming the
+    recipe, the key and what is wrong; for an option a class does not take, the options it takes."""
+    text = Path(recipe("rm")).read_text()
+    assert edit[0] in text
+    bad = tmp_path / "old.yaml"
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    proc = amrlhf("fit", "--config", str(bad), "--runs_root", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "usage:" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in errors if line.startswith(f"error: {bad}{expected}")] and len(errors) == 1, \
+        proc.stderr
+
+
+def test_a_value_the_parser_refuses_names_the_key(tmp_path):
+    proc = amrlhf("fit", "--config", recipe("rm"), "--runs_root", str(tmp_path / "runs"), "--trainer.max_steps=abc",
+                  cwd=tmp_path)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr, proc.stderr
+    assert "error: the command line: trainer.max_steps: Expected a <class 'int'>" \
+        in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("args", [["--trainer.strategy=fsdp"], ["--trainer.max_steps=-5"],
                                   ["--trainer.strategy=no_such_strategy"]],
                          ids=["fsdp-on-cpu", "negative-max-steps", "unknown-strategy"])
