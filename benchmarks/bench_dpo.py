@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ from bench_ppo import (  # noqa: E402
     import_pinned_trl,
     mapping_callbacks,
     ours_settings,
+    run_child,
     trl_optim,
 )
 
@@ -170,16 +170,7 @@ def main() -> None:
     for name in args.models:
         res = {}
         for impl in args.impls:
-            cmd = [sys.executable, __file__, "--child", impl, name, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads),
-                   "--map-large-mb", str(args.map_large_mb), "--fused-adamw", str(args.fused_adamw)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{impl}/{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                res[impl] = None
-                continue
-            res[impl] = json.loads(line[7:])
+            res[impl] = run_child(__file__, impl, name, args, exclude=("models", "impls", "child"))[0]
         rows.append((name, res))
     print(f"\nDPO step, CPU fp32, batch {args.batch} pairs, frozen reference, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.threads} threads, no gradient clipping; TRL {TRL_VERSION}{ours_settings(args)}")

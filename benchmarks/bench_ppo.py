@@ -321,23 +321,33 @@ def _summary(r: dict) -> dict:
     return out
 
 
+def run_child(script: str, impl: str, name: str, args, exclude: tuple[str, ...] = ("models", "child")
+              ) -> tuple[dict | None, str]:
+    """One (implementation, model) of `script` in its own process: `--child IMPL MODEL` plus every argument of
+    `args` but `exclude` -> (the child's RESULT dict, "") or (None, why it did not run; its stderr's tail printed)."""
+    cmd = [sys.executable, os.path.abspath(script), "--child", impl, name] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in exclude]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        err = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        why = err[-1] if err else f"exit code {proc.returncode}"
+        print(f"{impl}/{name} did not run: {why}\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None, why
+    return json.loads(line[7:]), ""
+
+
 def run_children(script: str, args) -> list[tuple[str, dict]]:
-    """Each (model, implementation) of `script` in its own process (`--child IMPL MODEL` plus the same
-    arguments) -> [(model, {impl: summary, or why it did not run})], printing each side's step times."""
+    """Each (model, implementation) of `script` in its own process (`run_child`) -> [(model, {impl: summary, or
+    why it did not run})], printing each side's step times."""
     results = []
     for name in args.models:
         res = {}
         for impl in ("ours", "trl"):
-            cmd = [sys.executable, os.path.abspath(script), "--child", impl, name] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("models", "child")]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                err = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-                res[impl] = err[-1] if err else f"exit code {proc.returncode}"
-                print(f"{impl}/{name} did not run: {res[impl]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+            raw, why = run_child(script, impl, name, args)
+            if raw is None:
+                res[impl] = why
                 continue
-            raw = json.loads(line[7:])
             res[impl] = _summary(raw)
             print(f"{impl}/{name}: step times {[round(t, 2) for t in raw['times']]} s, 1-min load "
                   f"{[round(x, 1) for x in raw['loads']]}", flush=True)

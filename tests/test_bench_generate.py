@@ -1,5 +1,5 @@
 """The generation benchmark runs end to end on the tiny model and prints its paired table; bad arguments are
-refused."""
+refused; the benchmarks' child runner forwards the arguments and reads the result back."""
 
 import sys
 
@@ -25,3 +25,23 @@ def test_both_sides_run_and_the_table_pairs_them(tiny_assets, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| tokens generated |"))
     ours, theirs = (float(x) for x in row.split("|")[2:4])
     assert 0 < ours <= 2 * 4 * 4 and 0 < theirs <= 2 * 4 * 4  # 2 prompts x 4 samples x <= 4 tokens
+
+
+def test_a_benchmark_child_gets_every_argument_but_the_excluded(tmp_path, capsys):
+    """bench_ppo.run_child (GRPO, PPO and DPO's children): `--child IMPL MODEL` and each argument forwarded, the
+    child's RESULT line read back; a child that fails gives None and the last line of its stderr."""
+    import argparse
+
+    import bench_ppo
+
+    script = tmp_path / "child.py"
+    script.write_text("import json, sys\n"
+                      "if '--fail=1' in sys.argv: sys.exit('boom: the child failed')\n"
+                      "print('noise'); print('RESULT ' + json.dumps(sys.argv[1:]))\n")
+    args = argparse.Namespace(models=["tiny"], impls=["ours"], child=None, steps=3, map_large_mb=0.25, fail=0)
+    got, why = bench_ppo.run_child(str(script), "ours", "tiny", args, exclude=("models", "impls", "child"))
+    assert got == ["--child", "ours", "tiny", "--steps=3", "--map-large-mb=0.25", "--fail=0"] and why == ""
+    args.fail = 1
+    assert bench_ppo.run_child(str(script), "trl", "tiny", args, exclude=("models", "impls", "child")) == \
+        (None, "boom: the child failed")
+    assert "trl/tiny did not run: boom: the child failed" in capsys.readouterr().err
