@@ -194,7 +194,8 @@ def decode(model, ids: Tensor, attn: Tensor, n: int, new_tokens: int, sampler: T
     The decode loop of transformers' `generate` (the same forward calls: position ids from the attention mask,
     the last position's logits in fp32, a finished row fed pad), with one difference in the work, none in the
     result: each prompt is prefilled once and its KV cache and last logits repeated for its n rows, where
-    `generate` prefills every row (tested: the same tokens as `generate` from the same RNG state)."""
+    `generate` prefills every row. Tested on CPU in fp32: the same tokens as `generate` from the same RNG state.
+    On a GPU, in bf16 above all, the prefill's other batch shape can move the logits in their last bits."""
     device = next(model.parameters()).device
     ids, attn = ids.to(device), attn.to(device)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -203,8 +204,10 @@ def decode(model, ids: Tensor, attn: Tensor, n: int, new_tokens: int, sampler: T
         extra["position_ids"] = pos
     out = model(input_ids=ids, attention_mask=attn, use_cache=True, **extra)
     key = "cache" if "cache" in out else "past_key_values"  # transformers 5 renamed it
-    cache = out[key]
-    cache.batch_repeat_interleave(n)
+    cache = out.get(key)
+    if cache is None:
+        raise ConfigError(f"{type(model).__name__} returned no KV cache with use_cache=True: sampling needs one")
+    cache.reorder_cache(torch.arange(ids.shape[0], device=device).repeat_interleave(n))  # every layer kind's state
     logits = out.logits[:, -1].to(dtype=torch.float32).repeat_interleave(n, 0)
     del out
     seq, attn, pos = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)

@@ -31,6 +31,8 @@ def check_recipes(path: Path, fits: list[dict]) -> None:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 run_lightning(args)
+        except AmrlhfError as exc:
+            raise AmrlhfError(f"{path}: fit[{i}] ({entry['config']}) does not parse: {exc}") from None
         except SystemExit as exc:
             if exc.code not in (0, None):
                 raise AmrlhfError(f"{path}: fit[{i}] ({entry['config']}) does not parse: see the message above") from None

@@ -325,8 +325,12 @@ def run_child(script: str, impl: str, name: str, args, exclude: tuple[str, ...] 
               ) -> tuple[dict | None, str]:
     """One (implementation, model) of `script` in its own process: `--child IMPL MODEL` plus every argument of
     `args` but `exclude` -> (the child's RESULT dict, "") or (None, why it did not run; its stderr's tail printed)."""
+    forwarded = {k: v for k, v in vars(args).items() if k not in exclude}
+    for k, v in forwarded.items():
+        if not isinstance(v, (int, float, str)) or isinstance(v, bool):
+            raise TypeError(f"--{k.replace('_', '-')}: run_child forwards numbers and strings only, got {v!r}")
     cmd = [sys.executable, os.path.abspath(script), "--child", impl, name] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in exclude]
+        f"--{k.replace('_', '-')}={v}" for k, v in forwarded.items()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:

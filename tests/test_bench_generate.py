@@ -45,3 +45,5 @@ def test_a_benchmark_child_gets_every_argument_but_the_excluded(tmp_path, capsys
     assert bench_ppo.run_child(str(script), "trl", "tiny", args, exclude=("models", "impls", "child")) == \
         (None, "boom: the child failed")
     assert "trl/tiny did not run: boom: the child failed" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="--impls: run_child forwards numbers and strings only"):
+        bench_ppo.run_child(str(script), "ours", "tiny", args)  # a list it would pass as "['ours']"

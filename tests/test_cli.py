@@ -296,8 +296,29 @@ def test_a_value_the_parser_refuses_names_the_key(tmp_path):
     proc = amrlhf("fit", "--config", recipe("rm"), "--runs_root", str(tmp_path / "runs"), "--trainer.max_steps=abc",
                   cwd=tmp_path)
     assert proc.returncode == 2 and "usage:" not in proc.stderr, proc.stderr
-    assert "error: the command line: trainer.max_steps: Expected a <class 'int'>" \
+    assert f"error: {recipe('rm')} or the command line: trainer.max_steps: Expected a <class 'int'>" \
         in proc.stderr, proc.stderr
+
+
+def test_a_refusal_names_the_command_line_only_where_it_set_the_key():
+    from amrlhf.lightning_cli import refused_recipe
+
+    misspelt = ("Parser key \"model\":\n  Does not validate against any of the Union subtypes\n  Errors:\n"
+                "    - Problem with given class_path 'amrlhf.modules.RewardModul':\n"
+                "        module 'amrlhf.modules' has no attribute 'RewardModul'\n    - Expected a <class 'NoneType'>\n"
+                "  Given value type: <class 'dict'>")
+    argv = ["fit", "--config", "r.yaml", "--model.init_args.lr=0.1"]  # a key below the refused one: not the cause
+    assert refused_recipe(argv, misspelt) == ("r.yaml: model: amrlhf.modules.RewardModul: module 'amrlhf.modules' "
+                                              "has no attribute 'RewardModul'")
+    assert refused_recipe(["fit", "--config", "r.yaml", "--model", "x.yaml"], misspelt).startswith(
+        "r.yaml or the command line: model: ")
+    assert refused_recipe(argv, "Unrecognized arguments: --trainer.max_stepz 5") == \
+        "the command line: Unrecognized arguments: --trainer.max_stepz 5"
+    unknown = misspelt.replace("RewardModul'", "RewardModule'").replace(
+        "module 'amrlhf.modules' has no attribute 'RewardModule'", "Option 'policy.name' is not accepted")
+    assert refused_recipe(["fit", "-c", "r.yaml", "--model.init_args.policy.name=x"], unknown) == (
+        "r.yaml or the command line: model: amrlhf.modules.RewardModule: RewardModule takes no 'policy'; it takes: "
+        "model, center_coef, lr, weight_decay, warmup_steps, betas, optimizer_in_backward, fused_adamw")
 
 
 @pytest.mark.parametrize("args", [["--trainer.strategy=fsdp"], ["--trainer.max_steps=-5"],

@@ -195,6 +195,32 @@ def test_decode_draws_the_tokens_transformers_generate_draws(letters, sampling, 
     assert rows[0] == 3 and set(rows[1:]) == {12}  # the prefill: one row per prompt; each step: every row
 
 
+def test_decode_without_padding_one_sample_and_cut_at_max_length(letters):
+    """No padding (prompts of one length), one sample per prompt, and `max_length` leaving 3 tokens: still the
+    tokens of transformers' `generate` from the same RNG state."""
+    from transformers import GenerationConfig
+
+    from amrlhf.models import load_causal_lm, load_tokenizer
+    from amrlhf.sampling import generate, left_pad, own_generation_config, seeded
+
+    tok = load_tokenizer(str(letters[0]))
+    model = load_causal_lm(ModelSpec(str(letters[0]))).eval()
+    prompts = [tok(t)["input_ids"] for t in ("a b c", "d e f", "g h i", "j k l")]
+    assert len({len(p) for p in prompts}) == 1
+    ids, attn = left_pad(prompts, tok.pad_token_id)
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    for n, max_length, new in ((1, None, 8), (2, ids.shape[1] + 3, 3)):
+        config = GenerationConfig(do_sample=True, num_return_sequences=n, max_new_tokens=new, min_new_tokens=0,
+                                  top_k=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with seeded(5), own_generation_config(model):
+            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)[:, ids.shape[1]:]
+        expected = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in out.tolist()]
+        with seeded(5):
+            got = generate(model, prompts, n, Sampling(max_new_tokens=8), max_length=max_length, **kw)
+        assert [s for group in got for s in group] == expected
+        assert max(map(len, expected)) == new or n == 1
+
+
 def test_sample_wise_segmenter_is_bit_identical_to_grpo(letters):
     kw = dict(kl=FixedKL(0.05), clip_high=0.28)
     a, b = letters_grpo(letters, **kw), letters_grpo(letters, segmenter=SampleWiseSegmenter(), **kw)

@@ -127,8 +127,8 @@ class GRPOModule(PackedForward, OnPolicyModule):
                 `amrlhf.rewards.VerifiableReward` (programmatic checks), `RewardModelScorer`, ...
             num_generations: G, responses sampled per prompt (a group); data.batch_size counts prompts.
             group_seeds: each prompt's group from its own stream, seeded from (seed, rollout, prompt index),
-                one `generate` call per prompt (a group depends on nothing else); false: one call and one
-                stream (seed, rollout, rank) for the whole rollout (faster, batch-dependent samples).
+                all prompts in one batched decode (a group depends on nothing else); false: one stream
+                (seed, rollout, rank) for the whole rollout (batch-dependent samples).
             advantage: GroupRelative (default: GRPO, std-scaled), LeaveOneOut (RLOO), ReinforcePlusPlus.
             aggregation: TokenMean (default: DAPO's token mean; TRL's `bnpo`), SequenceMean (GRPO),
                 ConstantNormalizer (Dr. GRPO).
