@@ -68,3 +68,16 @@ def test_study_and_every_cell_recipe_parse(path: Path, monkeypatch):
     assert study.baseline in [m.name for m in study.methods] and study.heldout.data.endswith("/heldout")
     check_recipes(rel, [{"config": f.config, "args": f.args} for f in study.setup] +
                   [{"config": m.config, "args": study.cell_args(m, study.seeds[0])} for m in study.methods])
+
+
+def test_a_study_fit_that_does_not_parse_is_named_with_the_refusal(tmp_path):
+    """`amrlhf study` checks every fit's recipe first: a refused one is one error naming the study, the fit and
+    what the parser refused (not "see the message above" after a usage dump)."""
+    from amrlhf.errors import AmrlhfError
+
+    bad = tmp_path / "old.yaml"
+    bad.write_text((ROOT / "recipes" / "smoke" / "rm.yaml").read_text().replace("    model:\n", "    policy:\n", 1))
+    with pytest.raises(AmrlhfError) as err:
+        check_recipes(Path("s.yaml"), [{"config": str(ROOT / "recipes" / "smoke" / "dpo.yaml")}, {"config": str(bad)}])
+    assert str(err.value).startswith(f"s.yaml: fit[1] ({bad}) does not parse: {bad}: model: amrlhf.modules.RewardModule:"
+                                     " RewardModule takes no 'policy'")
