@@ -14,7 +14,6 @@ applies (the loop never reads it), so PPO's log-probs are those of the distribut
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -179,12 +178,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, attn
 
 
-def _accepts(model, name: str) -> bool:
-    """Whether the model's own forward (under a peft wrapper, the wrapped model's) takes keyword `name`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
-
-
 @torch.no_grad()
 def decode(model, ids: Tensor, attn: Tensor, n: int, new_tokens: int, sampler: TokenSampler, *, eos_id: int,
            pad_id: int) -> Tensor:
@@ -198,11 +191,8 @@ def decode(model, ids: Tensor, attn: Tensor, n: int, new_tokens: int, sampler: T
     On a GPU, in bf16 above all, the prefill's other batch shape can move the logits in their last bits."""
     device = next(model.parameters()).device
     ids, attn = ids.to(device), attn.to(device)
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-    if _accepts(model, "position_ids"):
-        extra["position_ids"] = pos
-    out = model(input_ids=ids, attention_mask=attn, use_cache=True, **extra)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     key = "cache" if "cache" in out else "past_key_values"  # transformers 5 renamed it
     cache = out.get(key)
     if cache is None:
@@ -220,9 +210,8 @@ def decode(model, ids: Tensor, attn: Tensor, n: int, new_tokens: int, sampler: T
             break
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=-1)
         pos = pos + 1
-        if "position_ids" in extra:
-            extra["position_ids"] = pos
-        out = model(input_ids=tokens[:, None], attention_mask=attn, use_cache=True, **{key: cache}, **extra)
+        out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
+                    logits_to_keep=1, **{key: cache})
         cache, logits = out[key], out.logits[:, -1].to(dtype=torch.float32)
         del out
     return seq[:, ids.shape[1]:]
