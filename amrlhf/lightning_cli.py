@@ -80,21 +80,35 @@ def _command_line_keys(argv: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and not a.startswith("--config")}
 
 
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
+
+
 def refused_recipe(argv: list[str], message: str) -> str:
     """jsonargparse's refusal of a recipe (a usage dump and a nested report) as one line: where (the recipe file(s);
     "or the command line" where that sets the refused key or a key above it), the key, the class and what is wrong;
     for an option a class does not take, the options it takes."""
-    key = re.match(r'Parser key "([^"]+)":', message)
+    key = _PARSER_KEY.match(message)
     problem = re.search(r"Problem with given class_path '([^']+)':\n(.*?)(?=\n\s*- |\n\s*Given value|\Z)", message,
                         re.DOTALL)
-    detail = class_path = None
     full = key.group(1) if key else None
-    if problem is not None:
-        class_path, detail = problem.group(1), " ".join(line.strip() for line in problem.group(2).splitlines())
-        detail = re.sub(r'Parser key "([^"]+)":', r"\1:", detail)
+    if problem is None:
+        lines = [line.strip() for line in message.splitlines() if not line.strip().startswith("Given value")]
+        what = _PARSER_KEY.sub(r"\1:", " ".join(line for line in lines if line))
+    else:
+        class_path = problem.group(1)
+        detail = _PARSER_KEY.sub(r"\1:", " ".join(line.strip() for line in problem.group(2).splitlines()))
         inner = re.match(r"([\w.]+): |Option '([^']+)' is not accepted", detail)
         if full and inner:
             full = f"{full}.init_args.{inner.group(1) or inner.group(2)}"
+        if inner and inner.group(2):  # an option the class does not take: name the ones it takes
+            try:
+                params = [name for name, p in inspect.signature(_module_class(class_path)).parameters.items()
+                          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+                detail = (f"{class_path.rsplit('.', 1)[-1]} takes no '{inner.group(2).split('.')[0]}'; "
+                          f"it takes: {', '.join(params)}")
+            except Exception:  # noqa: BLE001 (only the hint is lost: the refusal itself is reported as it was)
+                pass
+        what = f"{key.group(1) + ': ' if key else ''}{class_path}: {detail}"
     files = ", ".join(_recipe_files(argv))
     if message.lower().startswith("unrecognized arguments") or not files:
         where = "the command line"
@@ -102,18 +116,7 @@ def refused_recipe(argv: list[str], message: str) -> str:
         where = f"{files} or the command line"  # both set the key: either value may be the refused one
     else:
         where = files
-    if problem is None:
-        lines = [line.strip() for line in message.splitlines() if not line.strip().startswith("Given value")]
-        return f"{where}: " + re.sub(r'Parser key "([^"]+)":', r"\1:", " ".join(line for line in lines if line))
-    unknown = re.match(r"Option '([^'.]+)[^']*' is not accepted", detail)
-    if unknown:
-        try:
-            params = [name for name, p in inspect.signature(_module_class(class_path)).parameters.items()
-                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            detail = f"{class_path.rsplit('.', 1)[-1]} takes no '{unknown.group(1)}'; it takes: {', '.join(params)}"
-        except Exception:  # noqa: BLE001 (only the hint is lost: the refusal itself is reported as it was)
-            pass
-    return f"{where}: {key.group(1) + ': ' if key else ''}{class_path}: {detail}"
+    return f"{where}: {what}"
 
 
 def check_writable(folder: Path) -> None:
